@@ -1,1 +1,190 @@
-def app(): print("ok")
+"""The ``llmflow`` command.
+
+Prefect reads its settings once, when it is first imported; this module therefore decides where
+Prefect keeps its database (the workdir, unless the user points elsewhere) before anything imports
+prefect, and imports the flow only once the config has been checked. A bad config exits with code
+2 before a single file is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmflow.flows.config import STAGES, ConfigError, PipelineConfig, load_config, resolve_stages
+
+app = typer.Typer(
+    help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+@app.callback()
+def main() -> None:
+    """Prefect flows over Parquet datasets, every run recorded in MLflow."""
+
+
+def _prefect_environment(workdir: Path) -> dict[str, str]:
+    """Where Prefect keeps its state: the workdir, unless PREFECT_HOME or PREFECT_API_URL say else.
+
+    Keeping it in the workdir puts each project's flow runs beside its data, and lets the summary
+    print the one command that opens them in the Prefect UI.
+    """
+    env: dict[str, str] = {}
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        env["PREFECT_HOME"] = str(workdir / "prefect")
+    # The temporary local API takes 15-30 s to start on a small machine; Prefect's default
+    # patience (20 s) is too short for it.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
+    """A stage run without the one before it reads that stage's dataset: it must be there."""
+    from llmflow.tasks import datasets
+
+    for stage in stages:
+        index = STAGES.index(stage)
+        if index == 0 or STAGES[index - 1] in stages:
+            continue
+        previous = STAGES[index - 1]
+        manifest = datasets.join(config.stage_dir(previous), datasets.MANIFEST_NAME)
+        if not datasets.exists(manifest):
+            raise ConfigError(
+                f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r} dataset,"
+                f" but {manifest} does not exist; run --stages {previous} first"
+            )
+
+
+@app.command()
+def run(
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML file of the pipeline config (see README)."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override one field: KEY=VALUE, e.g. crawl.max_pages=50 or"
+            " 'crawl.seeds=[\"https://example.org/\"]'. VALUE is parsed as JSON, else a string.",
+        ),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Comma-separated subset of stages ({','.join(STAGES)}); the others' outputs"
+            " are read from disk."
+        ),
+    ] = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(
+            help="Holds the datasets, the MLflow store and Prefect's database."
+            " [default: ./llmflow-work]"
+        ),
+    ] = None,
+) -> None:
+    """Run the pipeline (crawl, normalize) and print what each stage did."""
+    try:
+        config = load_config(config_file, overrides, workdir)
+        selected = resolve_stages(stages)
+        _check_inputs(config, selected)
+    except ConfigError as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False)
+        raise typer.Exit(code=2) from None
+
+    workdir_path = Path(config.workdir).absolute()
+    os.environ.update(_prefect_environment(workdir_path))
+    workdir_path.mkdir(parents=True, exist_ok=True)
+
+    from llmflow.flows.pipeline import run_pipeline
+
+    result = run_pipeline(config, selected)
+    _print_summary(result, workdir_path)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _tool(name: str) -> str:
+    """The console script beside this interpreter, so the printed command works as is."""
+    candidate = Path(sys.executable).parent / name
+    if not candidate.exists():
+        return name
+    try:
+        return str(candidate.relative_to(Path.cwd()))
+    except ValueError:
+        return str(candidate)
+
+
+def _print_summary(result: dict[str, Any], workdir: Path) -> None:
+    table = Table(title="llmflow pipeline")
+    for column in (
+        "stage",
+        "in",
+        "kept",
+        "rejected",
+        "fetch failures",
+        "size",
+        "time",
+        "units run",
+        "output",
+    ):
+        table.add_column(column, justify="right" if column not in ("stage", "output") else "left")
+    for s in result["stages"]:
+        table.add_row(
+            s["stage"],
+            str(s["docs_in"]),
+            str(s["kept"]),
+            str(s["rejected"]),
+            str(s["fetch_failures"]),
+            _human_bytes(s["bytes"]),
+            f"{s['seconds']:.1f} s",
+            f"{s['units'] - s['units_skipped']}/{s['units']}",
+            s["path"],
+        )
+    out.print(table)
+    for s in result["stages"]:
+        if s["rejected_by_reason"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
+            out.print(f"  {s['stage']} rejected: {reasons}", highlight=False)
+    if all(s["units_skipped"] == s["units"] for s in result["stages"]):
+        out.print("Nothing to do: every unit of work was already complete.")
+    uri = result["mlflow_tracking_uri"]
+    out.print(f"MLflow run: {result['mlflow_run_id']}  (tracking URI {uri})", highlight=False)
+    out.print(f"Prefect flow run: {result['prefect_flow_run_id']}", highlight=False)
+    prefect_home = os.environ.get("PREFECT_HOME")
+    if os.environ.get("PREFECT_API_URL"):
+        prefect_cmd = f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}"
+    else:
+        prefix = f"PREFECT_HOME={shlex.quote(prefect_home)} " if prefect_home else ""
+        prefect_cmd = f"{prefix}{_tool('prefect')} server start"
+    out.print(f"Prefect UI:  {prefect_cmd}", highlight=False, soft_wrap=True)
+    if uri.startswith("sqlite:"):
+        mlflow_cmd = f"{_tool('mlflow')} ui --backend-store-uri {shlex.quote(uri)}"
+    else:
+        mlflow_cmd = f"open {uri}"
+    out.print(f"MLflow UI:   {mlflow_cmd}", highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -7,8 +7,11 @@ import it without importing each other.
 from __future__ import annotations
 
 from importlib.metadata import version
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from llmflow.tasks.stage import StageConfig
 
 # Modules that do something when imported. pydoc renders a module page by importing the module,
 # so the embedded default never asks for these pages (the server runs in its own process as well).
@@ -30,15 +33,16 @@ def default_user_agent() -> str:
     return f"llmflow/{version('llmflow')} (language-model data crawler)"
 
 
-class CrawlConfig(BaseModel):
+class CrawlConfig(StageConfig):
     """Where documents come from and how politely they are fetched."""
 
-    model_config = ConfigDict(extra="forbid")
+    # How fast and how many at once changes no page's text: such changes redo no finished crawl.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"concurrency", "politeness_delay_s"})
 
     seeds: list[str] = Field(
         default_factory=lambda: ["pydoc:"],
         description=(
-            "Where to start. http(s) URLs are crawled; local paths or fsspec URLs to .warc/.warc.gz,"
+            "Where to start. http(s) URLs are crawled; local paths or fsspec URLs of .warc(.gz),"
             " .wet/.wet.gz, .txt, .html, .jsonl(.gz) or .parquet files (or directories or globs of"
             " them) are read; 'pydoc:' starts Python's own documentation server on a free localhost"
             " port and crawls it (the embedded default, needs no network)."
@@ -62,7 +66,11 @@ class CrawlConfig(BaseModel):
     )
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed per URL.")
     politeness_delay_s: float = Field(
-        1.0, ge=0, description="Seconds between two requests to the same host (robots.txt Crawl-delay wins if longer)."
+        1.0,
+        ge=0,
+        description=(
+            "Seconds between two requests to the same host (a longer robots.txt Crawl-delay wins)."
+        ),
     )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once, over all hosts.")
     connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to open a connection.")

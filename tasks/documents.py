@@ -25,7 +25,10 @@ DOCUMENT_SCHEMA = pa.schema(
     ]
 )
 
-REJECTION_FIELDS = [pa.field("reason", pa.string(), nullable=False), pa.field("detail", pa.string())]
+REJECTION_FIELDS = [
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+]
 
 
 def rejected_schema(schema: pa.Schema) -> pa.Schema:
@@ -81,4 +84,9 @@ class FetchFailure:
     status: int | None = None
 
     def row(self) -> dict:
-        return {"url": self.url, "reason": self.reason, "detail": self.detail, "status": self.status}
+        return {
+            "url": self.url,
+            "reason": self.reason,
+            "detail": self.detail,
+            "status": self.status,
+        }

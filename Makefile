@@ -1,0 +1,35 @@
+# Quick start: `make run` (set up, then run the pipeline on its embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmflow-installed
+
+.PHONY: setup run test lint bench-extractors clean
+
+# torch first, pinned to the CPU wheel on this disk: any looser requirement with no torch present
+# pulls a multi-GB CUDA build. The constraint keeps every later install (detoxify's torch
+# requirement included) on that same torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/llmflow run
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench-extractors: setup
+	$(BIN)/python bench/html_extractors.py
+
+clean:
+	rm -rf $(VENV) llmflow-work

@@ -1,0 +1,164 @@
+"""The pipeline's config: every stage's config composed into one typed object.
+
+The same object is the CLI's ``--config``/``--set``, the Prefect flow's parameters (and so the
+Prefect UI's form) and the params logged to MLflow. Errors name the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.normalize import NormalizeConfig
+
+# The pipeline's stages, in order. A stage reads the output of the one before it.
+STAGES: tuple[str, ...] = ("crawl", "normalize")
+
+
+class PipelineConfig(BaseModel):
+    """Everything one run of the pipeline needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workdir: str = Field(
+        "llmflow-work",
+        description="Holds the datasets, the default MLflow store and the Prefect database.",
+    )
+    data_root: str | None = Field(
+        None,
+        description=(
+            "Where datasets live: a local path or an fsspec URL (s3://…, memory://…)."
+            " Default: <workdir>/data."
+        ),
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a SQLite file"
+            " <workdir>/mlflow.db with artifacts in <workdir>/mlartifacts."
+        ),
+    )
+    experiment: str = Field("llmflow", description="MLflow experiment the runs go to.")
+    max_workers: int = Field(
+        2, ge=1, description="Units of work (shards, files) a stage processes at once."
+    )
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+
+    def dataset_root(self) -> str:
+        return self.data_root or str(Path(self.workdir).absolute() / "data")
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.dataset_root().rstrip('/')}/{stage}"
+
+
+class ConfigError(ValueError):
+    """A config the pipeline cannot run with; the message names the key and the problem."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=VALUE`` → (["a", "b"], value); the value is JSON if it parses, else a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. crawl.max_pages=50")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _check_key(path: list[str]) -> None:
+    """Fail on a key the config does not have, suggesting the nearest one."""
+    model: type[BaseModel] = PipelineConfig
+    for depth, part in enumerate(path):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(path[:depth]) or "the pipeline config"
+            near = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" (did you mean {'.'.join([*path[:depth], near[0]])!r}?)" if near else ""
+            raise ConfigError(
+                f"unknown key {'.'.join(path)!r}: {where} has no field {part!r}{hint}"
+            )
+        annotation = fields[part].annotation
+        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth < len(path) - 1 and not is_model:
+            raise ConfigError(
+                f"unknown key {'.'.join(path)!r}: {'.'.join(path[: depth + 1])!r} has no fields"
+            )
+        if is_model:
+            model = annotation
+
+
+def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        child = tree.get(part)
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    tree[path[-1]] = value
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+    workdir: str | None = None,
+) -> PipelineConfig:
+    """Build the config from an optional YAML file, then ``--set`` overrides, then ``--workdir``."""
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"config file {config_file}: cannot read it ({error})") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {config_file}: not valid YAML ({error})") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {config_file}: expected a mapping of keys,"
+                f" got {type(loaded).__name__}"
+            )
+        tree = loaded
+    for item in overrides or []:
+        path, value = parse_override(item)
+        _check_key(path)
+        _set(tree, path, value)
+    if workdir is not None:
+        tree["workdir"] = workdir
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from error
+
+
+def resolve_stages(names: str | None) -> list[str]:
+    """``--stages crawl,normalize`` → the stages in pipeline order; unknown names are errors."""
+    if not names:
+        return list(STAGES)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in STAGES]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"--stages {names!r}: unknown stage(s) {', '.join(unknown) or '(none given)'};"
+            f" known: {', '.join(STAGES)}"
+        )
+    return [s for s in STAGES if s in wanted]

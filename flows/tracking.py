@@ -1,0 +1,104 @@
+"""MLflow bookkeeping for a pipeline run: one parent run, one nested child run per stage.
+
+Everything goes through an explicit ``MlflowClient`` and explicit run ids, never MLflow's fluent
+"active run": that is kept per thread, and Prefect runs tasks on worker threads, where a nested
+run silently comes out top-level (../shared/STACK.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+_PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
+_BATCH = 100
+
+
+def default_tracking_uri(workdir: str) -> str:
+    return f"sqlite:///{Path(workdir).absolute() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None, workdir: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → ``{"crawl.max_pages": "200", …}`` as MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_PARAM_VALUE_LIMIT]
+    return flat
+
+
+class PipelineTracker:
+    """The MLflow side of one flow run."""
+
+    def __init__(self, tracking_uri: str, experiment: str, workdir: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            # With the default SQLite store, artifacts sit beside it in the workdir rather than
+            # in ./mlruns of whatever directory the command was started from.
+            location = None
+            if tracking_uri == default_tracking_uri(workdir):
+                location = (Path(workdir).absolute() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location
+            )
+        self.parent_run_id: str | None = None
+
+    def start_parent(self, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags=tags | {MLFLOW_RUN_NAME: run_name}
+        )
+        self.parent_run_id = run.info.run_id
+        self.log(self.parent_run_id, params=params)
+        return self.parent_run_id
+
+    def start_child(self, stage: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        assert self.parent_run_id is not None, "start the parent run first"
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=stage,
+            tags=tags | {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "llmflow.stage": stage},
+        )
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        now = int(time.time() * 1000)
+        param_list = [Param(k, v) for k, v in (params or {}).items()]
+        metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for start in range(0, max(len(param_list), len(metric_list), len(tag_list), 1), _BATCH):
+            self.client.log_batch(
+                run_id,
+                metrics=metric_list[start : start + _BATCH],
+                params=param_list[start : start + _BATCH],
+                tags=tag_list[start : start + _BATCH],
+            )
+
+    def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, data, artifact_file)
+
+    def finish(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

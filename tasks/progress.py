@@ -1,0 +1,111 @@
+"""Progress of a long step, shown where the user is looking: a terminal bar and a Prefect artifact.
+
+One object does both so that a stage reports progress once. The terminal bar appears only on a
+terminal (rich decides), the Prefect progress artifact only inside a flow or task run; both are
+best-effort and never fail the work they describe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from types import TracebackType
+from typing import Self
+from uuid import UUID
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+log = logging.getLogger(__name__)
+_ARTIFACT_INTERVAL_S = 2.0
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lower-case letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+class StepProgress:
+    """Counts units of a step (pages, shards) towards an optional total."""
+
+    def __init__(self, key: str, description: str, total: int | None) -> None:
+        self.description = description
+        self.total = total
+        self.done = 0
+        self._lock = threading.Lock()
+        self._last_artifact = 0.0
+        self._artifact_id: UUID | None = None
+        console = Console(stderr=True)
+        self._bar: RichProgress | None = None
+        if console.is_terminal:
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            self._bar.start()
+            self._bar_task = self._bar.add_task(description, total=total)
+        if in_prefect_run():
+            try:
+                from prefect.artifacts import create_progress_artifact
+
+                self._artifact_id = create_progress_artifact(
+                    progress=0.0, key=artifact_key(key), description=description
+                )
+            except Exception as error:  # progress display must never sink the work
+                log.debug("no progress artifact for %s: %s", key, error)
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(self._bar_task, completed=self.done)
+            now = time.monotonic()
+            if now - self._last_artifact >= _ARTIFACT_INTERVAL_S:
+                self._last_artifact = now
+                self._publish()
+
+    def _publish(self) -> None:
+        if self._artifact_id is None or not self.total:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            percent = min(100.0, 100.0 * self.done / self.total)
+            update_progress_artifact(artifact_id=self._artifact_id, progress=percent)
+        except Exception as error:
+            log.debug("progress artifact update failed: %s", error)
+
+    def close(self) -> None:
+        with self._lock:
+            # A closed step is complete, even one that stopped before its limit (a small site).
+            self.total = max(self.total or 0, self.done, 1)
+            self.done = self.total
+            self._publish()
+            if self._bar is not None:
+                self._bar.update(self._bar_task, completed=self.done, total=self.total)
+                self._bar.stop()
+                self._bar = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

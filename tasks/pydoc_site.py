@@ -1,0 +1,85 @@
+"""The embedded default's web site: Python's own documentation, served by pydoc on localhost.
+
+Every Python installation can render its standard library's reference as hundreds of linked HTML
+pages, so the default pipeline crawls a real web server with real text and needs no network.
+pydoc renders a module's page by importing the module, and a few modules act on import; the
+server therefore runs in its own process (with no browser to open and no display), and the crawl
+config keeps those pages out of scope (``PYDOC_UNSAFE_PAGES``).
+
+Run as a program (``python -m llmflow.tasks.pydoc_site PORT``) it serves until killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+PYDOC_SEED = "pydoc:"
+_START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def pydoc_site() -> Iterator[str]:
+    """Start pydoc's HTTP server in a child process; yield its base URL; stop it by pid."""
+    port = free_port()
+    env = dict(os.environ, BROWSER="true", DISPLAY="", PYTHONDONTWRITEBYTECODE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmflow.tasks.pydoc_site", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"pydoc server exited with code {process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pydoc server did not answer at {url} in {_START_TIMEOUT_S}s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _serve(port: int) -> None:
+    import pydoc
+
+    server = pydoc._start_server(pydoc._url_handler, "127.0.0.1", port)
+    if server.error:
+        raise SystemExit(f"pydoc server failed: {server.error}")
+    try:
+        while server.serving:
+            time.sleep(0.5)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

@@ -1,0 +1,355 @@
+"""How every stage runs: units of work keyed by content, completion markers, manifests.
+
+A stage is a module in ``tasks/`` with three things: a pydantic config, a plain function that turns
+one unit of input (a shard, a file, a crawl) into a :class:`ShardResult`, and a thin Prefect task
+that hands that function to :func:`run_unit`. Everything else lives here, once:
+
+* A unit's key is the hash of its input's content, the stage config and the stage's code version
+  (its own version string plus the versions of the libraries doing the work). A unit whose
+  completion marker carries the same key is skipped; a re-run does no work and an interrupted run
+  resumes at the first unit without a marker. This is the one resume mechanism (datatrove's
+  completion markers, not Prefect's result cache: the markers live with the data, on any fsspec
+  root, and work the same with or without a Prefect API).
+* Kept rows go to ``<stage>/<unit>.parquet``, removed rows to ``<stage>/rejected/<unit>.parquet``
+  with their reason, fetch failures into the marker; all writes are atomic.
+* :func:`finalize_stage` builds the manifest from the markers and removes outputs of units that no
+  longer exist, so the manifest always describes exactly the files beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from llmflow.tasks import datasets
+from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document, FetchFailure, rejected_schema
+
+SHARD_SUFFIX = ".parquet"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, and some fields never change output.
+
+    ``RUNTIME_FIELDS`` names fields that change how fast or how politely work is done but not what
+    it produces (concurrency, for instance); they are left out of the unit key so that changing
+    them does not redo finished work.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def output_hash(self) -> str:
+        """Hash of the fields that decide the stage's output."""
+        payload = self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Identity of a stage: bump ``version`` whenever the same input would give different output."""
+
+    name: str
+    version: str
+    libraries: tuple[str, ...] = ()
+
+    def code_version(self) -> str:
+        """The stage version plus the versions of the libraries whose output it keeps."""
+        parts = [self.version]
+        for library in self.libraries:
+            try:
+                parts.append(f"{library}=={version(library)}")
+            except PackageNotFoundError:
+                parts.append(f"{library}==missing")
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One unit of a stage's work: its output name, its key, and what it reads."""
+
+    name: str
+    key: str
+    source: dict[str, Any]
+
+
+def unit_key(spec: StageSpec, config: StageConfig, input_digest: str) -> str:
+    material = json.dumps(
+        {
+            "stage": spec.name,
+            "code": spec.code_version(),
+            "config": config.output_hash(),
+            "input": input_digest,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    """What a stage's plain function returns for one unit of work."""
+
+    kept: pa.Table
+    rejected: pa.Table
+    docs_in: int
+    stats: Counter[str] = field(default_factory=Counter)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class UnitRecord:
+    """The completion marker of one unit: what it wrote and what it counted."""
+
+    name: str
+    key: str
+    docs_in: int
+    shard: datasets.ShardFile
+    rejected: datasets.ShardFile | None
+    reasons: dict[str, int]
+    stats: dict[str, int]
+    failures: list[dict[str, Any]]
+    seconds: float
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "docs_in": self.docs_in,
+            "shard": self.shard.to_dict(),
+            "rejected": self.rejected.to_dict() if self.rejected else None,
+            "reasons": self.reasons,
+            "stats": self.stats,
+            "failures": self.failures,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], skipped: bool = False) -> UnitRecord:
+        return cls(
+            name=d["name"],
+            key=d["key"],
+            docs_in=d["docs_in"],
+            shard=datasets.ShardFile.from_dict(d["shard"]),
+            rejected=datasets.ShardFile.from_dict(d["rejected"]) if d["rejected"] else None,
+            reasons=d["reasons"],
+            stats=d["stats"],
+            failures=d["failures"],
+            seconds=d["seconds"],
+            skipped=skipped,
+        )
+
+
+def marker_path(stage_dir: str, unit_name: str) -> str:
+    return datasets.join(stage_dir, datasets.DONE_DIR, f"{unit_name}.json")
+
+
+def completed_record(stage_dir: str, unit: WorkUnit) -> UnitRecord | None:
+    """The unit's marker if it was made with the same key and its files are still there."""
+    path = marker_path(stage_dir, unit.name)
+    if not datasets.exists(path):
+        return None
+    try:
+        record = UnitRecord.from_dict(datasets.read_json(path), skipped=True)
+    except (ValueError, KeyError):
+        return None  # a marker from an older format: redo the unit
+    if record.key != unit.key:
+        return None
+    outputs = [record.shard] + ([record.rejected] if record.rejected else [])
+    if not all(datasets.exists(datasets.join(stage_dir, s.path)) for s in outputs):
+        return None
+    return record
+
+
+def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult]) -> UnitRecord:
+    """Skip the unit if it is complete; else run ``process`` and write its outputs atomically.
+
+    The marker is written last: a crash before it means the unit is redone, never half-trusted.
+    """
+    done = completed_record(stage_dir, unit)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    result = process()
+    kept_rows, rejected_rows = result.kept.num_rows, result.rejected.num_rows
+    if kept_rows + rejected_rows > result.docs_in:
+        raise RuntimeError(
+            f"unit {unit.name}: {kept_rows} kept + {rejected_rows} rejected exceeds"
+            f" {result.docs_in} documents in"
+        )
+    shard = datasets.write_shard(stage_dir, unit.name + SHARD_SUFFIX, result.kept)
+    rejected_path = f"{datasets.REJECTED_DIR}/{unit.name}{SHARD_SUFFIX}"
+    rejected = None
+    if rejected_rows:
+        rejected = datasets.write_shard(stage_dir, rejected_path, result.rejected)
+    else:
+        datasets.remove(datasets.join(stage_dir, rejected_path))
+    reasons = Counter(result.rejected.column("reason").to_pylist()) if rejected_rows else Counter()
+    record = UnitRecord(
+        name=unit.name,
+        key=unit.key,
+        docs_in=result.docs_in,
+        shard=shard,
+        rejected=rejected,
+        reasons=dict(sorted(reasons.items())),
+        stats=dict(sorted(result.stats.items())),
+        failures=result.failures,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    datasets.write_json_atomic(marker_path(stage_dir, unit.name), record.to_dict())
+    return record
+
+
+def finalize_stage(
+    stage_dir: str,
+    spec: StageSpec,
+    config: StageConfig,
+    records: Iterable[UnitRecord],
+    input_manifest_sha256: str | None,
+) -> dict[str, Any]:
+    """Write the stage's manifest from its unit records and drop files of units that are gone.
+
+    Units are listed by name so the manifest does not depend on the order in which workers
+    finished; nothing time-dependent goes in, so a re-run that skipped every unit rewrites the
+    same bytes.
+    """
+    records = sorted(records, key=lambda r: r.name)
+    live = {r.name for r in records}
+    for name in datasets.list_names(datasets.join(stage_dir, datasets.DONE_DIR), ".json"):
+        if name.removesuffix(".json") not in live:
+            datasets.remove(datasets.join(stage_dir, datasets.DONE_DIR, name))
+    for sub in ("", datasets.REJECTED_DIR):
+        directory = datasets.join(stage_dir, sub) if sub else stage_dir
+        for name in datasets.list_names(directory, SHARD_SUFFIX):
+            if name.removesuffix(SHARD_SUFFIX) not in live:
+                datasets.remove(datasets.join(directory, name))
+
+    reasons: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
+    for r in records:
+        reasons.update(r.reasons)
+        stats.update(r.stats)
+    shards = [r.shard for r in records]
+    rejected = [r.rejected for r in records if r.rejected]
+    schema = _first_schema(stage_dir, shards)
+    manifest = {
+        "format": datasets.MANIFEST_FORMAT,
+        "stage": spec.name,
+        "code_version": spec.code_version(),
+        "config_hash": config.output_hash(),
+        "config": config.model_dump(mode="json"),
+        "input_manifest_sha256": input_manifest_sha256,
+        "schema": datasets.schema_description(schema) if schema else [],
+        "shards": [s.to_dict() for s in shards],
+        "rejected_shards": [s.to_dict() for s in rejected],
+        "counts": {
+            "docs_in": sum(r.docs_in for r in records),
+            "kept": sum(s.rows for s in shards),
+            "rejected": sum(s.rows for s in rejected),
+            "bytes": sum(s.bytes for s in shards),
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "fetch_failures": sum(len(r.failures) for r in records),
+        },
+        "stats": dict(sorted(stats.items())),
+        "failures": [f for r in records for f in r.failures],
+    }
+    datasets.write_json_atomic(datasets.join(stage_dir, datasets.MANIFEST_NAME), manifest)
+    return manifest
+
+
+def manifest_sha256(stage_dir: str) -> str:
+    """The digest that names a dataset version: the hash of its manifest's bytes."""
+    data = datasets.read_bytes(datasets.join(stage_dir, datasets.MANIFEST_NAME))
+    return hashlib.sha256(data).hexdigest()
+
+
+def _first_schema(stage_dir: str, shards: list[datasets.ShardFile]) -> pa.Schema | None:
+    import pyarrow.parquet as pq
+
+    for shard in shards:
+        fs, p = datasets.filesystem(datasets.join(stage_dir, shard.path))
+        with fs.open(p, "rb") as f:
+            return pq.read_schema(f)
+    return None
+
+
+def plan_shard_units(
+    spec: StageSpec, config: StageConfig, input_dir: str
+) -> tuple[list[WorkUnit], str]:
+    """One unit per shard of the input dataset, keyed by that shard's content hash.
+
+    Returns the units and the input manifest's digest. The output shard keeps the input shard's
+    name, so a document can be followed from stage to stage by file name.
+    """
+    manifest = datasets.read_manifest(input_dir)
+    units = []
+    for shard in datasets.manifest_shards(manifest):
+        name = shard.path.removesuffix(SHARD_SUFFIX)
+        units.append(
+            WorkUnit(
+                name=name,
+                key=unit_key(spec, config, shard.sha256),
+                source={"dir": input_dir, "shard": shard.to_dict()},
+            )
+        )
+    return units, manifest_sha256(input_dir)
+
+
+def read_unit_input(unit: WorkUnit) -> pa.Table:
+    """The input shard of a unit planned by :func:`plan_shard_units`."""
+    shard = datasets.ShardFile.from_dict(unit.source["shard"])
+    return datasets.read_shard(unit.source["dir"], shard)
+
+
+def with_reason(table: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:
+    """A rejected-set table: the removed rows plus why each was removed."""
+    schema = rejected_schema(table.schema)
+    table = table.append_column(schema.field("reason"), pa.array(reasons, pa.string()))
+    return table.append_column(schema.field("detail"), pa.array(details, pa.string()))
+
+
+def documents_result(
+    outcomes: Iterable[Document | FetchFailure], docs_in: int | None = None
+) -> ShardResult:
+    """Route a reader's outcomes: documents kept, rejections with reasons, fetch failures listed.
+
+    Used by source stages (crawl), whose input is not a table: every document read counts as one
+    in, so nothing is dropped without a trace. Kept documents with an id already seen in the unit
+    are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason.
+    """
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    stats: Counter[str] = Counter()
+    for outcome in outcomes:
+        if isinstance(outcome, FetchFailure):
+            failures.append(outcome.row())
+            continue
+        row = outcome.row()
+        if outcome.reject_reason is None and row["id"] in seen:
+            outcome.reject_reason, outcome.detail = "duplicate_id_in_unit", "same url and text"
+            stats["duplicate_id_in_unit"] += 1
+        if outcome.reject_reason is None:
+            seen.add(row["id"])
+            kept.append(row)
+        else:
+            rejected.append(row | {"reason": outcome.reject_reason, "detail": outcome.detail})
+    n = len(kept) + len(rejected)
+    failures.sort(key=lambda f: (f["url"], f["reason"]))
+    return ShardResult(
+        kept=pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA),
+        rejected=pa.Table.from_pylist(rejected, schema=rejected_schema(DOCUMENT_SCHEMA)),
+        docs_in=n if docs_in is None else docs_in,
+        stats=stats,
+        failures=failures,
+    )
