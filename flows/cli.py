@@ -103,7 +103,7 @@ def run(
         selected = resolve_stages(stages)
         _check_inputs(config, selected)
     except ConfigError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False)
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
     workdir_path = Path(config.workdir).absolute()

@@ -33,9 +33,10 @@ from llmflow.tasks.stage import (
 
 STAGE = StageSpec(name="normalize", version="1", libraries=("ftfy",))
 
-# Characters of category Cc/Cf that carry no text, except newline and tab (layout we keep) and
+# Characters of category Cc/Cf that carry no text, except line breaks and tab (layout: the
+# whitespace step turns CR and CRLF into LF) and
 # the joiners that change how emoji and Indic scripts render (ZWJ U+200D, ZWNJ U+200C).
-_KEEP_CONTROLS = {"\n", "\t", "\u200c", "\u200d"}
+_KEEP_CONTROLS = {"\n", "\r", "\t", "\u200c", "\u200d"}
 _SPACES = re.compile(r"[^\S\n]+")  # any run of whitespace other than newline
 _BLANK_LINES = re.compile(r"\n{3,}")
 

@@ -1,0 +1,103 @@
+"""normalize on ftfy's real mojibake cases and on the text shapes the web produces."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from llmflow.tasks.documents import DOCUMENT_SCHEMA
+from llmflow.tasks.normalize import NormalizeConfig, normalize_documents, normalize_text
+
+DEFAULT = NormalizeConfig()
+
+
+def _canonical(text: str) -> str:
+    """What an expected ftfy result looks like after our NFC and whitespace steps."""
+    only_space = NormalizeConfig(fix_mojibake=False, remove_control_chars=False)
+    return normalize_text(unicodedata.normalize("NFC", text), only_space)[0]
+
+
+def _cases(shared_data: Path, name: str) -> list[dict]:
+    return json.loads((shared_data / "mojibake" / name).read_text(encoding="utf-8"))
+
+
+def test_repairs_real_mojibake_found_in_the_wild(shared_data: Path) -> None:
+    cases = _cases(shared_data, "in-the-wild.json")
+    assert len(cases) >= 50
+    wrong = []
+    for case in cases:
+        got, changes = normalize_text(case["original"], DEFAULT)
+        # Our ftfy options sit between fix_encoding (no HTML unescape, no quote uncurling) and
+        # fix_text's defaults; either expected form is a correct repair.
+        expected = {
+            _canonical(case.get("fixed-encoding", case["fixed"])),
+            _canonical(case["fixed"]),
+        }
+        if got not in expected:
+            wrong.append((case["label"], got, expected))
+        if case["original"] != case["fixed"] and got != case["original"]:
+            assert changes, case["label"]
+    assert wrong == []
+
+
+def test_leaves_text_that_only_looks_like_mojibake(shared_data: Path) -> None:
+    # The expected results assume ftfy's default of straightening quotes; so does this check.
+    straight = NormalizeConfig(uncurl_quotes=True)
+    for case in _cases(shared_data, "negative.json"):
+        got, _ = normalize_text(case["original"], straight)
+        assert got == _canonical(case["fixed"]), case["label"]
+
+
+def test_keeps_curly_quotes_unless_asked() -> None:
+    text = "\u201cQuoted\u201d and it\u2019s fine"
+    assert normalize_text(text, DEFAULT)[0] == text
+    assert normalize_text(text, NormalizeConfig(uncurl_quotes=True))[0] == '"Quoted" and it\'s fine'
+
+
+def test_composes_unicode_and_counts_the_step() -> None:
+    decomposed = "Cafe\u0301 na\u0131\u0308ve"
+    text, changes = normalize_text(decomposed, DEFAULT)
+    assert text == "Café na\u0131\u0308ve".replace("e\u0301", "é")
+    assert unicodedata.is_normalized("NFC", text)
+    assert "nfc" in changes
+    assert normalize_text("ﬁne ＡＢＣ", NormalizeConfig(unicode_form="NFKC"))[0] == "fine ABC"
+
+
+def test_removes_controls_but_keeps_layout_and_joiners() -> None:
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    text, changes = normalize_text(f"a\x00b\x07c\u200bd\ttab\n{family}", DEFAULT)
+    assert text == f"abcd\ttab\n{family}".replace("\t", " ")  # tab is a space run → one space
+    assert "control_chars" in changes
+
+
+def test_whitespace_is_canonical() -> None:
+    text, changes = normalize_text("  a\u00a0\u2003 b  \r\n\r\n\r\n\r\nc\rd  \n", DEFAULT)
+    assert text == "a b\n\nc\nd"
+    assert changes == ["whitespace"]
+
+
+def test_shard_function_counts_changes_and_rejects_empty_documents() -> None:
+    rows = [
+        {"id": "1", "text": "fine text", "url": "u1", "source": "s", "fetched_at": None},
+        {"id": "2", "text": "cafÃ©  au lait", "url": "u2", "source": "s", "fetched_at": None},
+        {"id": "3", "text": "\u200b \x00\n", "url": "u3", "source": "s", "fetched_at": None},
+    ]
+    result = normalize_documents(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), DEFAULT)
+    assert result.docs_in == 3
+    assert result.kept.column("text").to_pylist() == ["fine text", "café au lait"]
+    assert result.kept.column("id").to_pylist() == ["1", "2"]  # ids name documents, kept as is
+    assert result.rejected.column("reason").to_pylist() == ["empty_after_normalize"]
+    assert result.stats["changed_documents"] == 2
+    assert result.stats["changed_ftfy"] == 1
+
+
+@pytest.mark.parametrize("text", ["", "x"])
+def test_min_chars(text: str) -> None:
+    rows = [{"id": "1", "text": text, "url": None, "source": "s", "fetched_at": None}]
+    table = pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA)
+    result = normalize_documents(table, NormalizeConfig(min_chars=2))
+    assert result.kept.num_rows == 0 and result.rejected.num_rows == 1
