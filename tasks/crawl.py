@@ -105,7 +105,7 @@ def crawl_documents(
         )
         if unit.source["kind"] == "file":
             outcomes: Iterator[Document | FetchFailure] = iter_file_documents(
-                unit.source["path"], extractor, config.max_page_bytes
+                unit.source["path"], extractor, config.max_page_bytes, config.content_types
             )
             return documents_result(_counting(outcomes, on_document))
         seeds = list(unit.source["seeds"])
