@@ -37,7 +37,7 @@ def pydoc_site() -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, BROWSER="true", DISPLAY="", PYTHONDONTWRITEBYTECODE="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmflow.tasks.pydoc_site", str(port)],
+        [sys.executable, "-m", "llmflow.tasks.pydoc_site", str(port), str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -68,18 +68,23 @@ def pydoc_site() -> Iterator[str]:
             process.wait()
 
 
-def _serve(port: int) -> None:
+def _serve(port: int, parent_pid: int) -> None:
+    """Serve until stopped, or until the process that started us is gone.
+
+    A crawl killed with SIGKILL cannot stop its server; the server notices that it has been
+    handed to another parent and exits, so no orphan keeps the port.
+    """
     import pydoc
 
     server = pydoc._start_server(pydoc._url_handler, "127.0.0.1", port)
     if server.error:
         raise SystemExit(f"pydoc server failed: {server.error}")
     try:
-        while server.serving:
+        while server.serving and os.getppid() == parent_pid:
             time.sleep(0.5)
     finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
