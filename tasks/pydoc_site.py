@@ -6,7 +6,8 @@ pydoc renders a module's page by importing the module, and a few modules act on 
 server therefore runs in its own process (with no browser to open and no display), and the crawl
 config keeps those pages out of scope (``PYDOC_UNSAFE_PAGES``).
 
-Run as a program (``python -m llmflow.tasks.pydoc_site PORT``) it serves until killed.
+Run as a program (``python -I -S pydoc_site.py PORT PARENT_PID``) it serves until stopped. It must
+not import anything outside the standard library: the server runs without site-packages.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import httpx
 
 PYDOC_SEED = "pydoc:"
 _START_TIMEOUT_S = 30.0
@@ -37,7 +38,10 @@ def pydoc_site() -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, BROWSER="true", DISPLAY="", PYTHONDONTWRITEBYTECODE="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmflow.tasks.pydoc_site", str(port), str(os.getpid())],
+        # -I -S: no site-packages and no current directory on the server's path, so it serves
+        # the standard library only (never imports torch, mlflow or this project to render a
+        # page), and it runs this file's code by path, not as an llmflow module.
+        [sys.executable, "-I", "-S", __file__, str(port), str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -49,9 +53,10 @@ def pydoc_site() -> Iterator[str]:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
             try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(url, timeout=2.0) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
                 pass
             if process.poll() is not None:
                 raise RuntimeError(f"pydoc server exited with code {process.returncode}")

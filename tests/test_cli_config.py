@@ -1,4 +1,4 @@
-"""The command line's contract: overrides parse, bad configs exit 2 naming the key, nothing written."""
+"""The command line: overrides parse; bad configs exit 2 naming the key; nothing is written."""
 
 from __future__ import annotations
 

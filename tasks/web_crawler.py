@@ -1,0 +1,685 @@
+"""The HTTP crawler: a polite, bounded breadth-first crawl that accounts for every URL it tries.
+
+Each URL tried ends as exactly one outcome: a :class:`Document` (kept, or rejected with a reason)
+or a :class:`FetchFailure`. The crawl is level by level (BFS), and within a level the frontier
+keeps the order links were found in, so the same site crawled twice tries the same URLs even when
+``max_pages`` cuts it short; the result is sorted by URL for the same reason.
+
+Politeness is per host name: one request start per ``politeness_delay_s`` (or robots.txt's
+Crawl-delay when longer), whatever the global concurrency. robots.txt follows RFC 9309.
+Redirects are followed by hand so that every hop passes the same scope, exclusion and robots
+checks as a link would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import string
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.robotparser import RobotFileParser
+
+import httpx
+
+from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.documents import Document, FetchFailure, utc_now
+from llmflow.tasks.html_text import (
+    BoundedExtractor,
+    DecodeError,
+    ExtractionError,
+    decode_body,
+    extract_links,
+)
+from llmflow.tasks.warc_writer import WarcRecorder
+
+__all__ = ["crawl_web", "normalize_url"]
+
+SOURCE = "http"
+
+# RFC 9309 §2.5: crawlers must parse at least the first 500 KiB of a robots.txt.
+ROBOTS_MAX_BYTES = 512 * 1024
+# RFC 9309 §2.3.1.2: follow at least five redirects for robots.txt, then treat it as unavailable.
+ROBOTS_MAX_REDIRECTS = 5
+# A robots.txt may ask for any Crawl-delay; beyond this the crawl would look hung, so it is capped.
+MAX_CRAWL_DELAY_S = 60.0
+# A server that trickles one byte just inside read_timeout_s would hold a slot for
+# max_page_bytes × read_timeout_s; no response may take longer than this many read timeouts.
+RESPONSE_DEADLINE_READS = 3
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_SUB_DELIMS = "!$&'()*+,;="
+_PATH_SAFE = frozenset(_SUB_DELIMS + ":@/")
+_QUERY_SAFE = frozenset(_SUB_DELIMS + ":@/?")
+_HEX = frozenset(string.hexdigits)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+# --------------------------------------------------------------------------- URL normalization
+
+
+def normalize_url(url: str) -> str:
+    """The one spelling of a URL used for deduplication, scope checks and output (RFC 3986 §6).
+
+    courlan's ``normalize_url`` was considered and not used: it sorts query parameters (changing
+    the resource for order-sensitive servers), strips "tracking" parameters, keeps fragments, and
+    neither resolves dot-segments nor decodes percent-encoded unreserved characters.
+
+    Lower-cases scheme and host (IDNA for non-ASCII hosts), drops the default port, the fragment
+    and an empty query, makes an empty path "/", resolves "." and ".." segments, upper-cases
+    percent-escapes, decodes escaped unreserved characters, escapes characters a URL may not hold,
+    and keeps the query's parameters in their order. Raises ValueError for a relative URL or a
+    bad port.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if not scheme or not parts.netloc:
+        raise ValueError(f"not an absolute URL with a host: {url!r}")
+    userinfo = parts.netloc.rpartition("@")[0]
+    hostname = (parts.hostname or "").rstrip(".")  # urllib lower-cases it and strips [ ]
+    if not hostname:
+        raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"bad port in {url!r}") from e
+    if ":" in hostname:
+        host = f"[{hostname}]"  # IPv6 literal
+    else:
+        try:
+            host = hostname.encode("idna").decode("ascii")
+        except UnicodeError:  # an empty or over-long label: keep it as written
+            host = hostname
+    netloc = host
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc = f"{host}:{port}"
+    if userinfo:
+        netloc = f"{userinfo}@{netloc}"
+    path = _remove_dot_segments(_normalize_escapes(parts.path, _PATH_SAFE)) or "/"
+    query = _normalize_escapes(parts.query, _QUERY_SAFE)
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _normalize_escapes(part: str, safe: frozenset[str]) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(part):
+        char = part[i]
+        if char == "%" and len(part) >= i + 3 and part[i + 1] in _HEX and part[i + 2] in _HEX:
+            decoded = chr(int(part[i + 1 : i + 3], 16))
+            out.append(decoded if decoded in _UNRESERVED else part[i : i + 3].upper())
+            i += 3
+            continue
+        if char in _UNRESERVED or char in safe:
+            out.append(char)
+        else:
+            out.append(quote(char.encode("utf-8", "surrogatepass"), safe=""))
+        i += 1
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, segment by segment; a trailing "." or ".." leaves a trailing slash."""
+    segments = path.split("/")
+    out: list[str] = []
+    for index, segment in enumerate(segments):
+        if segment in (".", ".."):
+            if segment == ".." and len(out) > 1:
+                out.pop()
+            if index == len(segments) - 1:
+                out.append("")
+        else:
+            out.append(segment)
+    joined = "/".join(out)
+    if path.startswith("/") and not joined.startswith("/"):
+        joined = "/" + joined
+    return joined
+
+
+# --------------------------------------------------------------------------- scope and robots
+
+
+class _Scope:
+    """allowed_prefixes: URL prefixes ("https://example.com/docs/", "example.com/docs/") or host
+    names ("example.com": any port; "example.com:8080": that port only)."""
+
+    def __init__(self, allowed_prefixes: list[str], seeds: list[str]) -> None:
+        self.prefixes: list[str] = []
+        self.hosts: set[str] = set()
+        for entry in allowed_prefixes:
+            entry = entry.strip()
+            if "://" in entry:
+                self.prefixes.append(normalize_url(entry))
+            elif "/" in entry.rstrip("/"):  # "example.com/docs/": a prefix under either scheme
+                self.prefixes.extend(normalize_url(f"{s}://{entry}") for s in _DEFAULT_PORTS)
+            else:
+                self.hosts.add(entry.rstrip("/").lower())
+        if not allowed_prefixes:
+            # The seeds' host:port, so another service on the same machine stays out of scope.
+            self.hosts.update(urlsplit(seed).netloc.rpartition("@")[2] for seed in seeds)
+
+    def allows(self, url: str) -> bool:
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS:
+            return False
+        hostport = parts.netloc.rpartition("@")[2]
+        if hostport in self.hosts or (parts.hostname or "") in self.hosts:
+            return True
+        return any(url.startswith(prefix) for prefix in self.prefixes)
+
+
+@dataclass(slots=True)
+class _Robots:
+    """One origin's robots.txt verdict: parsed rules, or allow/deny everything (RFC 9309 §2.3.1)."""
+
+    parser: RobotFileParser | None
+    allow_all: bool
+    detail: str = ""
+    crawl_delay: float = 0.0
+
+    def allows(self, url: str, user_agent: str) -> bool:
+        if urlsplit(url).path == "/robots.txt":
+            return True  # RFC 9309 §2.2.2: always allowed
+        if self.parser is None:
+            return self.allow_all
+        return self.parser.can_fetch(user_agent, url)
+
+
+def _parse_robots(body: bytes, truncated: bool, user_agent: str) -> _Robots:
+    text = body.decode("utf-8", "replace").lstrip("\ufeff")
+    lines = text.splitlines()
+    if truncated and lines:
+        lines.pop()  # the last line was cut mid-way
+    parser = RobotFileParser()
+    parser.parse(lines)
+    delay = parser.crawl_delay(user_agent)
+    return _Robots(parser, True, crawl_delay=float(delay) if delay else 0.0)
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+@dataclass(slots=True)
+class _Response:
+    url: str
+    status: int
+    reason: str
+    headers: httpx.Headers
+    body: bytes  # content-decoded, at most the byte limit
+    oversize: bool
+    undecodable: str  # why the content coding could not be undone; "" when it could
+    fetched_at: datetime
+
+
+@dataclass(slots=True)
+class _Failed:
+    reason: str
+    detail: str
+    status: int | None = None
+
+
+class _ContentDecoder:
+    """Undoes gzip/deflate with an output bound, so a compression bomb stops at the byte limit.
+
+    httpx would decode too, but then the raw payload (what the WARC must keep, with the headers
+    that describe it) would be gone.
+    """
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+        self._started = False
+
+    def feed(self, data: bytes, max_out: int) -> tuple[bytes, bool]:
+        """(output, hit_bound): stops once ``max_out`` bytes came out."""
+        if not self._started and self.coding == "deflate":
+            self._started = True
+            try:
+                probe = zlib.decompressobj(zlib.MAX_WBITS | 32)
+                out = probe.decompress(data, max_out)
+                self._zlib = probe
+                return out, bool(probe.unconsumed_tail)
+            except zlib.error:  # "deflate" sent without the zlib wrapper, as many servers do
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._started = True
+        out = self._zlib.decompress(data, max_out)
+        return out, bool(self._zlib.unconsumed_tail)
+
+    def flush(self) -> bytes:
+        return self._zlib.flush()
+
+
+def _content_decoder(content_encoding: str | None) -> _ContentDecoder | None:
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+        return _ContentDecoder(codings[0])
+    raise ValueError(f"unsupported content-encoding {content_encoding!r}")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _error_text(error: BaseException) -> str:
+    message = str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+class _HostGate:
+    """Spaces request starts to one host: the lock is held while waiting, so starts queue up."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.lock = asyncio.Lock()
+        self.last_start = float("-inf")
+
+
+# --------------------------------------------------------------------------- the crawl
+
+
+class _Crawler:
+    def __init__(
+        self,
+        config: CrawlConfig,
+        extractor: BoundedExtractor,
+        warc: WarcRecorder | None,
+        on_page: Callable[[], None] | None,
+    ) -> None:
+        self.config = config
+        self.extractor = extractor
+        self.warc = warc
+        self.on_page = on_page
+        self.exclude = [re.compile(p) for p in config.exclude_patterns]
+        self.content_types = {t.strip().lower() for t in config.content_types}
+        self.pages = 0
+        self.seen: set[str] = set()
+        self.robots: dict[str, _Robots] = {}
+        self.robots_locks: dict[str, asyncio.Lock] = {}
+        self.gates: dict[str, _HostGate] = {}
+        self.deadline_s = config.connect_timeout_s + RESPONSE_DEADLINE_READS * config.read_timeout_s
+        self.scope: _Scope
+        self.slots: asyncio.Semaphore
+        self.client: httpx.AsyncClient
+
+    async def run(self, seeds: list[str]) -> list[Document | FetchFailure]:
+        results: list[Document | FetchFailure] = []
+        level: list[str] = []
+        for seed in seeds:
+            try:
+                url = normalize_url(seed)
+            except ValueError as e:
+                results.append(FetchFailure(seed, "invalid_url", str(e)))
+                continue
+            if url not in self.seen:
+                self.seen.add(url)
+                level.append(url)
+        self.scope = _Scope(self.config.allowed_prefixes, level)
+        self.slots = asyncio.Semaphore(self.config.concurrency)
+        async with self._client() as self.client:
+            depth = 0
+            while level and self.pages < self.config.max_pages:
+                found: list[str] = []
+                start = 0
+                while start < len(level) and self.pages < self.config.max_pages:
+                    # Never more URLs in flight than pages left, so max_pages is exact.
+                    batch = level[start : start + self.config.max_pages - self.pages]
+                    start += len(batch)
+                    try:
+                        async with asyncio.TaskGroup() as group:
+                            tasks = [group.create_task(self._visit(url, depth)) for url in batch]
+                    except ExceptionGroup as group_error:
+                        # A bug or a failing on_page: the caller sees that error, not a group.
+                        raise group_error.exceptions[0] from group_error
+                    for task in tasks:
+                        outcome, links = task.result()
+                        results.append(outcome)
+                        found.extend(links)
+                level = []
+                for link in found:
+                    if link not in self.seen:
+                        self.seen.add(link)
+                        level.append(link)
+                depth += 1
+        return results
+
+    def _client(self) -> httpx.AsyncClient:
+        c = self.config
+        accept = ",".join([*c.content_types, "*/*;q=0.1"])
+        return httpx.AsyncClient(
+            headers={
+                "User-Agent": c.user_agent,
+                "Accept": accept,
+                "Accept-Encoding": "gzip, deflate",
+            },
+            timeout=httpx.Timeout(
+                connect=c.connect_timeout_s,
+                read=c.read_timeout_s,
+                write=c.read_timeout_s,
+                pool=c.connect_timeout_s,
+            ),
+            # The semaphore bounds requests in flight; the pool only keeps connections alive.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=c.concurrency),
+            follow_redirects=False,
+        )
+
+    def _refusal(self, url: str) -> str | None:
+        if not self.scope.allows(url):
+            return "out_of_scope"
+        if any(pattern.search(url) for pattern in self.exclude):
+            return "excluded"
+        return None
+
+    def _wanted(self, url: str) -> bool:
+        """Whether a link found on a page joins the frontier (never requested otherwise)."""
+        return self._refusal(url) is None
+
+    async def _visit(self, url: str, depth: int) -> tuple[Document | FetchFailure, list[str]]:
+        outcome, links, requested = await self._follow(url, depth)
+        if requested:
+            self.pages += 1
+            if self.on_page is not None:
+                self.on_page()
+        return outcome, links
+
+    async def _follow(
+        self, origin: str, depth: int
+    ) -> tuple[Document | FetchFailure, list[str], bool]:
+        """Fetch ``origin`` and its redirect hops; (outcome, links found, whether it requested)."""
+        chain = [origin]
+        current = origin
+        requested = False
+
+        def failure(reason: str, detail: str = "", status: int | None = None) -> FetchFailure:
+            if current != origin:
+                detail = f"{detail} (after redirects to {current})".strip()
+            return FetchFailure(origin, reason, detail, status)
+
+        while True:
+            refusal = self._refusal(current)
+            if refusal is not None:
+                return failure(refusal, current), [], requested
+            if self.config.respect_robots_txt:
+                robots = await self._robots_for(current)
+                if not robots.allows(current, self.config.user_agent):
+                    return failure("robots_disallowed", robots.detail), [], requested
+            response = await self._fetch(current, self.config.max_page_bytes, self._read_body)
+            requested = True
+            if isinstance(response, _Failed):
+                return failure(response.reason, response.detail, response.status), [], True
+            location = response.headers.get("location")
+            if not (300 <= response.status < 400 and location):
+                break
+            try:
+                target = normalize_url(urljoin(current, location.strip()))
+            except ValueError as e:
+                return failure("invalid_redirect", str(e), response.status), [], True
+            if target in chain:
+                loop = " -> ".join([*chain, target])
+                return FetchFailure(origin, "redirect_loop", loop, response.status), [], True
+            if len(chain) > self.config.max_redirects:
+                return failure("too_many_redirects", f"next: {target}", response.status), [], True
+            refusal = self._refusal(target)
+            if refusal is not None:
+                return failure(refusal, f"redirect to {target}", response.status), [], True
+            if target in self.seen:
+                # Its page is fetched under its own URL; this one adds no second document.
+                return failure("duplicate", f"redirect to {target}", response.status), [], True
+            self.seen.add(target)
+            chain.append(target)
+            current = target
+        outcome, links = await self._outcome(response, depth)
+        if isinstance(outcome, FetchFailure):
+            outcome = failure(outcome.reason, outcome.detail, outcome.status)
+        return outcome, links, True
+
+    def _read_body(self, status: int, headers: httpx.Headers) -> bool:
+        """Skip the body of a page whose type is refused: an image is never downloaded."""
+        if 200 <= status < 300:
+            return _media_type(headers.get("content-type")) in self.content_types
+        return True
+
+    async def _outcome(
+        self, response: _Response, depth: int
+    ) -> tuple[Document | FetchFailure, list[str]]:
+        status = response.status
+        if not 200 <= status < 300:
+            return FetchFailure(response.url, f"http_{status // 100}xx", "", status), []
+        content_type = response.headers.get("content-type")
+        media = _media_type(content_type)
+        if media not in self.content_types:
+            return FetchFailure(
+                response.url, "content_type_not_allowed", media or "no Content-Type", status
+            ), []
+
+        def document(text: str, reject: str | None = None, detail: str = "") -> Document:
+            return Document(
+                url=response.url,
+                text=text,
+                source=SOURCE,
+                fetched_at=response.fetched_at,
+                reject_reason=reject,
+                detail=detail,
+            )
+
+        if response.oversize:
+            return document("", "oversize", f"body over {self.config.max_page_bytes} bytes"), []
+        if response.undecodable:
+            return document("", "undecodable", response.undecodable), []
+        try:
+            text, _charset = decode_body(response.body, content_type)
+        except DecodeError as e:
+            return document("", e.reason, str(e)), []
+        if "html" not in media:
+            return (document(text) if text.strip() else document("", "empty")), []
+        links: list[str] = []
+        if depth < self.config.max_depth:
+            # Found even when the page's own text is rejected: a hub page with no prose still
+            # leads to pages that have some.
+            found = await asyncio.to_thread(extract_links, text, response.url)
+            links = self._frontier_links(found)
+        try:
+            extracted = await asyncio.to_thread(self.extractor.extract, text, response.url)
+        except ExtractionError as e:
+            return document("", e.reason, e.detail), links
+        if not extracted.strip():
+            return document("", "empty"), links
+        return document(extracted), links
+
+    def _frontier_links(self, found: list[str]) -> list[str]:
+        links: list[str] = []
+        for link in found:
+            try:
+                url = normalize_url(link)
+            except ValueError:
+                continue
+            if self._wanted(url):
+                links.append(url)
+        return links
+
+    async def _robots_for(self, url: str) -> _Robots:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin in self.robots:
+            return self.robots[origin]
+        lock = self.robots_locks.setdefault(origin, asyncio.Lock())
+        async with lock:
+            if origin not in self.robots:
+                robots = await self._load_robots(origin)
+                self.robots[origin] = robots
+                if robots.crawl_delay:
+                    gate = self._gate(parts.hostname or "")
+                    gate.delay = max(gate.delay, min(robots.crawl_delay, MAX_CRAWL_DELAY_S))
+        return self.robots[origin]
+
+    async def _load_robots(self, origin: str) -> _Robots:
+        """RFC 9309 §2.3.1: 2xx parsed; 4xx allow all; 5xx and unreachable disallow all."""
+        target = f"{origin}/robots.txt"
+        for _ in range(ROBOTS_MAX_REDIRECTS + 1):
+            response = await self._fetch(target, ROBOTS_MAX_BYTES, lambda status, headers: True)
+            if isinstance(response, _Failed):
+                detail = f"robots.txt unreachable ({response.reason}: {response.detail})"
+                return _Robots(None, False, detail)
+            location = response.headers.get("location")
+            if 300 <= response.status < 400 and location:
+                target = urljoin(target, location.strip())
+                if urlsplit(target).scheme not in _DEFAULT_PORTS:
+                    break
+                continue
+            if 200 <= response.status < 300:
+                return _parse_robots(response.body, response.oversize, self.config.user_agent)
+            break
+        return _Robots(None, True, "robots.txt unavailable")
+
+    def _gate(self, host: str) -> _HostGate:
+        gate = self.gates.get(host)
+        if gate is None:
+            gate = self.gates[host] = _HostGate(self.config.politeness_delay_s)
+        return gate
+
+    @asynccontextmanager
+    async def _slot(self, url: str) -> AsyncIterator[None]:
+        """Wait for the host's turn, then for a global slot; the request starts right after.
+
+        The global slot is taken while holding the host's lock, so the spacing is measured
+        between real starts, and a task waiting on a busy host holds no slot other hosts need.
+        """
+        gate = self._gate(urlsplit(url).hostname or "")
+        async with gate.lock:
+            wait = gate.last_start + gate.delay - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.slots.acquire()
+            gate.last_start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    async def _fetch(
+        self, url: str, limit: int, read_body: Callable[[int, httpx.Headers], bool]
+    ) -> _Response | _Failed:
+        """One URL, retried with exponential backoff after a 5xx, a timeout or a lost connection."""
+        failed = _Failed("connection_error", "not attempted")
+        for attempt in range(self.config.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                response = await self._request(url, limit, read_body)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+                return _Failed("invalid_url", _error_text(e))
+            except (httpx.TimeoutException, TimeoutError) as e:
+                failed = _Failed("timeout", _error_text(e))
+                continue
+            except httpx.TransportError as e:
+                failed = _Failed("connection_error", _error_text(e))
+                continue
+            if response.status >= 500:
+                failed = _Failed("http_5xx", response.reason, response.status)
+                continue
+            return response
+        attempts = self.config.retries + 1
+        return _Failed(failed.reason, f"{failed.detail} ({attempts} attempts)", failed.status)
+
+    async def _request(
+        self, url: str, limit: int, read_body: Callable[[int, httpx.Headers], bool]
+    ) -> _Response:
+        async with self._slot(url):
+            fetched_at = utc_now()
+            async with (
+                asyncio.timeout(self.deadline_s),
+                self.client.stream("GET", url) as stream,
+            ):
+                raw = bytearray()
+                body = bytearray()
+                oversize = False
+                undecodable = ""
+                truncated: str | None = None
+                if read_body(stream.status_code, stream.headers):
+                    try:
+                        decoder = _content_decoder(stream.headers.get("content-encoding"))
+                    except ValueError as e:
+                        decoder, undecodable = None, str(e)
+                    async for chunk in stream.aiter_raw():
+                        raw += chunk
+                        if undecodable:
+                            pass
+                        elif decoder is None:
+                            body += chunk
+                        else:
+                            try:
+                                out, bounded = decoder.feed(chunk, limit + 1 - len(body))
+                            except zlib.error as e:
+                                undecodable = f"bad {decoder.coding} data: {e}"
+                            else:
+                                body += out
+                                oversize = oversize or bounded
+                        if oversize or len(body) > limit or len(raw) > limit:
+                            oversize, truncated = True, "length"
+                            break
+                    if decoder is not None and not oversize and not undecodable:
+                        try:
+                            body += decoder.flush()
+                        except zlib.error as e:
+                            undecodable = f"bad {decoder.coding} data: {e}"
+                        if len(body) > limit:
+                            oversize = True
+                else:
+                    truncated = "unspecified"  # a refused type: headers kept, body never read
+                if self.warc is not None:
+                    self.warc.record_response(
+                        url,
+                        stream.status_code,
+                        stream.reason_phrase,
+                        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in stream.headers.raw],
+                        bytes(raw),
+                        fetched_at,
+                        request_headers=[
+                            (k.decode("latin-1"), v.decode("latin-1"))
+                            for k, v in stream.request.headers.raw
+                        ],
+                        truncated=truncated,
+                    )
+                return _Response(
+                    url=url,
+                    status=stream.status_code,
+                    reason=stream.reason_phrase,
+                    headers=stream.headers,
+                    body=bytes(body[:limit]),
+                    oversize=oversize,
+                    undecodable=undecodable,
+                    fetched_at=fetched_at,
+                )
+
+
+def crawl_web(
+    seeds: list[str],
+    config: CrawlConfig,
+    extractor: BoundedExtractor,
+    warc: WarcRecorder | None = None,
+    on_page: Callable[[], None] | None = None,
+) -> list[Document | FetchFailure]:
+    """Crawl from ``seeds`` and return one outcome per URL tried, sorted by URL.
+
+    Documents carry their final URL (after redirects); failures the URL that was tried.
+    ``on_page`` is called once per URL that cost at least one request (what ``max_pages``
+    counts); robots.txt fetches are not counted, but they are spaced like any request and kept in
+    the WARC. Runs its own event loop, in a helper thread when the caller is inside one already.
+    """
+    crawler = _Crawler(config, extractor, warc, on_page)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        results = asyncio.run(crawler.run(seeds))
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crawl_web") as pool:
+            results = pool.submit(asyncio.run, crawler.run(seeds)).result()
+    return sorted(results, key=lambda r: (r.url or "", isinstance(r, FetchFailure)))
