@@ -47,6 +47,10 @@ def _prefect_environment(workdir: Path) -> dict[str, str]:
     # The temporary local API takes 15-30 s to start on a small machine; Prefect's default
     # patience (20 s) is too short for it.
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server's telemetry heartbeat races its own first database migration on
+    # SQLite and prints a "database is locked" traceback; an offline default should not phone
+    # home anyway.
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
@@ -138,18 +142,9 @@ def _tool(name: str) -> str:
 
 def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     table = Table(title="llmflow pipeline")
-    for column in (
-        "stage",
-        "in",
-        "kept",
-        "rejected",
-        "fetch failures",
-        "size",
-        "time",
-        "units run",
-        "output",
-    ):
-        table.add_column(column, justify="right" if column not in ("stage", "output") else "left")
+    columns = ("stage", "in", "kept", "rejected", "fetch failures", "size", "time", "units run")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "stage" else "right")
     for s in result["stages"]:
         table.add_row(
             s["stage"],
@@ -160,17 +155,17 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
             _human_bytes(s["bytes"]),
             f"{s['seconds']:.1f} s",
             f"{s['units'] - s['units_skipped']}/{s['units']}",
-            s["path"],
         )
     out.print(table)
     for s in result["stages"]:
+        out.print(f"{s['stage']}: {s['path']}", highlight=False, soft_wrap=True)
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-            out.print(f"  {s['stage']} rejected: {reasons}", highlight=False)
+            out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)
     if all(s["units_skipped"] == s["units"] for s in result["stages"]):
         out.print("Nothing to do: every unit of work was already complete.")
     uri = result["mlflow_tracking_uri"]
-    out.print(f"MLflow run: {result['mlflow_run_id']}  (tracking URI {uri})", highlight=False)
+    out.print(f"MLflow run: {result['mlflow_run_id']} ({uri})", highlight=False, soft_wrap=True)
     out.print(f"Prefect flow run: {result['prefect_flow_run_id']}", highlight=False)
     prefect_home = os.environ.get("PREFECT_HOME")
     if os.environ.get("PREFECT_API_URL"):
