@@ -91,7 +91,9 @@ class CrawlConfig(StageConfig):
         10.0, gt=0, description="HTML-to-text extraction of one page is stopped after this long."
     )
     extract_memory_mb: int = Field(
-        1024, ge=64, description="Memory bound of the HTML-to-text worker process, in MiB."
+        1024,
+        ge=128,
+        description="Memory bound (MiB) of the HTML-to-text worker; about 70 MiB is its own.",
     )
     write_warc: bool = Field(
         True, description="Keep every HTTP response raw as WARC next to the shards, for replay."

@@ -47,8 +47,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-class DecodeError(ValueError):
-    """A body that is not text at all; the reader rejects the page with ``reason``."""
+class PageRejected(Exception):
+    """A page that yields no text; readers reject it with ``reason`` (counted) and ``detail``."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -59,6 +59,10 @@ class DecodeError(ValueError):
         # Prefect and multiprocessing pickle exceptions; the default reduce would call
         # __init__ with the formatted message only.
         return (type(self), (self.reason, self.detail))
+
+
+class DecodeError(PageRejected, ValueError):
+    """A body that is not text at all (binary, or no charset decodes it)."""
 
 
 # Checked longest first: the UTF-32-LE BOM starts with the UTF-16-LE one.
@@ -287,16 +291,8 @@ def _charset_param(content_type: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class ExtractionError(Exception):
-    """Extraction of one page failed; the reader rejects the page with ``reason``."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.reason, self.detail))
+class ExtractionError(PageRejected):
+    """Extraction of one page failed: timeout, memory bound, or the library gave up."""
 
 
 EXTRACTORS = ("resiliparse", "trafilatura")

@@ -30,6 +30,7 @@ from llmflow.tasks.web_crawler import crawl_web, normalize_url
 SITE_PROGRAM = Path(__file__).with_name("http_test_site.py")
 sys.path.insert(0, str(SITE_PROGRAM.parent))
 import http_test_site  # noqa: E402  (the site's fixed texts, to compare against)
+from conftest import stop_process  # noqa: E402
 
 Outcome = Document | FetchFailure
 
@@ -61,6 +62,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 15
@@ -72,12 +74,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             time.sleep(0.05)
         yield Site(json.loads(portfile.read_text()))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
