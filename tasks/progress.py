@@ -34,6 +34,41 @@ def in_prefect_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+_bar_lock = threading.Lock()
+_bar: RichProgress | None = None
+_bar_users = 0
+
+
+def _shared_bar() -> RichProgress | None:
+    """The process's one rich Progress display, started by its first user (rich allows one live
+    display at a time: a stage's bar and the crawl's page bar inside it share it as two rows)."""
+    global _bar, _bar_users
+    with _bar_lock:
+        if _bar is None:
+            console = Console(stderr=True)
+            if not console.is_terminal:
+                return None
+            _bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            _bar.start()
+        _bar_users += 1
+        return _bar
+
+
+def _release_bar() -> None:
+    global _bar, _bar_users
+    with _bar_lock:
+        _bar_users -= 1
+        if _bar_users == 0 and _bar is not None:
+            _bar.stop()
+            _bar = None
+
+
 class StepProgress:
     """Counts units of a step (pages, shards) towards an optional total."""
 
@@ -44,18 +79,8 @@ class StepProgress:
         self._lock = threading.Lock()
         self._last_artifact = 0.0
         self._artifact_id: UUID | None = None
-        console = Console(stderr=True)
-        self._bar: RichProgress | None = None
-        if console.is_terminal:
-            self._bar = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            )
-            self._bar.start()
+        self._bar = _shared_bar()
+        if self._bar is not None:
             self._bar_task = self._bar.add_task(description, total=total)
         if in_prefect_run():
             try:
@@ -96,7 +121,7 @@ class StepProgress:
             self._publish()
             if self._bar is not None:
                 self._bar.update(self._bar_task, completed=self.done, total=self.total)
-                self._bar.stop()
+                _release_bar()
                 self._bar = None
 
     def __enter__(self) -> Self:
