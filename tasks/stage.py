@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from llmflow.tasks import datasets
@@ -273,8 +274,6 @@ def manifest_sha256(stage_dir: str) -> str:
 
 
 def _first_schema(stage_dir: str, shards: list[datasets.ShardFile]) -> pa.Schema | None:
-    import pyarrow.parquet as pq
-
     for shard in shards:
         fs, p = datasets.filesystem(datasets.join(stage_dir, shard.path))
         with fs.open(p, "rb") as f:
