@@ -55,6 +55,7 @@ from llmflow.tasks.html_text import (
     _extract,
     decode_body,
 )
+from llmflow.tasks.pydoc_site import pydoc_site
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")
@@ -277,25 +278,6 @@ def visible_text(html: str) -> str:
     return root.text_content()
 
 
-def start_pydoc() -> tuple[subprocess.Popen[str], str]:
-    code = (
-        "import pydoc, time\n"
-        "server = pydoc._start_server(pydoc._url_handler, hostname='127.0.0.1', port=0)\n"
-        "print(server.url, flush=True)\n"
-        "while server.serving:\n"
-        "    time.sleep(0.5)\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd="/"
-    )
-    assert process.stdout is not None
-    url = process.stdout.readline().strip()
-    if not url.startswith("http"):
-        process.kill()
-        raise RuntimeError("the pydoc server did not start")
-    return process, url
-
-
 def pydoc_pages(count: int) -> Iterator[Page]:
     unsafe = [re.compile(p) for p in PYDOC_UNSAFE_PAGES]
     modules = []
@@ -306,16 +288,12 @@ def pydoc_pages(count: int) -> Iterator[Page]:
         if any(p.search(f"/{name}.html") for p in unsafe):
             continue
         modules.append(name)
-    process, base = start_pydoc()
-    try:
+    with pydoc_site() as base:  # the crawler's own embedded site: stdlib only, stopped by pid
         for name in modules[:count]:
             url = f"{base}{name}.html"
             with urllib.request.urlopen(url, timeout=60) as response:
                 html = response.read().decode("utf-8")
             yield Page(name=f"{name}.html", html=html, url=url, truth=visible_text(html))
-    finally:
-        process.kill()
-        process.wait()
 
 
 def web_pages(web_dir: Path) -> Iterator[Page]:
