@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.dedup import DedupConfig
 from llmflow.tasks.normalize import NormalizeConfig
 
 # The pipeline's stages, in order. A stage reads the output of the one before it.
-STAGES: tuple[str, ...] = ("crawl", "normalize")
+STAGES: tuple[str, ...] = ("crawl", "normalize", "dedup")
 
 
 class PipelineConfig(BaseModel):
@@ -50,6 +51,7 @@ class PipelineConfig(BaseModel):
     )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
 
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")

@@ -8,6 +8,7 @@ them, and records the outcome in MLflow (a child run per stage) and Prefect (art
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,8 +22,8 @@ from prefect.utilities.annotations import unmapped
 
 from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
-from llmflow.tasks import crawl, datasets, normalize
-from llmflow.tasks.progress import StepProgress
+from llmflow.tasks import crawl, datasets, dedup, normalize
+from llmflow.tasks.progress import StepProgress, artifact_key
 from llmflow.tasks.stage import (
     StageConfig,
     StageSpec,
@@ -34,33 +35,63 @@ from llmflow.tasks.stage import (
 )
 
 _REJECTED_SAMPLE = 20
+_LIVE_INTERVAL_S = 3.0
+
+
+TaskMapper = Callable[[Task[..., Any], list[WorkUnit], str], list[Any]]
 
 
 @dataclass(frozen=True)
 class StageWiring:
-    """What the flow needs to know of a stage: its identity, its task and how to plan its units."""
+    """What the flow needs to know of a stage: its identity, its task and how to plan its units.
+
+    ``prepare`` runs before the units when a stage needs a step over all of its input first
+    (dedup: signatures, then the global resolve); ``finish`` replaces the plain manifest step
+    when a stage has more to record (dedup: the resolve counts and the persistent index).
+    """
 
     spec: StageSpec
     task: Task[..., UnitRecord]
     plan: Callable[[PipelineConfig], tuple[list[WorkUnit], str | None]]
+    prepare: Callable[[list[WorkUnit], Any, str, TaskMapper], None] | None = None
+    finish: Callable[[list[WorkUnit], Any, str, list[UnitRecord], str | None], dict] | None = None
 
 
-def _plan_after(
-    previous: str, stage: str
-) -> Callable[[PipelineConfig], tuple[list[WorkUnit], str]]:
+def _previous(stage: str) -> str:
+    return STAGES[STAGES.index(stage) - 1]
+
+
+def _plan_after(stage: str) -> Callable[[PipelineConfig], tuple[list[WorkUnit], str]]:
     def plan(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
         spec = WIRING[stage].spec
-        return plan_shard_units(spec, getattr(config, stage), config.stage_dir(previous))
+        return plan_shard_units(spec, getattr(config, stage), config.stage_dir(_previous(stage)))
 
     return plan
+
+
+def _prepare_dedup(
+    units: list[WorkUnit], config: dedup.DedupConfig, stage_dir: str, map_task: TaskMapper
+) -> None:
+    """dedup's steps over the whole input: signatures per shard (mapped), then one resolve."""
+    if dedup.all_complete(units, stage_dir):
+        return
+    reused = map_task(dedup.signatures_shard, units, "dedup: signatures")
+    dedup.resolve_task(units, config, stage_dir, sum(bool(r) for r in reused))
 
 
 WIRING: dict[str, StageWiring] = {
     "crawl": StageWiring(
         crawl.STAGE, crawl.crawl_unit, lambda c: (crawl.plan_crawl_units(c.crawl), None)
     ),
-    "normalize": StageWiring(
-        normalize.STAGE, normalize.normalize_shard, _plan_after("crawl", "normalize")
+    "normalize": StageWiring(normalize.STAGE, normalize.normalize_shard, _plan_after("normalize")),
+    "dedup": StageWiring(
+        dedup.STAGE,
+        dedup.dedup_shard,
+        lambda c: dedup.plan_dedup_units(
+            c.dedup, c.stage_dir(_previous("dedup")), c.stage_dir("dedup")
+        ),
+        prepare=_prepare_dedup,
+        finish=dedup.finish,
     ),
 }
 assert tuple(WIRING) == STAGES, "every stage in STAGES needs its wiring, in the same order"
@@ -84,24 +115,66 @@ class StageReport:
     mlflow_run_id: str
 
 
+def _unit_counts(records: list[UnitRecord]) -> dict[str, float]:
+    """The funnel so far, from the units finished: what MLflow shows while a stage runs."""
+    kept = sum(r.shard.rows for r in records)
+    rejected = sum(r.rejected.rows for r in records if r.rejected)
+    metrics: dict[str, float] = {
+        "docs_in": sum(r.docs_in for r in records),
+        "docs_kept": kept,
+        "docs_rejected": rejected,
+        "fetch_failures": sum(len(r.failures) for r in records),
+        "bytes_out": sum(r.shard.bytes for r in records),
+        "units_done": len(records),
+        "units_skipped": sum(r.skipped for r in records),
+    }
+    reasons: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
+    for r in records:
+        reasons.update(r.reasons)
+        stats.update(r.stats)
+    metrics |= {f"rejected.{k}": v for k, v in reasons.items()}
+    metrics |= {f"stats.{k}": v for k, v in stats.items()}
+    return metrics
+
+
 def _stage_metrics(
     manifest: dict[str, Any], records: list[UnitRecord], seconds: float
 ) -> dict[str, float]:
     counts = manifest["counts"]
-    metrics: dict[str, float] = {
-        "docs_in": counts["docs_in"],
-        "docs_kept": counts["kept"],
-        "docs_rejected": counts["rejected"],
-        "fetch_failures": counts["fetch_failures"],
-        "bytes_out": counts["bytes"],
+    metrics = _unit_counts(records)
+    metrics |= {
         "seconds": seconds,
         "docs_per_s": counts["docs_in"] / seconds if seconds > 0 else 0.0,
         "units": len(records),
-        "units_skipped": sum(r.skipped for r in records),
     }
-    metrics |= {f"rejected.{k}": v for k, v in counts["rejected_by_reason"].items()}
     metrics |= {f"stats.{k}": v for k, v in manifest["stats"].items()}
     return metrics
+
+
+def _counts_table(name: str, metrics: dict[str, float], run_id: str, total_units: int) -> None:
+    """The stage's funnel as a Prefect table artifact (re-created as units finish)."""
+    rows = [
+        ("documents in", metrics["docs_in"]),
+        ("kept", metrics["docs_kept"]),
+        ("rejected", metrics["docs_rejected"]),
+        *(
+            (f"rejected: {k.removeprefix('rejected.')}", v)
+            for k, v in sorted(metrics.items())
+            if k.startswith("rejected.")
+        ),
+        ("fetch failures", metrics["fetch_failures"]),
+        (
+            "units done (skipped) / total",
+            f"{int(metrics['units_done'])} ({int(metrics['units_skipped'])}) / {total_units}",
+        ),
+        ("MLflow run", run_id),
+    ]
+    create_table_artifact(
+        key=f"{name}-counts",
+        table=[{"count": k, "value": int(v) if isinstance(v, float) else v} for k, v in rows],
+        description=f"{name}: documents in, kept and removed, updated as units finish",
+    )
 
 
 def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -127,28 +200,58 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
         tags={"llmflow.code_version": wiring.spec.code_version(), "llmflow.dataset": stage_dir},
     )
     started = time.perf_counter()
-    try:
-        futures = wiring.task.map(units, unmapped(stage_config), unmapped(stage_dir))
-        records: list[UnitRecord] = []
-        with StepProgress(f"{name}-units", f"{name}: units of work", len(units)) as progress:
+
+    def map_task(
+        task: Task[..., Any],
+        items: list[WorkUnit],
+        label: str,
+        on_result: Callable[[list[Any]], None] | None = None,
+    ) -> list[Any]:
+        futures = task.map(items, unmapped(stage_config), unmapped(stage_dir))
+        results: list[Any] = []
+        with StepProgress(artifact_key(label), label, len(items)) as progress:
             for future in as_completed(futures):
-                records.append(future.result())
+                results.append(future.result())
                 progress.advance()
-        manifest = finalize_stage(stage_dir, wiring.spec, stage_config, records, input_digest)
+                if on_result is not None:
+                    on_result(results)
+        return results
+
+    last_live = [0.0]
+
+    def live(records: list[UnitRecord]) -> None:
+        """Every counter in MLflow and Prefect while the stage runs, at most every few seconds."""
+        if len(records) < len(units) and time.monotonic() - last_live[0] >= _LIVE_INTERVAL_S:
+            last_live[0] = time.monotonic()
+            metrics = _unit_counts(records)
+            tracker.log(run_id, metrics=metrics, step=len(records))
+            _counts_table(name, metrics, run_id, len(units))
+
+    try:
+        if wiring.prepare is not None:
+            wiring.prepare(units, stage_config, stage_dir, map_task)
+        records: list[UnitRecord] = map_task(wiring.task, units, f"{name}: units of work", live)
+        if wiring.finish is not None:
+            manifest = wiring.finish(units, stage_config, stage_dir, records, input_digest)
+        else:
+            manifest = finalize_stage(stage_dir, wiring.spec, stage_config, records, input_digest)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
     seconds = time.perf_counter() - started
+    metrics = _stage_metrics(manifest, records, seconds)
     tracker.log(
         run_id,
-        metrics=_stage_metrics(manifest, records, seconds),
+        metrics=metrics,
         tags={"llmflow.manifest_sha256": manifest_sha256(stage_dir)},
+        step=len(records),
     )
     tracker.log_dict(run_id, manifest, "manifest.json")
     tracker.log_dict(run_id, _rejected_sample(stage_dir, manifest), "rejected_sample.json")
     tracker.finish(run_id, ok=True)
+    _counts_table(name, metrics, run_id, len(units))
     counts = manifest["counts"]
-    report = StageReport(
+    return StageReport(
         stage=name,
         docs_in=counts["docs_in"],
         kept=counts["kept"],
@@ -162,26 +265,6 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
         path=stage_dir,
         mlflow_run_id=run_id,
     )
-    create_table_artifact(
-        key=f"{name}-counts",
-        table=[
-            {"count": k, "value": v}
-            for k, v in [
-                ("documents in", report.docs_in),
-                ("kept", report.kept),
-                ("rejected", report.rejected),
-                *((f"rejected: {r}", n) for r, n in report.rejected_by_reason.items()),
-                ("fetch failures", report.fetch_failures),
-                (
-                    "units done / skipped",
-                    f"{report.units - report.units_skipped} / {report.units_skipped}",
-                ),
-                ("MLflow run", run_id),
-            ]
-        ],
-        description=f"{name}: documents in, kept and removed (dataset {stage_dir})",
-    )
-    return report
 
 
 @flow(name="llmflow-pipeline", log_prints=True)

@@ -84,10 +84,12 @@ class PipelineTracker:
         params: dict[str, str] | None = None,
         metrics: dict[str, float] | None = None,
         tags: dict[str, str] | None = None,
+        step: int = 0,
     ) -> None:
+        """Log in batches; ``step`` orders repeated values of a metric (live counts per unit)."""
         now = int(time.time() * 1000)
         param_list = [Param(k, v) for k, v in (params or {}).items()]
-        metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        metric_list = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
         tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
         for start in range(0, max(len(param_list), len(metric_list), len(tag_list), 1), _BATCH):
             self.client.log_batch(

@@ -473,6 +473,9 @@ def _die_with_parent() -> None:
 
 def _worker_entry(argv: list[str]) -> None:
     extractor, memory_bytes, read_fd, write_fd, parent_pid = argv
+    # trafilatura imports py3langid when it is installed (the quality stage needs it) and loads
+    # its model (~130 MiB of address space) for a language check extraction never asks for.
+    sys.modules.setdefault("py3langid", None)  # type: ignore[arg-type]
     _die_with_parent()
     if os.getppid() != int(parent_pid):  # the parent died before prctl took effect
         return

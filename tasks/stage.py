@@ -210,18 +210,50 @@ def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult])
     return record
 
 
+CACHE_KEY_METADATA = b"llmflow.cache_key"
+
+
+def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[pa.Table, bool]:
+    """A table derived from one unit's input, kept at ``path`` and reused while ``key`` matches.
+
+    For the expensive half of a stage whose other half is cheap: quality signals that thresholds
+    re-decide, dedup signatures that a new global resolution reuses. The key travels inside the
+    Parquet file's schema metadata, so the table and the key that made it cannot drift apart;
+    the write is atomic. Returns the table and whether it was reused.
+    """
+    if datasets.exists(path):
+        fs, p = datasets.filesystem(path)
+        try:
+            with fs.open(p, "rb") as f:
+                table = pq.read_table(f)
+        except (OSError, pa.ArrowInvalid):
+            table = None  # unreadable leftovers are recomputed, never trusted
+        if (
+            table is not None
+            and (table.schema.metadata or {}).get(CACHE_KEY_METADATA) == key.encode()
+        ):
+            return table, True
+    table = compute()
+    metadata = dict(table.schema.metadata or {}) | {CACHE_KEY_METADATA: key.encode()}
+    table = table.replace_schema_metadata(metadata)
+    directory, _, name = path.rpartition("/")
+    datasets.write_shard(directory, name, table)
+    return table, False
+
+
 def finalize_stage(
     stage_dir: str,
     spec: StageSpec,
     config: StageConfig,
     records: Iterable[UnitRecord],
     input_manifest_sha256: str | None,
+    extra_stats: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Write the stage's manifest from its unit records and drop files of units that are gone.
 
     Units are listed by name so the manifest does not depend on the order in which workers
     finished; nothing time-dependent goes in, so a re-run that skipped every unit rewrites the
-    same bytes.
+    same bytes. ``extra_stats`` are counts of the stage as a whole (dedup's resolve step).
     """
     records = sorted(records, key=lambda r: r.name)
     live = {r.name for r in records}
@@ -239,6 +271,7 @@ def finalize_stage(
     for r in records:
         reasons.update(r.reasons)
         stats.update(r.stats)
+    stats.update(extra_stats or {})
     shards = [r.shard for r in records]
     rejected = [r.rejected for r in records if r.rejected]
     schema = _first_schema(stage_dir, shards)

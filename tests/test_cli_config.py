@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmflow.flows.cli import app
-from llmflow.flows.config import ConfigError, load_config, resolve_stages
+from llmflow.flows.config import STAGES, ConfigError, load_config, resolve_stages
 
 runner = CliRunner()
 
@@ -84,7 +84,9 @@ def test_invalid_yaml_and_unknown_yaml_key(tmp_path: Path) -> None:
 
 def test_stages_are_run_in_pipeline_order() -> None:
     assert resolve_stages("normalize,crawl") == ["crawl", "normalize"]
-    assert resolve_stages(None) == ["crawl", "normalize"]
+    assert resolve_stages("dedup,crawl") == ["crawl", "dedup"]
+    assert resolve_stages(None) == list(STAGES)
+    assert STAGES[:2] == ("crawl", "normalize")
 
 
 def test_help_reads_well() -> None:

@@ -16,6 +16,7 @@ import httpx
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from llmflow.flows.config import STAGES
 from llmflow.tasks import datasets
 
 LLMFLOW = str(Path(sys.executable).parent / "llmflow")
@@ -92,8 +93,10 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert parent.info.status == "FINISHED"
     assert parent.data.params["crawl.max_pages"] == str(MAX_PAGES)
     children = {r.data.tags["llmflow.stage"]: r for r in runs if r not in parents}
-    assert set(children) == {"crawl", "normalize"}
-    for stage, manifest in (("crawl", crawl_manifest), ("normalize", normalize_manifest)):
+    assert set(children) == set(STAGES)
+    stage_dirs = {stage: str(workdir / "data" / stage) for stage in STAGES}
+    for stage, stage_dir in stage_dirs.items():
+        manifest = datasets.read_manifest(stage_dir)
         child = children[stage]
         assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
         assert child.data.metrics["docs_kept"] == manifest["counts"]["kept"]
@@ -109,9 +112,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert flow_run["state"]["type"] == "COMPLETED"
 
     # Second run: nothing to do, identical manifests, shards untouched.
-    manifests_before = {
-        d: (Path(d) / "manifest.json").read_bytes() for d in (crawl_dir, normalize_dir)
-    }
+    manifests_before = {d: (Path(d) / "manifest.json").read_bytes() for d in stage_dirs.values()}
     shard_times = {p: p.stat().st_mtime_ns for p in (workdir / "data").rglob("*.parquet")}
     second = run_llmflow(args, prefect_api, tmp_path)
     assert "Nothing to do" in second.stdout
