@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.dedup import DedupConfig
 from llmflow.tasks.normalize import NormalizeConfig
+from llmflow.tasks.toxicity import ToxicityConfig
 
 # The pipeline's stages, in order. A stage reads the output of the one before it.
-STAGES: tuple[str, ...] = ("crawl", "normalize", "dedup")
+STAGES: tuple[str, ...] = ("crawl", "normalize", "dedup", "toxicity")
 
 
 class PipelineConfig(BaseModel):
@@ -52,6 +53,7 @@ class PipelineConfig(BaseModel):
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
 
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")

@@ -22,7 +22,7 @@ from prefect.utilities.annotations import unmapped
 
 from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
-from llmflow.tasks import crawl, datasets, dedup, normalize
+from llmflow.tasks import crawl, datasets, dedup, normalize, toxicity
 from llmflow.tasks.progress import StepProgress, artifact_key
 from llmflow.tasks.stage import (
     StageConfig,
@@ -79,6 +79,13 @@ def _prepare_dedup(
     dedup.resolve_task(units, config, stage_dir, sum(bool(r) for r in reused))
 
 
+def _plan_toxicity(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
+    """A detoxify checkpoint that is not on disk is an error before any work is fanned out."""
+    if config.toxicity.backend == "detoxify":
+        toxicity.resolve_detoxify_checkpoint(config.toxicity)
+    return _plan_after("toxicity")(config)
+
+
 WIRING: dict[str, StageWiring] = {
     "crawl": StageWiring(
         crawl.STAGE, crawl.crawl_unit, lambda c: (crawl.plan_crawl_units(c.crawl), None)
@@ -93,6 +100,7 @@ WIRING: dict[str, StageWiring] = {
         prepare=_prepare_dedup,
         finish=dedup.finish,
     ),
+    "toxicity": StageWiring(toxicity.STAGE, toxicity.toxicity_shard, _plan_toxicity),
 }
 assert tuple(WIRING) == STAGES, "every stage in STAGES needs its wiring, in the same order"
 
