@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -69,7 +67,7 @@ INDEX_DIR = "_index"
 INDEX_FORMAT = 1
 # Bump when shingling, hashing or band keys change: signatures and index batches made by another
 # version are not comparable and must not be mixed.
-SIGNATURE_VERSION = "1"
+SIGNATURE_VERSION = "2"
 _MINHASH_CHUNK = 8192  # shingles per datasketch update: bounds the (shingles x permutations) matrix
 
 RESOLVE_STATS = "_resolve.json"
@@ -153,62 +151,101 @@ class DedupConfig(StageConfig):
             "seed": self.seed,
             "scheme": "affine32",
             "hash": "crc32-words-polynomial-64to32",
+            "simplify": "fineweb-re2",
         }
 
 
 # --- step 1: signatures -------------------------------------------------------------------------
 
-_NUMBERS = re.compile(r"\d+(?:[.,]\d+)?")
-_NON_WORD = re.compile(r"[^\w\s]|_")
-_SPACES = re.compile(r"\s+")
+# RE2 (Arrow's regex engine) classes are ASCII unless spelled as Unicode properties.
+_NUMBERS = r"\p{Nd}+(?:[.,]\p{Nd}+)?"
+_NON_WORD = r"[^\p{L}\p{N}\p{M}\s]"
+_MARKS = r"\p{Mn}"
 _POLY = np.uint64(0x100000001B3)  # FNV-64 prime: mixes word hashes into one shingle hash
 _FOLD = np.uint64(32)
 _BAND_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def simplify(text: str) -> str:
-    """FineWeb's text simplification before shingling (datatrove's ``simplify_text``).
+def simplified_words(texts: pa.Array) -> pa.ListArray:
+    """FineWeb's text simplification before shingling (datatrove's ``simplify_text``), as words.
 
-    Lower case, numbers to ``0``, punctuation and symbols to spaces, accents removed, whitespace
-    collapsed: copies that differ only in such details get the same shingles.
+    Lower case, numbers to ``0``, punctuation and symbols to spaces, accents removed: copies that
+    differ only in such details get the same shingles. Arrow's compute kernels do it for a whole
+    shard at once, in C++.
     """
-    text = _NUMBERS.sub("0", text.lower())
-    text = _SPACES.sub(" ", _NON_WORD.sub(" ", text)).strip()
-    if not text.isascii():
-        decomposed = unicodedata.normalize("NFD", text)
-        text = "".join(c for c in decomposed if unicodedata.category(c) != "Mn")
-    return text
+    texts = pc.utf8_lower(texts)
+    texts = pc.replace_substring_regex(texts, _NUMBERS, "0")
+    texts = pc.replace_substring_regex(texts, _NON_WORD, " ")
+    texts = pc.replace_substring_regex(pc.utf8_normalize(texts, "NFD"), _MARKS, "")
+    return pc.utf8_split_whitespace(pc.utf8_trim_whitespace(texts))
+
+
+def simplify(text: str) -> str:
+    """One text through :func:`simplified_words`, joined (for tests and inspection)."""
+    return " ".join(simplified_words(pa.array([text], pa.string()))[0].as_py())
+
+
+def shard_shingles(texts: pa.Array, ngram_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of each document's distinct word n-grams, flat, and its offsets into them.
+
+    Each distinct word of the shard is hashed once (crc32) and an n-gram's hash is a polynomial of
+    its words' hashes, computed for all n-grams of the shard at once with numpy: the per-shingle
+    Python work of hashing joined strings is what makes MinHash slow elsewhere. A document shorter
+    than n words is one shingle of all its words; a document without words has none.
+    """
+    words = simplified_words(texts)
+    word_offsets = words.offsets.to_numpy().astype(np.int64)
+    flat = pc.list_flatten(words)
+    if len(flat) == 0:
+        return np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
+    encoded = pc.dictionary_encode(flat)
+    vocabulary = encoded.dictionary.to_pylist()
+    vocab_hashes = np.fromiter(
+        (zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in vocabulary),
+        dtype=np.uint64,
+        count=len(vocabulary),
+    )
+    word_hashes = vocab_hashes[encoded.indices.to_numpy()]
+    lengths = np.diff(word_offsets)
+    n_shingles = np.where(lengths >= ngram_size, lengths - ngram_size + 1, np.minimum(lengths, 1))
+    shingle_offsets = np.concatenate([[0], np.cumsum(n_shingles)])
+    # Start word of every shingle, and how many words it spans (n, or all of a short document).
+    starts = np.repeat(word_offsets[:-1], n_shingles) + (
+        np.arange(shingle_offsets[-1]) - np.repeat(shingle_offsets[:-1], n_shingles)
+    )
+    spans = np.repeat(np.minimum(lengths, ngram_size), n_shingles)
+    acc = np.zeros(len(starts), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(ngram_size):
+            take = spans > i
+            acc[take] = acc[take] * _POLY + word_hashes[starts[take] + i]
+    folded = (acc ^ (acc >> _FOLD)).astype(np.uint32)
+    # Keep each document's distinct shingles only: one sort by (document, hash) for the shard.
+    doc = np.repeat(np.arange(len(n_shingles)), n_shingles)
+    order = np.lexsort((folded, doc))
+    folded, doc = folded[order], doc[order]
+    first = np.ones(len(folded), dtype=bool)
+    first[1:] = (folded[1:] != folded[:-1]) | (doc[1:] != doc[:-1])
+    folded, doc = folded[first], doc[first]
+    distinct_offsets = np.searchsorted(doc, np.arange(len(n_shingles) + 1))
+    return folded, distinct_offsets
 
 
 def shingle_hashes(text: str, ngram_size: int) -> np.ndarray:
-    """32-bit hashes of the document's distinct word n-grams.
+    """The distinct shingle hashes of one text (what its MinHash is made of)."""
+    hashes, _ = shard_shingles(pa.array([text], pa.string()), ngram_size)
+    return hashes
 
-    Each word is hashed once (crc32) and the n-gram hash is a polynomial of its words' hashes,
-    computed for all n-grams at once with numpy — the per-shingle Python work of hashing joined
-    strings is what makes MinHash slow elsewhere. A text shorter than n words is one shingle.
-    """
-    words = simplify(text).split()
-    if not words:
-        return np.zeros(0, dtype=np.uint32)
-    word_hashes = np.fromiter(
-        (zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words),
-        dtype=np.uint64,
-        count=len(words),
+
+def exact_keys(texts: pa.Array) -> pa.Array:
+    """16-byte hashes of the texts up to case and whitespace."""
+    canonical = pc.utf8_trim_whitespace(
+        pc.replace_substring_regex(pc.utf8_lower(texts), r"\s+", " ")
     )
-    n = min(ngram_size, len(word_hashes))
-    count = len(word_hashes) - n + 1
-    acc = np.zeros(count, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(n):
-            acc = acc * _POLY + word_hashes[i : i + count]
-    folded = (acc ^ (acc >> _FOLD)).astype(np.uint32)
-    return np.unique(folded)
-
-
-def exact_key(text: str) -> bytes:
-    """16-byte hash of the text up to case and whitespace."""
-    canonical = _SPACES.sub(" ", text.lower()).strip()
-    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return pa.array(
+        [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in canonical.to_pylist()],
+        pa.binary(16),
+    )
 
 
 def order_key(doc_id: str) -> int:
@@ -236,26 +273,30 @@ def band_column(band: int) -> str:
 
 def signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:
     """Step 1 for one shard: row, order key, exact key, band keys and MinHash of each document."""
-    texts = table.column("text").to_pylist()
+    texts = table.column("text").combine_chunks()
     ids = table.column("id").to_pylist()
     permutations = MinHash(num_perm=config.num_perm, seed=config.seed, scheme="affine32")
     signatures = np.empty((len(texts), config.num_perm), dtype=np.uint32)
-    for i, text in enumerate(texts):
-        minhash = MinHash(
-            num_perm=config.num_perm,
-            seed=config.seed,
-            hashfunc=int,
-            permutations=permutations.permutations,
-            scheme="affine32",
-        )
-        shingles = shingle_hashes(text, config.ngram_size) if config.near else ()
-        for start in range(0, len(shingles), _MINHASH_CHUNK):
-            minhash.update_batch(shingles[start : start + _MINHASH_CHUNK])
+    if config.near:
+        hashes, offsets = shard_shingles(texts, config.ngram_size)
+    else:
+        hashes, offsets = np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
+    minhash = MinHash(
+        num_perm=config.num_perm,
+        seed=config.seed,
+        hashfunc=int,
+        permutations=permutations.permutations,
+        scheme="affine32",
+    )
+    for i in range(len(texts)):
+        minhash.clear()
+        for start in range(offsets[i], offsets[i + 1], _MINHASH_CHUNK):
+            minhash.update_batch(hashes[start : min(start + _MINHASH_CHUNK, offsets[i + 1])])
         signatures[i] = minhash.hashvalues
     columns: dict[str, pa.Array] = {
         "row": pa.array(np.arange(len(texts), dtype=np.int32)),
         "order": pa.array(np.array([order_key(i) for i in ids], dtype=np.uint64)),
-        "exact": pa.array([exact_key(t) for t in texts], pa.binary(16)),
+        "exact": exact_keys(texts),
     }
     keys = band_keys(signatures, config.bands, config.rows_per_band)
     for b in range(config.bands):
