@@ -23,6 +23,7 @@ from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.documents import Document, FetchFailure
 from llmflow.tasks.file_sources import expand_file_seed, is_file_seed, iter_file_documents
 from llmflow.tasks.html_text import BoundedExtractor
+from llmflow.tasks.installed_docs import INSTALLED_SEED, installed_digest, installed_documents
 from llmflow.tasks.progress import StepProgress
 from llmflow.tasks.pydoc_site import PYDOC_SEED, pydoc_site
 from llmflow.tasks.stage import (
@@ -41,13 +42,14 @@ STAGE = StageSpec(
     name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")
 )
 WEB_UNIT = "web"
+INSTALLED_UNIT = "installed"
 WARC_DIR = "warc"
 
 __all__ = ["CrawlConfig", "STAGE", "crawl_documents", "crawl_unit", "plan_crawl_units"]
 
 
 def _is_web_seed(seed: str) -> bool:
-    return seed == PYDOC_SEED or seed.startswith(("http://", "https://"))
+    return seed.startswith((PYDOC_SEED, "http://", "https://"))
 
 
 def _file_unit_name(path: str) -> str:
@@ -73,8 +75,16 @@ def plan_crawl_units(config: CrawlConfig) -> list[WorkUnit]:
                 source={"kind": "web", "seeds": web_seeds},
             )
         )
+    if INSTALLED_SEED in config.seeds:
+        units.append(
+            WorkUnit(
+                name=INSTALLED_UNIT,
+                key=unit_key(STAGE, config, installed_digest()),
+                source={"kind": "installed"},
+            )
+        )
     for seed in config.seeds:
-        if _is_web_seed(seed):
+        if _is_web_seed(seed) or seed == INSTALLED_SEED:
             continue
         if not is_file_seed(seed):
             raise ValueError(
@@ -103,19 +113,27 @@ def crawl_documents(
         extractor = stack.enter_context(
             BoundedExtractor(timeout_s=config.extract_timeout_s, memory_mb=config.extract_memory_mb)
         )
+        if unit.source["kind"] == "installed":
+            installed = installed_documents(config.max_page_bytes)
+            return documents_result(_counting(installed, on_document))
         if unit.source["kind"] == "file":
             outcomes: Iterator[Document | FetchFailure] = iter_file_documents(
                 unit.source["path"], extractor, config.max_page_bytes, config.content_types
             )
             return documents_result(_counting(outcomes, on_document))
         seeds = list(unit.source["seeds"])
-        if PYDOC_SEED in seeds:
+        if any(s.startswith(PYDOC_SEED) for s in seeds):
             site = stack.enter_context(pydoc_site())
-            if seeds == [PYDOC_SEED]:
+            if all(s.startswith(PYDOC_SEED) for s in seeds):
                 # Our own server on localhost, started for this crawl: politeness protects
                 # other people's servers, and here it would only make the default run slow.
                 config = config.model_copy(update={"politeness_delay_s": 0.0})
-            seeds = [site if s == PYDOC_SEED else s for s in seeds]
+            seeds = [
+                site.rstrip("/") + "/" + s.removeprefix(PYDOC_SEED)
+                if s.startswith(PYDOC_SEED)
+                else s
+                for s in seeds
+            ]
         warc = None
         if config.write_warc:
             warc_path = datasets.join(stage_dir, WARC_DIR, f"{unit.name}.warc.gz")

@@ -40,12 +40,14 @@ class CrawlConfig(StageConfig):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"concurrency", "politeness_delay_s"})
 
     seeds: list[str] = Field(
-        default_factory=lambda: ["pydoc:"],
+        default_factory=lambda: ["pydoc:", "installed:"],
         description=(
             "Where to start. http(s) URLs are crawled; local paths or fsspec URLs of .warc(.gz),"
             " .wet/.wet.gz, .txt, .html, .jsonl(.gz) or .parquet files (or directories or globs of"
-            " them) are read; 'pydoc:' starts Python's own documentation server on a free localhost"
-            " port and crawls it (the embedded default, needs no network)."
+            " them) are read; 'pydoc:' (or 'pydoc:<page>') starts Python's own documentation"
+            " server on a free localhost port and crawls it; 'installed:' reads the descriptions"
+            " and licence files of the installed Python packages. The last two are the embedded"
+            " default: no network needed."
         ),
     )
     allowed_prefixes: list[str] = Field(

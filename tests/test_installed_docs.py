@@ -1,0 +1,32 @@
+"""The ``installed:`` seed: package descriptions and licence files, offline, in stable order."""
+
+from __future__ import annotations
+
+from llmflow.tasks.crawl import plan_crawl_units
+from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.documents import Document
+from llmflow.tasks.installed_docs import installed_digest, installed_documents
+
+
+def test_reads_descriptions_and_licences_of_installed_packages() -> None:
+    docs = [d for d in installed_documents(max_bytes=5_000_000) if isinstance(d, Document)]
+    urls = [d.url for d in docs]
+    assert urls == [d.url for d in installed_documents(max_bytes=5_000_000)], "stable order"
+    pyarrow_docs = {d.url.split("/", 4)[-1]: d for d in docs if "//pyarrow/" in (d.url or "")}
+    assert "DESCRIPTION" in pyarrow_docs
+    licence = next(d for name, d in pyarrow_docs.items() if "LICENSE" in name)
+    assert "Apache License" in licence.text
+    assert all(d.source == "installed" for d in docs)
+    assert installed_digest() == installed_digest()
+
+
+def test_oversize_files_are_rejected_not_read() -> None:
+    small = [d for d in installed_documents(max_bytes=100) if isinstance(d, Document)]
+    oversize = [d for d in small if d.reject_reason == "oversize"]
+    assert oversize and all(d.text == "" for d in oversize)
+
+
+def test_installed_seed_is_one_unit_keyed_by_the_installed_versions() -> None:
+    units = plan_crawl_units(CrawlConfig(seeds=["installed:"]))
+    assert [u.name for u in units] == ["installed"]
+    assert units[0].key == plan_crawl_units(CrawlConfig(seeds=["installed:"]))[0].key
