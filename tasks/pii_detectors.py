@@ -1,0 +1,694 @@
+"""The detectors of the pii stage: a regex finds candidates, a validator decides.
+
+Every detector returns :class:`Span` objects; :class:`PiiScanner` runs the enabled ones and keeps
+a non-overlapping set. Each rule below says why it exists, because false positives (versions,
+dates, hashes, prices, ISBNs) cost as much as misses: a redacted version number is corrupted
+training text.
+
+Overlaps are resolved by one deterministic rule: the span that starts first wins; at equal starts
+the longer one; at equal extents the type listed first in ``PRIORITY``. Detectors that must win
+over others make their spans start earlier: a private-key block spans from ``-----BEGIN``, so the
+addresses and numbers inside it are never matched separately; a URL password's span covers the
+whole ``scheme://user:password`` (only the password is replaced), so the ``password@host`` that
+follows is never taken for an e-mail address; a credit card is longer than any phone number that
+could be read inside it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import Leniency, PhoneNumberType
+
+# The counted types, in the order of the ``pii_counts`` struct's fields (fixed: never reorder).
+PII_TYPES: tuple[str, ...] = (
+    "email",
+    "phone",
+    "ip_address",
+    "credit_card",
+    "iban",
+    "ssn",
+    "secret",
+)
+# Tie-break order for spans with the same start and end: the more specific type first.
+PRIORITY: tuple[str, ...] = ("secret", "email", "credit_card", "iban", "ssn", "ip_address", "phone")
+_RANK = {name: i for i, name in enumerate(PRIORITY)}
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One finding: ``text[start:end]`` becomes ``prefix + placeholder``.
+
+    ``prefix`` keeps the part of the span that is not PII (the scheme and user of a URL whose
+    password is replaced); ``pii_chars`` is how many characters were PII, for the
+    stage's ``max_pii_fraction``. ``validated`` is False only for phone candidates replaced
+    unchecked past the scan limit (see :func:`find_phones`).
+    """
+
+    start: int
+    end: int
+    kind: str
+    prefix: str = ""
+    validated: bool = True
+
+    @property
+    def pii_chars(self) -> int:
+        return self.end - self.start - len(self.prefix)
+
+
+def resolve_overlaps(spans: list[Span]) -> list[Span]:
+    """Earliest start, then longest, then ``PRIORITY``; a span overlapping a kept one is dropped."""
+    kept: list[Span] = []
+    last_end = -1
+    for span in sorted(spans, key=lambda s: (s.start, -s.end, _RANK[s.kind])):
+        if span.start >= last_end:
+            kept.append(span)
+            last_end = span.end
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# e-mail
+# ---------------------------------------------------------------------------------------------
+# A dot-atom local part and a domain of at least two labels ending in an alphabetic TLD. Unicode
+# letters are allowed (internationalized addresses). The look-behind anchors matches at the start
+# of a token. The pattern is only tried next to each '@' (local part <= 64, domain <= 253 chars,
+# RFC 5321), so a long text with few '@' costs little.
+_EMAIL = re.compile(
+    r"(?<![\w.%+\-@])[\w%+\-]+(?:\.[\w%+\-]+)*@"
+    r"(?:[^\W_](?:[\w\-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w\-@]|\.[^\W_])"
+)
+# Retina image names (icon@2x.png, logo@1.5x.jpg) have an e-mail's shape.
+_RETINA = re.compile(r"@\d+(?:\.\d+)?x\.", re.IGNORECASE)
+
+
+def _is_email(text: str, m: re.Match) -> bool:
+    """Not an image name, and not the login in a URL ("https://user@host.com/": its password,
+    if any, is the secret detector's)."""
+    return not _RETINA.search(m.group()) and not text.endswith("://", 0, m.start())
+
+
+def find_emails(text: str) -> Iterator[Span]:
+    ats = text.count("@")
+    if ats > len(text) // 256:
+        # '@' everywhere (a dump, a chat log): one linear scan beats a search per '@'.
+        for m in _EMAIL.finditer(text):
+            if _is_email(text, m):
+                yield Span(m.start(), m.end(), "email")
+        return
+    at = text.find("@") if ats else -1
+    covered = 0
+    while at >= 0:
+        if at >= covered:
+            m = _EMAIL.search(text, max(covered, at - 64), at + 254)
+            if m is not None and m.start() < at < m.end():
+                covered = m.end()
+                if _is_email(text, m):
+                    yield Span(m.start(), m.end(), "email")
+        at = text.find("@", at + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# anchors: patterns are tried only where a literal they must contain occurs
+# ---------------------------------------------------------------------------------------------
+def _positions(text: str, needles: tuple[str, ...]) -> list[int]:
+    """Sorted start offsets of every occurrence of any needle (str.find is far faster than a
+    regex scan, and most needles never occur in a document)."""
+    found: set[int] = set()
+    for needle in needles:
+        pos = text.find(needle)
+        while pos >= 0:
+            found.add(pos)
+            pos = text.find(needle, pos + 1)
+    return sorted(found)
+
+
+def _match_at(text: str, needles: tuple[str, ...], pattern: re.Pattern[str]) -> Iterator[re.Match]:
+    """Matches of a pattern that starts with one of the needles."""
+    for pos in _positions(text, needles):
+        m = pattern.match(text, pos)
+        if m is not None:
+            yield m
+
+
+def _search_around(
+    text: str, needles: tuple[str, ...], pattern: re.Pattern[str], before: int, after: int
+) -> Iterator[re.Match]:
+    """Matches that contain a needle, looked for between ``before`` chars before it and ``after``
+    chars after it (a pattern's look-behind still sees the text before the search start)."""
+    covered = 0
+    for pos in _positions(text, needles):
+        if pos < covered:
+            continue
+        m = pattern.search(text, max(covered, pos - before), pos + after)
+        while m is not None and m.end() <= pos:
+            m = pattern.search(text, m.end(), pos + after)
+        if m is not None and m.start() <= pos:
+            covered = m.end()
+            yield m
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets
+# ---------------------------------------------------------------------------------------------
+_AWS_KEY_ID = re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z2-7]{16}\b")
+_AWS_KEY_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")
+# An AWS secret key is 40 base64 characters with no fixed prefix: only taken after a keyword.
+_AWS_SECRET = re.compile(
+    r"(?i:aws[\w.\- ]{0,24}?secret|secret[_\-. ]?access[_\-. ]?key)[\w\-. \"']{0,24}?"
+    r"[:=>\s\"']{1,4}([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
+_GITHUB = re.compile(
+    r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"
+    r"(?![A-Za-z0-9_])"
+)
+_GITHUB_PREFIXES = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
+_SLACK = re.compile(r"(?<![A-Za-z0-9])(?:xox[baprs]|xapp)-[A-Za-z0-9\-]{10,250}")
+_SLACK_PREFIXES = ("xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-", "xapp-")
+# OpenAI/Anthropic style: "sk-", optional "proj-"/"ant-api03-"-like segments, a long random tail.
+_SK_KEY = re.compile(r"(?<![\w\-])sk-[A-Za-z0-9_\-]{20,250}(?![\w\-])")
+_KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+_KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+# A truncated block (no END line): the header lines and base64 body that follow BEGIN.
+_KEY_BODY = re.compile(r"(?:[ \t]*\r?\n[ \t]*(?:[A-Za-z0-9+/=]+|[\w\-]+:[^\n]*))*")
+_MAX_KEY_BLOCK = 65536  # an RSA-16384 key in PEM is ~12 KB: END is looked for this far, no more
+_URL_PASSWORD = re.compile(
+    r"(?<![\w+.\-])([A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]<>\"']{1,256}:)"
+    r"([^\s/?#@\[\]<>\"']{1,256})@(?=[\w\[])"
+)
+# Template and documentation stand-ins, not secrets: ****, <password>, ${DB_PASS}, {pw}, "password".
+_PASSWORD_STANDIN = re.compile(
+    r"\*+|x+|X+|\.+|<[^>]*>|\$\{?\w+\}?|\{\{?\s*\w+\s*\}?\}|%\(\w+\)s|"
+    r"(?i:password|passwd|pass|pwd|secret|changeme|your[_\-]?password)"
+)
+
+
+def _mixed(token: str) -> bool:
+    """Random keys mix digits, upper and lower case; words, slugs and hex hashes do not."""
+    return (
+        any(c.isdigit() for c in token)
+        and any(c.isupper() for c in token)
+        and any(c.islower() for c in token)
+    )
+
+
+def find_secrets(text: str) -> Iterator[Span]:
+    # The next END line is looked up once and reused, so many BEGIN lines without an END (a
+    # truncated paste, a hostile page) cost one scan, not one scan each.
+    covered, end, searched = 0, None, False
+    for pos in _positions(text, ("-----BEGIN ",)):
+        begin = _KEY_BEGIN.match(text, pos) if pos >= covered else None
+        if begin is None:
+            continue
+        if not searched or (end is not None and end.start() < begin.end()):
+            end, searched = _KEY_END.search(text, begin.end()), True
+        if end is not None and end.start() - begin.end() <= _MAX_KEY_BLOCK:
+            covered = end.end()
+        else:
+            covered = _KEY_BODY.match(text, begin.end()).end()
+        yield Span(begin.start(), covered, "secret")
+    for pattern, prefixes in (
+        (_AWS_KEY_ID, _AWS_KEY_PREFIXES),
+        (_GITHUB, _GITHUB_PREFIXES),
+        (_SLACK, _SLACK_PREFIXES),
+    ):
+        for m in _match_at(text, prefixes, pattern):
+            yield Span(m.start(), m.end(), "secret")
+    for m in _match_at(text, ("sk-",), _SK_KEY):
+        if _mixed(m.group()):
+            yield Span(m.start(), m.end(), "secret")
+    for m in _search_around(text, ("ecret", "ECRET"), _AWS_SECRET, 40, 120):
+        if _mixed(m.group(1)):
+            yield Span(m.start(1), m.end(1), "secret")
+    for m in _search_around(text, ("://",), _URL_PASSWORD, 17, 520):
+        if not _PASSWORD_STANDIN.fullmatch(m.group(2)):
+            yield Span(m.start(), m.end(2), "secret", prefix=m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# credit cards
+# ---------------------------------------------------------------------------------------------
+# Look-behinds sit after the first character throughout: a pattern that starts with a plain
+# character class lets the regex engine skip ahead to candidates (about 3x faster on prose).
+_CARD = re.compile(r"[0-9](?<![\w\-.,][0-9])(?:[ \-]?[0-9]){12,18}(?![\w\-]|[.,][0-9])")
+# (lowest prefix, highest prefix, allowed lengths): Visa, Mastercard, Amex, Discover, Diners, JCB,
+# UnionPay, Maestro, Mir, RuPay. A Luhn-valid number outside these ranges is an ordinary number.
+_IIN_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
+    (4, 4, frozenset({13, 16, 19})),
+    (51, 55, frozenset({16})),
+    (2221, 2720, frozenset({16})),
+    (34, 34, frozenset({15})),
+    (37, 37, frozenset({15})),
+    (6011, 6011, frozenset(range(16, 20))),
+    (644, 649, frozenset(range(16, 20))),
+    (65, 65, frozenset(range(16, 20))),
+    (300, 305, frozenset(range(14, 20))),
+    (3095, 3095, frozenset(range(14, 20))),
+    (36, 36, frozenset(range(14, 20))),
+    (38, 39, frozenset(range(14, 20))),
+    (3528, 3589, frozenset(range(16, 20))),
+    (62, 62, frozenset(range(16, 20))),
+    (81, 82, frozenset(range(16, 20))),
+    (50, 50, frozenset(range(13, 20))),
+    (56, 69, frozenset(range(13, 20))),
+    (2200, 2204, frozenset(range(16, 20))),
+)
+# Card numbers are printed in fours (the last group shorter), or 4-6-5 (Amex) / 4-6-4 (Diners).
+_CARD_GROUPS = re.compile(r"(?:\d{4}[ \-]){2,4}\d{1,4}|\d{4}[ \-]\d{6}[ \-]\d{4,5}")
+_NEXT_GROUP = re.compile(r"[ \-](?=\d{4}(?:[ \-]|$))")
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _known_iin(digits: str) -> bool:
+    for low, high, lengths in _IIN_RANGES:
+        width = len(str(low))
+        if len(digits) in lengths and low <= int(digits[:width]) <= high:
+            return True
+    return False
+
+
+def _card_valid(raw: str) -> bool:
+    digits = raw.replace(" ", "").replace("-", "")
+    if len(digits) != len(raw) and not _CARD_GROUPS.fullmatch(raw):
+        return False
+    return len(set(digits)) > 1 and luhn_valid(digits) and _known_iin(digits)
+
+
+def find_credit_cards(text: str) -> Iterator[Span]:
+    """A candidate that fails is retried from its next four-digit group, so a card preceded by
+    other numbers in a row ("1234 5678 4111 1111 1111 1111") is still found."""
+    m = _CARD.search(text)
+    while m is not None:
+        if _card_valid(m.group()):
+            yield Span(m.start(), m.end(), "credit_card")
+            m = _CARD.search(text, m.end())
+            continue
+        gap = _NEXT_GROUP.search(m.group())
+        m = _CARD.search(text, m.start() + gap.end() if gap else m.end())
+
+
+# ---------------------------------------------------------------------------------------------
+# IBAN
+# ---------------------------------------------------------------------------------------------
+# IBAN length per country, from SWIFT's IBAN registry.
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HN": 28, "HR": 21, "HU": 28,
+    "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28,
+    "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22,
+    "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23,
+    "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}  # fmt: skip
+_IBAN_START = re.compile(r"([A-Z](?<![A-Za-z0-9][A-Z])[A-Z])[0-9]{2}")
+_IBAN_CHAR = re.compile(r" ?([A-Z0-9])")
+
+
+def iban_valid(compact: str) -> bool:
+    """ISO 13616: the country's length, then mod 97 of the rearranged number equals 1."""
+    if IBAN_LENGTHS.get(compact[:2]) != len(compact):
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def find_ibans(text: str) -> Iterator[Span]:
+    for m in _IBAN_START.finditer(text):
+        length = IBAN_LENGTHS.get(m.group(1))
+        if length is None:
+            continue
+        # Read exactly the country's length of characters, single spaces allowed between, so a
+        # following upper-case word is never swallowed; the IBAN must end at a token boundary.
+        chars, pos = [m.group()], m.end()
+        while len("".join(chars)) < length:
+            c = _IBAN_CHAR.match(text, pos)
+            if c is None:
+                break
+            chars.append(c.group(1))
+            pos = c.end()
+        compact = "".join(chars)
+        at_boundary = pos >= len(text) or not text[pos].isalnum()
+        if len(compact) == length and at_boundary and iban_valid(compact):
+            yield Span(m.start(), pos, "iban")
+
+
+# ---------------------------------------------------------------------------------------------
+# US social security numbers
+# ---------------------------------------------------------------------------------------------
+_SSN_DASHED = re.compile(
+    r"([0-9](?<![\w\-.][0-9])[0-9]{2})-([0-9]{2})-([0-9]{4})(?![\w\-]|[.,][0-9])"
+)
+_SSN_CONTEXT = re.compile(
+    r"(?i:\b(?:ssn|ss#|social[ \-]security(?:[ \-](?:number|no\.?|#))?)\b)[\s:#.\-]{0,4}"
+    r"(?:is[ \t]+)?([0-9]{3})[ \-]?([0-9]{2})[ \-]?([0-9]{4})(?![\w\-]|[.,][0-9])"
+)
+_SSN_CUES = ("ssn", "SSN", "Ssn", "ss#", "SS#", "ocial", "OCIAL")
+# Numbers the SSA voided after they were printed in advertising (invalid, but "SSNs" all the same
+# would be over-eager: they are published examples).
+_SSN_PUBLISHED = {("078", "05", "1120"), ("219", "09", "9999")}
+
+
+def ssn_valid(area: str, group: str, serial: str) -> bool:
+    """SSA rules: area not 000, 666 or 900-999; group not 00; serial not 0000."""
+    return (
+        area != "000"
+        and area != "666"
+        and area[0] != "9"
+        and group != "00"
+        and serial != "0000"
+        and (area, group, serial) not in _SSN_PUBLISHED
+    )
+
+
+def find_ssns(text: str) -> Iterator[Span]:
+    if "-" in text:
+        for m in _SSN_DASHED.finditer(text):
+            if ssn_valid(*m.groups()):
+                yield Span(m.start(), m.end(), "ssn")
+    for m in _search_around(text, _SSN_CUES, _SSN_CONTEXT, 4, 48):
+        if ssn_valid(*m.groups()):
+            yield Span(m.start(1), m.end(3), "ssn")
+
+
+# ---------------------------------------------------------------------------------------------
+# IP addresses
+# ---------------------------------------------------------------------------------------------
+_IPV4 = re.compile(r"[0-9](?<![\w.\-][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w\-]|\.[0-9])")
+# Compressed IPv6 ("2001:db8::1", "::ffff:192.0.2.1") is only looked for around a "::"; the full
+# eight-group form has no "::" and gets its own pattern. Times ("12:30:45") and MAC addresses
+# (six groups) fail ipaddress's parse.
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
+    r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)"
+)
+_IPV6_FULL = re.compile(
+    r"[0-9A-Fa-f](?<![\w:.][0-9A-Fa-f])[0-9A-Fa-f]{0,3}"
+    r"(?::[0-9A-Fa-f]{1,4}){5}(?::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}|:[0-9]{1,3}(?:\.[0-9]{1,3}){3})"
+    r"(?![\w:]|\.\w)"
+)
+# Three colon-separated hex groups: where a full-form address can be (a regex that starts with a
+# literal ':' scans prose much faster than one that starts on any hex letter).
+_IPV6_RUN = re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
+# A dotted quad after one of these words is a version or section number ("version 1.2.3.4",
+# "Firmware 2.0.1.12", "§ 1.2.3.4"), or a package pin ("pkg==1.2.3.4", "pkg@1.2.3.4").
+_NUMBERING_CUE = re.compile(
+    r"(?i:\b(?:v|ver|vers?ion|versions|release[sd]?|rel|build|rev|revision|firmware|update|patch"
+    r"|python|node|java|kernel|chrome|firefox|section|sec|chapter|ch|clause|part|step|fig"
+    r"|figure|table|item|no|isbn)\.?|§|==|>=|<=|~=|@)[ \t]*[:#]?[ \t]*$"
+)
+# Dotted quads of single digits ("2.9.0.5", "1.2.3.4", "4.0.0.1") are version numbers far more
+# often than addresses; the public addresses of that shape are a few well-known resolvers
+# (1.1.1.1, 8.8.8.8, 9.9.9.9) that identify nobody.
+_SINGLE_DIGIT_QUAD = re.compile(r"\d\.\d\.\d\.\d")
+_V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+
+
+def _ip_counts(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, keep_non_global: bool) -> bool:
+    """Whether an address is redacted: any valid one, or with ``keep_non_global`` only those that
+    can name a host on the internet (IPv6: inside the global unicast block 2000::/3)."""
+    if not keep_non_global:
+        return True
+    if ip.version == 6 and ip not in _V6_GLOBAL_UNICAST:
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _ipv6_spans(text: str) -> Iterator[tuple[int, int]]:
+    if "::" in text:
+        pos, covered = text.find("::"), 0
+        while pos >= 0:
+            if pos >= covered:
+                m = _IPV6.search(text, max(covered, pos - 40), pos + 48)
+                if m is not None and m.start() <= pos < m.end():
+                    covered = m.end()
+                    yield m.start(), m.end()
+            pos = text.find("::", pos + 2)
+    if text.count(":") >= 6:
+        for anchor in _IPV6_RUN.finditer(text):
+            m = _IPV6_FULL.search(text, max(0, anchor.start() - 4), anchor.start() + 46)
+            if m is not None and m.start() <= anchor.start() < m.end():
+                yield m.start(), m.end()
+
+
+def find_ips(text: str, keep_non_global: bool) -> Iterator[Span]:
+    if "." in text:
+        for m in _IPV4.finditer(text):
+            raw = m.group()
+            try:
+                ip = ipaddress.IPv4Address(raw)  # rejects octets > 255 and leading zeros
+            except ValueError:
+                continue
+            if (
+                _ip_counts(ip, keep_non_global)
+                and not _SINGLE_DIGIT_QUAD.fullmatch(raw)
+                and not _NUMBERING_CUE.search(text, max(0, m.start() - 24), m.start())
+            ):
+                yield Span(m.start(), m.end(), "ip_address")
+    for start, end in _ipv6_spans(text):
+        try:
+            ip6 = ipaddress.IPv6Address(text[start:end])
+        except ValueError:
+            continue
+        if _ip_counts(ip6, keep_non_global):
+            yield Span(start, end, "ip_address")
+
+
+# ---------------------------------------------------------------------------------------------
+# phone numbers
+# ---------------------------------------------------------------------------------------------
+# Where a phone number could be: 7+ digits joined by phone punctuation. Only the text around these
+# goes to phonenumbers' matcher, so its cost follows the number of phone-shaped strings.
+_PHONE_RUN = re.compile(r"[+(\d][\d \t\-./()\u00a0\u2010-\u2015]{5,}\d\)?")
+_TOKEN = re.compile(r"[^ \t\u00a0]+")
+_SEVEN_DIGITS = re.compile(r"(?:\d\D*){6}\d")
+# The longest a written phone number gets is about 25 chars: 15 digits (E.164), "+", brackets,
+# separators, an extension. Longer runs of numbers (table rows, lists) go to the matcher in
+# chunks of at most this size that overlap by half, so every number lies whole in some chunk
+# and no matcher call sees more than a few numbers.
+_CHUNK_CHARS = 64
+_CHUNK_OVERLAP = 32
+# Context the matcher checks around a number: the character before (a letter or currency sign
+# there rejects it) and, unless a space follows, a few after (a letter, ":30" making a time).
+# No more: the matcher would read neighbouring numbers as part of the same one.
+_PAD_AFTER = 4
+_PHONE_CUE = re.compile(
+    r"(?i:\b(?:tel|tél|phone|telephone|call|fax|mobile|mob|cell|whatsapp|sms|hotline)\b|☎|📞)"
+    r"[^\n\d]{0,12}$"
+)
+# Tokens that are something else, never part of a phone number: dates, decimals, dotted quads
+# (IP addresses, versions), ISBN-13s, hyphenated ISBN-10s (four groups, ten characters, the last
+# a lone check digit: "0-306-40615-2"; a phone's last group is longer), year ranges.
+_NOT_PHONE_TOKEN = re.compile(
+    r"\(?(?:\d{4}[\-./]\d{1,2}[\-./]\d{1,2}|\d{1,2}[\-./]\d{1,2}[\-./]\d{2,4}|\d+\.\d+"
+    r"|\d{1,3}(?:\.\d{1,3}){3}|97[89](?:-?\d){10}"
+    r"|(?=[\d\-]{12}[\dX](?![\dX\-]))\d{1,5}-\d{1,7}-\d{1,7}-[\dX]"
+    r"|(?:1[5-9]|20)\d\d[\-\u2010-\u2015/](?:1[5-9]|20)\d\d)[.,;:)]?"
+)
+_THOUSANDS = re.compile(r"\d{1,3}(?:[ .\u00a0]\d{3})+")
+# Numbers that reach an organisation, not a person, kept unless asked (see PiiConfig).
+SERVICE_TYPES = frozenset(
+    {
+        PhoneNumberType.TOLL_FREE,
+        PhoneNumberType.PREMIUM_RATE,
+        PhoneNumberType.SHARED_COST,
+        PhoneNumberType.UAN,
+    }
+)
+LENIENCY = {
+    "possible": Leniency.POSSIBLE,
+    "valid": Leniency.VALID,
+    "strict_grouping": Leniency.STRICT_GROUPING,
+    "exact_grouping": Leniency.EXACT_GROUPING,
+}
+
+
+_ISBN_CUE = re.compile(r"(?i:\bisbn(?:-1[03])?)[ :]*$")
+
+
+def _phone_shaped(raw: str, text: str, start: int) -> bool:
+    """Rules the numbering plan cannot apply: how the number is written, and what precedes it.
+
+    A number in international form (+...) is always a candidate. Otherwise: a bare digit run is a
+    phone number only after a cue word ("tel", "call" ...), since order numbers, timestamps and
+    ids are bare digit runs too; a date, a decimal ("31002.30"), a thousands-grouped amount
+    ("3 456 789 012"), a year range, a dotted quad (an IP address or version) or an ISBN (by
+    shape, or after "ISBN") is never one.
+    """
+    raw = raw.strip()
+    if raw.startswith("+"):
+        return True
+    if _ISBN_CUE.search(text, max(0, start - 12), start):
+        return False
+    if raw.isdigit():
+        return bool(_PHONE_CUE.search(text, max(0, start - 32), start))
+    return not (_NOT_PHONE_TOKEN.fullmatch(raw) or _THOUSANDS.fullmatch(raw))
+
+
+def _run_candidates(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of one run of numbers worth the matcher's time.
+
+    The run is cut at tokens that cannot be part of a phone number, so "2024-01-15 10" or a line
+    of IP addresses gives nothing, and at tabs and double spaces, which separate table columns and
+    never occur inside a written number; what is left goes whole to the matcher when it is short,
+    in overlapping chunks when it is long. A single token longer than a chunk ("1-1-1-1-...")
+    holds no phone number.
+    """
+    tokens: deque[tuple[int, int]] = deque()
+
+    def part(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        raw = text[lo:hi]
+        if _SEVEN_DIGITS.search(raw) and _phone_shaped(raw, text, lo):
+            yield lo, hi
+
+    for token in _TOKEN.finditer(text, start, end):
+        t_start, t_end = token.span()
+        if tokens and (t_start - tokens[-1][1] > 1 or text[t_start - 1] == "\t"):
+            yield from part(tokens[0][0], tokens[-1][1])
+            tokens.clear()
+        if t_end - t_start > _CHUNK_CHARS or _NOT_PHONE_TOKEN.fullmatch(token.group()):
+            if tokens:
+                yield from part(tokens[0][0], tokens[-1][1])
+                tokens.clear()
+            continue
+        if tokens and t_end - tokens[0][0] > _CHUNK_CHARS:
+            chunk_end = tokens[-1][1]
+            yield from part(tokens[0][0], chunk_end)
+            while tokens and (
+                tokens[0][0] < chunk_end - _CHUNK_OVERLAP or t_end - tokens[0][0] > _CHUNK_CHARS
+            ):
+                tokens.popleft()
+        tokens.append((t_start, t_end))
+    if tokens:
+        yield from part(tokens[0][0], tokens[-1][1])
+
+
+def phone_candidates(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of every part of the text that phonenumbers' matcher is run on."""
+    for run in _PHONE_RUN.finditer(text):
+        if _SEVEN_DIGITS.search(text, run.start(), run.end()):
+            yield from _run_candidates(text, run.start(), run.end())
+
+
+def find_phones(
+    text: str,
+    region: str,
+    leniency: str,
+    keep_service_numbers: bool,
+    max_candidates: int | None = None,
+) -> Iterator[Span]:
+    """phonenumbers' matcher on a window around each candidate; a match counts for the candidate
+    it overlaps (a neighbour inside the padding is found through its own window).
+
+    The matcher costs ~75 us a candidate, so a document that is nothing but numbers (a 50 MB
+    phone list: ~3 million) would take minutes. Past ``max_candidates`` every remaining run of
+    7+ digits is replaced unchecked (``validated=False``) at regex speed: the stage rejects such
+    a document, and its stored text then holds no number that might be one.
+    """
+    checked = 0
+    seen: set[tuple[int, int]] = set()
+    for run in _PHONE_RUN.finditer(text):
+        if not _SEVEN_DIGITS.search(text, run.start(), run.end()):
+            continue
+        if max_candidates is not None and checked >= max_candidates:
+            yield Span(run.start(), run.end(), "phone", validated=False)
+            continue
+        for start, end in _run_candidates(text, run.start(), run.end()):
+            if max_candidates is not None and checked >= max_candidates:
+                yield Span(start, run.end(), "phone", validated=False)
+                break
+            checked += 1
+            lo = max(0, start - 1)
+            hi = end if end >= len(text) or text[end].isspace() else end + _PAD_AFTER
+            window = text[lo:hi]
+            matcher = phonenumbers.PhoneNumberMatcher(window, region, leniency=LENIENCY[leniency])
+            for match in matcher:
+                span = (lo + match.start, lo + match.end)
+                if span in seen or span[1] <= start or span[0] >= end:
+                    continue
+                seen.add(span)
+                if not _phone_shaped(match.raw_string, text, span[0]):
+                    continue
+                if keep_service_numbers and phonenumbers.number_type(match.number) in SERVICE_TYPES:
+                    continue
+                yield Span(span[0], span[1], "phone")
+
+
+# ---------------------------------------------------------------------------------------------
+# the scanner
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PiiScanner:
+    """The enabled detectors with their settings; ``scan`` gives the non-overlapping spans."""
+
+    types: frozenset[str] = frozenset(PII_TYPES)
+    phone_region: str = "US"
+    phone_leniency: str = "strict_grouping"
+    keep_service_numbers: bool = True
+    keep_non_global_ips: bool = True
+    max_phone_candidates: int | None = None
+
+    def _detectors(self) -> list[tuple[str, Callable[[str], Iterator[Span]]]]:
+        return [
+            ("secret", find_secrets),
+            ("email", find_emails),
+            ("credit_card", find_credit_cards),
+            ("iban", find_ibans),
+            ("ssn", find_ssns),
+            ("ip_address", lambda t: find_ips(t, self.keep_non_global_ips)),
+            (
+                "phone",
+                lambda t: find_phones(
+                    t,
+                    self.phone_region,
+                    self.phone_leniency,
+                    self.keep_service_numbers,
+                    self.max_phone_candidates,
+                ),
+            ),
+        ]
+
+    def scan(self, text: str) -> list[Span]:
+        spans: list[Span] = []
+        if not _HAS_MATERIAL(text):
+            return spans
+        for kind, detect in self._detectors():
+            if kind in self.types:
+                spans.extend(detect(text))
+        return resolve_overlaps(spans)
+
+
+# What every finding contains at least one of; prose with none of them skips all detectors.
+_HAS_MATERIAL = re.compile(
+    r"[\d@]|-----BEGIN|gh[pousr]_|github_pat_|AKIA|ASIA|ABIA|ACCA|A3T"
+).search
+
+
+def redact(text: str, spans: list[Span], placeholder: str) -> str:
+    """``text`` with each span replaced by its prefix and typed placeholder."""
+    if not spans:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for span in spans:
+        parts.append(text[pos : span.start])
+        parts.append(span.prefix + placeholder.format(type=span.kind.upper()))
+        pos = span.end
+    parts.append(text[pos:])
+    return "".join(parts)
