@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.dedup import DedupConfig
 from llmflow.tasks.normalize import NormalizeConfig
+from llmflow.tasks.pii import PiiConfig
+from llmflow.tasks.quality import QualityConfig
 from llmflow.tasks.toxicity import ToxicityConfig
 
 # The pipeline's stages, in order. A stage reads the output of the one before it.
-STAGES: tuple[str, ...] = ("crawl", "normalize", "dedup", "toxicity")
+STAGES: tuple[str, ...] = ("crawl", "normalize", "quality", "dedup", "toxicity", "pii")
 
 
 class PipelineConfig(BaseModel):
@@ -52,8 +54,10 @@ class PipelineConfig(BaseModel):
     )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
 
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")

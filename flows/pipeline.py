@@ -22,7 +22,7 @@ from prefect.utilities.annotations import unmapped
 
 from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
-from llmflow.tasks import crawl, datasets, dedup, normalize, toxicity
+from llmflow.tasks import crawl, datasets, dedup, normalize, pii, quality, toxicity
 from llmflow.tasks.progress import StepProgress, artifact_key
 from llmflow.tasks.stage import (
     StageConfig,
@@ -91,6 +91,7 @@ WIRING: dict[str, StageWiring] = {
         crawl.STAGE, crawl.crawl_unit, lambda c: (crawl.plan_crawl_units(c.crawl), None)
     ),
     "normalize": StageWiring(normalize.STAGE, normalize.normalize_shard, _plan_after("normalize")),
+    "quality": StageWiring(quality.STAGE, quality.quality_shard, _plan_after("quality")),
     "dedup": StageWiring(
         dedup.STAGE,
         dedup.dedup_shard,
@@ -101,6 +102,7 @@ WIRING: dict[str, StageWiring] = {
         finish=dedup.finish,
     ),
     "toxicity": StageWiring(toxicity.STAGE, toxicity.toxicity_shard, _plan_toxicity),
+    "pii": StageWiring(pii.STAGE, pii.pii_shard, _plan_after("pii")),
 }
 assert tuple(WIRING) == STAGES, "every stage in STAGES needs its wiring, in the same order"
 

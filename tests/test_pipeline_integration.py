@@ -21,6 +21,26 @@ from llmflow.tasks import datasets
 
 LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 MAX_PAGES = 12
+# Prose that passes the quality rules, in two near-identical copies, one with an e-mail address;
+# and a rant that passes them too but not the toxicity filter.
+PROSE = (
+    "The harbour town wakes early in the autumn. Fishermen carry their nets down to the boats"
+    " while the bakers open their shutters and the smell of fresh bread drifts along the quay."
+    " Children walk to the school on the hill, and their teachers wait at the gate with a word"
+    " for each of them. By noon the market is full of people who have come from the villages"
+    " to sell apples, cheese and wool. In the evening the old men sit outside the inn and talk"
+    " about the weather, the price of fish and the new road that the council has promised for"
+    " many years. When the lamps are lit the town grows quiet again, and only the sea is heard."
+)
+NEAR_COPY = PROSE.replace("autumn", "spring").replace("apples", "pears").replace("old", "young")
+RANT = (
+    "This is a fucking disgrace and every one of those idiots should be ashamed of themselves."
+    " The shit they sold us broke after a day, the fucking manager laughed at us, and the whole"
+    " damn shop is run by assholes who do not care about anyone. I told them what I think of"
+    " their crap, and I will tell everyone I know to stay away from that bloody place for good."
+    " The fucking bastards took our money and then they shouted at my mother in the street."
+    " Nobody should ever buy a single damn thing from those lying pricks again, not ever."
+)
 
 
 def run_llmflow(args: list[str], prefect_api: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -45,7 +65,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     workdir = tmp_path / "work"
     notes = tmp_path / "notes.txt"
     notes.write_text("A local note.\r\nIt  has\u00a0odd   spacing.\r\n", encoding="utf-8")
-    seeds = json.dumps(["pydoc:", str(notes)])
+    (tmp_path / "harbour.txt").write_text(PROSE + " Write to jane.doe@example.org.\n")
+    (tmp_path / "harbour-copy.txt").write_text(NEAR_COPY + " Write to jane.doe@example.org.\n")
+    (tmp_path / "rant.txt").write_text(RANT + "\n")
+    files = [str(tmp_path / n) for n in ("harbour.txt", "harbour-copy.txt", "rant.txt")]
+    seeds = json.dumps(["pydoc:", str(notes), *files])
     args = [
         "--workdir",
         str(workdir),
@@ -66,8 +90,13 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     crawl_counts = crawl_manifest["counts"]
     # Every page fetched is either kept, rejected or a fetch failure; the note is one more doc.
     assert crawl_counts["kept"] + crawl_counts["rejected"] == crawl_counts["docs_in"]
-    assert 5 <= crawl_counts["kept"] <= MAX_PAGES + 1
-    assert {s["path"].split("-")[0] for s in crawl_manifest["shards"]} == {"web.parquet", "notes"}
+    assert 5 <= crawl_counts["kept"] <= MAX_PAGES + 4  # pages and the four files
+    assert {s["path"].split("-")[0] for s in crawl_manifest["shards"]} == {
+        "web.parquet",
+        "notes",
+        "harbour",
+        "rant",
+    }
     docs = list(datasets.iter_documents(crawl_dir))
     web_urls = [d["url"] for d in docs if d["source"] == "http"]
     assert web_urls and all(u.startswith("http://127.0.0.1:") for u in web_urls)
@@ -77,9 +106,35 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
 
     assert normalize_manifest["counts"]["docs_in"] == crawl_counts["kept"]
     normalized = {d["id"]: d["text"] for d in datasets.iter_documents(normalize_dir)}
-    note_doc = next(d for d in docs if d["source"] == "file")
+    note_doc = next(d for d in docs if (d["url"] or "").endswith("notes.txt"))
     assert normalized[note_doc["id"]] == "A local note.\nIt has odd spacing."
-    assert "crawl" in first.stdout and "normalize" in first.stdout
+    assert all(stage in first.stdout for stage in STAGES)
+
+    # The curation stages: each removal is in its stage's rejected set with its reason.
+    def rejected(stage: str) -> list[dict]:
+        stage_dir = str(workdir / "data" / stage)
+        manifest = datasets.read_manifest(stage_dir)
+        return [
+            row
+            for shard in datasets.manifest_shards(manifest, "rejected_shards")
+            for row in datasets.read_shard(stage_dir, shard).to_pylist()
+        ]
+
+    by_name = {Path(d["url"] or "").name: d["id"] for d in docs if d["source"] == "file"}
+    quality_rejected = {r["id"]: r["reason"] for r in rejected("quality")}
+    assert by_name["notes.txt"] in quality_rejected  # a two-line note is not a document
+    assert not {by_name[n] for n in ("harbour.txt", "harbour-copy.txt", "rant.txt")} & set(
+        quality_rejected
+    )
+    near = [r for r in rejected("dedup") if r["reason"] == "near_duplicate"]
+    assert {r["id"] for r in near} & {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
+    toxic = {r["id"]: r["reason"] for r in rejected("toxicity")}
+    assert toxic.get(by_name["rant.txt"]) == "toxic_profanity"
+    pii_docs = list(datasets.iter_documents(str(workdir / "data" / "pii")))
+    harbour = {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
+    (kept,) = [d for d in pii_docs if d["id"] in harbour]  # dedup kept one of the two
+    assert "jane.doe@example.org" not in kept["text"] and "<EMAIL>" in kept["text"]
+    assert kept["pii_counts"]["email"] == 1
     assert "prefect server start" in first.stdout or "open http" in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
 
