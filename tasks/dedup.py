@@ -862,11 +862,6 @@ def finish(
     manifest = finalize_stage(
         stage_dir, STAGE, config, records, input_digest, resolve_stats(units, stage_dir)
     )
-    live = {u.name for u in units}
-    for sub in (SIGNATURES_DIR, DECISIONS_DIR):
-        for name in datasets.list_names(datasets.join(stage_dir, sub), ".parquet"):
-            if name.removesuffix(".parquet") not in live:
-                datasets.remove(datasets.join(stage_dir, sub, name))
     index = index_for(config, stage_dir)
     batch = batch_name(input_digest)
     if not (all(r.skipped for r in records) and batch in index.read_meta()["batches"]):

@@ -211,6 +211,9 @@ def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult])
 
 
 CACHE_KEY_METADATA = b"llmflow.cache_key"
+# Folders of per-unit derived tables (quality signals, dedup signatures and decisions): files of
+# units that no longer exist are removed with the units' outputs.
+UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions")
 
 
 def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[pa.Table, bool]:
@@ -260,7 +263,7 @@ def finalize_stage(
     for name in datasets.list_names(datasets.join(stage_dir, datasets.DONE_DIR), ".json"):
         if name.removesuffix(".json") not in live:
             datasets.remove(datasets.join(stage_dir, datasets.DONE_DIR, name))
-    for sub in ("", datasets.REJECTED_DIR):
+    for sub in ("", datasets.REJECTED_DIR, *UNIT_CACHE_DIRS):
         directory = datasets.join(stage_dir, sub) if sub else stage_dir
         for name in datasets.list_names(directory, SHARD_SUFFIX):
             if name.removesuffix(SHARD_SUFFIX) not in live:

@@ -245,3 +245,13 @@ def test_config_errors_name_the_problem() -> None:
         DedupConfig(exact=False, near=False)
     with pytest.raises(ValueError, match="bands"):
         DedupConfig(bands=0)
+
+
+def test_files_of_units_that_are_gone_are_removed(tmp_path: Path) -> None:
+    stage_dir = tmp_path / "dedup"
+    two = make_dataset(tmp_path / "two", {"x": [("u1", prose(1))], "y": [("u2", prose(2))]})
+    deduplicate(two, str(stage_dir), DedupConfig(incremental=False))
+    one = make_dataset(tmp_path / "one", {"x": [("u1", prose(1))]})
+    deduplicate(one, str(stage_dir), DedupConfig(incremental=False))
+    for sub in ("_signatures", "_decisions"):
+        assert sorted(p.name for p in (stage_dir / sub).glob("*.parquet")) == ["x.parquet"]
