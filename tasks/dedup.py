@@ -526,7 +526,9 @@ def resolve_duplicates(
     stats["candidate_pairs"] = len(candidates)
 
     involved = np.unique(candidates)
-    minhash = _gather_minhash(involved, offsets, sig_paths, index, batches, index_sizes, config)
+    store = _NodeStore(offsets, sig_paths, units, index, list(batches), index_sizes)
+    minhash = np.array(store.values(involved, "minhash"), dtype=np.uint32)
+    minhash = minhash.reshape(-1, config.num_perm)
     if config.min_similarity > 0 and len(candidates):
         similarity = _estimated_jaccard(
             minhash[np.searchsorted(involved, candidates[:, 0])],
@@ -545,8 +547,10 @@ def resolve_duplicates(
     similarity = _estimated_jaccard(
         minhash[np.searchsorted(involved, dup_nodes)], minhash[np.searchsorted(involved, dup_roots)]
     )
-    exact_dup = _exact_equal(dup_nodes, dup_roots, offsets, sig_paths, index, batches, index_sizes)
-    root_ids = _node_ids(dup_roots, offsets, units, index, batches, index_sizes)
+    exact_dup = np.array(store.values(dup_nodes, "exact"), dtype=object) == np.array(
+        store.values(dup_roots, "exact"), dtype=object
+    )
+    root_ids = store.values(dup_roots, "id")
     removed_count = np.bincount(dup_roots, minlength=n_nodes)
     stats["clusters"] = int(len(np.unique(dup_roots)))
 
@@ -655,70 +659,29 @@ def _gather(
     return [values[loc] for loc in located]
 
 
-def _gather_minhash(
-    nodes: np.ndarray,
-    offsets: np.ndarray,
-    sig_paths: list[str],
-    index: DedupIndex,
-    batches: dict[str, Any],
-    index_sizes: list[int],
-    config: DedupConfig,
-) -> np.ndarray:
-    names = list(batches)
-    values = _gather(
-        nodes,
-        offsets,
-        lambda u: _read_columns(sig_paths[u], ["minhash"]),
-        lambda b: index.read_batch(names[b], ["minhash"]),
-        index_sizes,
-        "minhash",
-    )
-    if not values:
-        return np.zeros((0, config.num_perm), dtype=np.uint32)
-    return np.array(values, dtype=np.uint32)
+@dataclass(frozen=True)
+class _NodeStore:
+    """Where each node's rows live: the run's shards (signatures, input ids), then index batches."""
 
+    offsets: np.ndarray
+    sig_paths: list[str]
+    units: Sequence[WorkUnit]
+    index: DedupIndex
+    batch_names: list[str]
+    index_sizes: list[int]
 
-def _exact_equal(
-    a: np.ndarray,
-    b: np.ndarray,
-    offsets: np.ndarray,
-    sig_paths: list[str],
-    index: DedupIndex,
-    batches: dict[str, Any],
-    index_sizes: list[int],
-) -> np.ndarray:
-    names = list(batches)
+    def values(self, nodes: np.ndarray, column: str) -> list[Any]:
+        """``column`` ("id" or a signature column) of the given nodes, in their order."""
 
-    def keys(nodes: np.ndarray) -> list[bytes]:
-        return _gather(
-            nodes,
-            offsets,
-            lambda u: _read_columns(sig_paths[u], ["exact"]),
-            lambda i: index.read_batch(names[i], ["exact"]),
-            index_sizes,
-            "exact",
-        )
+        def run(u: int) -> pa.Table:
+            if column == "id":
+                return read_unit_input(self.units[u], ["id"])
+            return _read_columns(self.sig_paths[u], [column])
 
-    return np.array([x == y for x, y in zip(keys(a), keys(b), strict=True)], dtype=bool)
+        def indexed(b: int) -> pa.Table:
+            return self.index.read_batch(self.batch_names[b], [column])
 
-
-def _node_ids(
-    nodes: np.ndarray,
-    offsets: np.ndarray,
-    units: Sequence[WorkUnit],
-    index: DedupIndex,
-    batches: dict[str, Any],
-    index_sizes: list[int],
-) -> list[str]:
-    names = list(batches)
-    return _gather(
-        nodes,
-        offsets,
-        lambda u: read_unit_input(units[u]).select(["id"]),
-        lambda i: index.read_batch(names[i], ["id"]),
-        index_sizes,
-        "id",
-    )
+        return _gather(nodes, self.offsets, run, indexed, self.index_sizes, column)
 
 
 # --- step 3: apply ------------------------------------------------------------------------------
@@ -801,7 +764,7 @@ def update_index(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str)
         decisions = read_decisions(unit, stage_dir)
         kept = pc.invert(pc.is_valid(decisions.column("reason")))
         signatures = _read_columns(signatures_path(stage_dir, unit.name), None)
-        ids = read_unit_input(unit).column("id")
+        ids = read_unit_input(unit, ["id"]).column("id")
         rows = signatures.append_column("id", ids).filter(kept).drop_columns(["row"])
         parts.append(rows.replace_schema_metadata(None))
     batch = pa.concat_tables(parts)

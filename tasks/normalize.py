@@ -15,7 +15,6 @@ from typing import Literal
 
 import ftfy
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
@@ -26,9 +25,10 @@ from llmflow.tasks.stage import (
     StageSpec,
     UnitRecord,
     WorkUnit,
+    put_column,
     read_unit_input,
     run_unit,
-    with_reason,
+    split_result,
 )
 
 STAGE = StageSpec(name="normalize", version="1", libraries=("ftfy",))
@@ -161,13 +161,8 @@ def normalize_documents(table: pa.Table, config: NormalizeConfig) -> ShardResult
             details.append(f"{len(new)} chars after normalization, min_chars={config.min_chars}")
         else:
             keep_mask.append(True)
-    column = table.schema.get_field_index("text")
-    updated = table.set_column(column, table.schema.field("text"), pa.array(new_texts, pa.string()))
-    mask = pa.array(keep_mask)
-    rejected = with_reason(updated.filter(pc.invert(mask)), reasons, details)
-    return ShardResult(
-        kept=updated.filter(mask), rejected=rejected, docs_in=table.num_rows, stats=stats
-    )
+    updated = put_column(table, table.schema.field("text"), pa.array(new_texts, pa.string()))
+    return split_result(updated, keep_mask, reasons, details, stats)
 
 
 @task(name="normalize-shard", cache_policy=NO_CACHE, persist_result=False)

@@ -19,7 +19,6 @@ from typing import ClassVar, Literal
 
 import phonenumbers
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
@@ -31,9 +30,10 @@ from llmflow.tasks.stage import (
     StageSpec,
     UnitRecord,
     WorkUnit,
+    put_column,
     read_unit_input,
     run_unit,
-    with_reason,
+    split_result,
 )
 
 STAGE = StageSpec(name="pii", version="1", libraries=("phonenumbers",))
@@ -221,19 +221,10 @@ def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
         else:
             keep_mask.append(True)
             stats["documents_redacted"] += found > 0
-    column = table.schema.get_field_index("text")
-    updated = table.set_column(column, table.schema.field("text"), pa.array(new_texts, pa.string()))
-    counts_array = pa.array(all_counts, PII_COUNTS_TYPE)
-    existing = updated.schema.get_field_index(PII_COUNTS_FIELD.name)
-    if existing >= 0:  # the stage run again on its own output: the new counts replace the old
-        updated = updated.set_column(existing, PII_COUNTS_FIELD, counts_array)
-    else:
-        updated = updated.append_column(PII_COUNTS_FIELD, counts_array)
-    mask = pa.array(keep_mask, pa.bool_())
-    rejected = with_reason(updated.filter(pc.invert(mask)), reasons, details)
-    return ShardResult(
-        kept=updated.filter(mask), rejected=rejected, docs_in=table.num_rows, stats=stats
-    )
+    updated = put_column(table, table.schema.field("text"), pa.array(new_texts, pa.string()))
+    # Run again on its own output, the stage's new counts replace the old.
+    updated = put_column(updated, PII_COUNTS_FIELD, pa.array(all_counts, PII_COUNTS_TYPE))
+    return split_result(updated, keep_mask, reasons, details, stats)
 
 
 @task(name="pii-shard", cache_policy=NO_CACHE, persist_result=False)

@@ -48,6 +48,7 @@ from llmflow.tasks.stage import (
     UnitRecord,
     WorkUnit,
     cached_table,
+    put_column,
     read_unit_input,
     run_unit,
     with_reason,
@@ -321,8 +322,7 @@ class QualityConfig(StageConfig):
 
     def signal_hash(self) -> str:
         """Hash of the fields that change signals: equal hashes mean stored signals still hold."""
-        payload = self.model_dump(mode="json", include=set(self.SIGNAL_FIELDS))
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return self.fields_hash(include=self.SIGNAL_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,12 +530,10 @@ def decide(table: pa.Table, attributes: pa.Table, config: QualityConfig) -> Shar
 
     full = table
     for name in signal_columns(config):
-        full = _put_column(full, name, attributes.column(name))
+        column = attributes.column(name)
+        full = put_column(full, pa.field(name, column.type), column)
     mask = pa.array(keep)
-    text_index = full.schema.get_field_index("text")
-    edited_full = full.set_column(
-        text_index, full.schema.field("text"), pa.array(new_texts, pa.string())
-    )
+    edited_full = put_column(full, full.schema.field("text"), pa.array(new_texts, pa.string()))
     rejected_rows = [i for i in range(n) if not keep[i]]
     rejected = with_reason(
         full.filter(pc.invert(mask)),
@@ -543,15 +541,6 @@ def decide(table: pa.Table, attributes: pa.Table, config: QualityConfig) -> Shar
         [details[i] for i in rejected_rows],
     )
     return ShardResult(kept=edited_full.filter(mask), rejected=rejected, docs_in=n, stats=stats)
-
-
-def _put_column(table: pa.Table, name: str, column: pa.ChunkedArray) -> pa.Table:
-    """Add a column, or replace it when the input already has one (a re-run over our output)."""
-    field = pa.field(name, column.type)
-    index = table.schema.get_field_index(name)
-    if index >= 0:
-        return table.set_column(index, field, column)
-    return table.append_column(field, column)
 
 
 def compute_attributes(table: pa.Table, config: QualityConfig) -> pa.Table:

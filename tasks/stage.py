@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
@@ -50,7 +51,15 @@ class StageConfig(BaseModel):
 
     def output_hash(self) -> str:
         """Hash of the fields that decide the stage's output."""
-        payload = self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+        return self.fields_hash(exclude=self.RUNTIME_FIELDS)
+
+    def fields_hash(
+        self, include: frozenset[str] | None = None, exclude: frozenset[str] = frozenset()
+    ) -> str:
+        """Hash of some of the fields (a stage's key for a derived table, such as its signals)."""
+        payload = self.model_dump(
+            mode="json", include=set(include) if include is not None else None, exclude=set(exclude)
+        )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -339,10 +348,37 @@ def plan_shard_units(
     return units, manifest_sha256(input_dir)
 
 
-def read_unit_input(unit: WorkUnit) -> pa.Table:
-    """The input shard of a unit planned by :func:`plan_shard_units`."""
+def read_unit_input(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
+    """The input shard of a unit planned by :func:`plan_shard_units` (or some of its columns)."""
     shard = datasets.ShardFile.from_dict(unit.source["shard"])
-    return datasets.read_shard(unit.source["dir"], shard)
+    return datasets.read_shard(unit.source["dir"], shard, columns)
+
+
+def put_column(table: pa.Table, field: pa.Field, column: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Add a column, or replace it where the input already has one (a stage run again over its
+    own output, or a column such as ``text`` that a stage rewrites)."""
+    index = table.schema.get_field_index(field.name)
+    if index >= 0:
+        return table.set_column(index, field, column)
+    return table.append_column(field, column)
+
+
+def split_result(
+    table: pa.Table,
+    keep: list[bool],
+    reasons: list[str],
+    details: list[str],
+    stats: Counter[str],
+) -> ShardResult:
+    """A shard's result from one keep flag per row: the removed rows, in order, get the
+    ``reasons`` and ``details`` given for them."""
+    mask = pa.array(keep, pa.bool_())
+    return ShardResult(
+        kept=table.filter(mask),
+        rejected=with_reason(table.filter(pc.invert(mask)), reasons, details),
+        docs_in=table.num_rows,
+        stats=stats,
+    )
 
 
 def with_reason(table: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:

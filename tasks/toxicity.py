@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator, model_validator
@@ -44,9 +43,10 @@ from llmflow.tasks.stage import (
     StageSpec,
     UnitRecord,
     WorkUnit,
+    put_column,
     read_unit_input,
     run_unit,
-    with_reason,
+    split_result,
 )
 
 # detoxify and transformers decide the scores of the detoxify backend; alt-profanity-check pins
@@ -539,21 +539,10 @@ def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
         details.append(f"{label}={score:.3f} ≥ {thresholds[label]}")
         stats[f"removed_{label}"] += 1
     scored = table
-    for label in scorer.labels:
-        name = COLUMN_PREFIX + label
-        column = pa.array(scores[label], pa.float64())
-        index = scored.schema.get_field_index(name)
-        if index == -1:
-            scored = scored.append_column(pa.field(name, pa.float64()), column)
-        else:  # scored again (another backend or threshold): the new scores replace the old
-            scored = scored.set_column(index, pa.field(name, pa.float64()), column)
-    mask = pa.array(keep_mask, pa.bool_())
-    return ShardResult(
-        kept=scored.filter(mask),
-        rejected=with_reason(scored.filter(pc.invert(mask)), reasons, details),
-        docs_in=table.num_rows,
-        stats=stats,
-    )
+    for label in scorer.labels:  # scored again: the new scores replace the old
+        field = pa.field(COLUMN_PREFIX + label, pa.float64())
+        scored = put_column(scored, field, pa.array(scores[label], pa.float64()))
+    return split_result(scored, keep_mask, reasons, details, stats)
 
 
 @task(name="toxicity-shard", cache_policy=NO_CACHE, persist_result=False)
