@@ -18,7 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmflow.flows.config import STAGES, ConfigError, PipelineConfig, load_config, resolve_stages
+from llmflow.flows.config import (
+    STAGES,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    resolve_stages,
+    stage_inputs,
+)
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -59,16 +66,15 @@ def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
     from llmflow.tasks import datasets
 
     for stage in stages:
-        index = STAGES.index(stage)
-        if index == 0 or STAGES[index - 1] in stages:
-            continue
-        previous = STAGES[index - 1]
-        manifest = datasets.join(config.stage_dir(previous), datasets.MANIFEST_NAME)
-        if not datasets.exists(manifest):
-            raise ConfigError(
-                f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r} dataset,"
-                f" but {manifest} does not exist; run --stages {previous} first"
-            )
+        for previous in stage_inputs(stage):
+            if previous in stages:
+                continue
+            manifest = datasets.join(config.stage_dir(previous), datasets.MANIFEST_NAME)
+            if not datasets.exists(manifest):
+                raise ConfigError(
+                    f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r}"
+                    f" output, but {manifest} does not exist; run --stages {previous} first"
+                )
 
 
 @app.command()
@@ -101,7 +107,7 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run the pipeline (crawl, normalize) and print what each stage did."""
+    """Run the pipeline (crawl to a pretrained model) and print what each stage did."""
     try:
         config = load_config(config_file, overrides, workdir)
         selected = resolve_stages(stages)
@@ -159,6 +165,8 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     out.print(table)
     for s in result["stages"]:
         out.print(f"{s['stage']}: {s['path']}", highlight=False, soft_wrap=True)
+        if s.get("summary"):
+            out.print(f"  {s['summary']}", highlight=False, soft_wrap=True)
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
             out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,37 @@ from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.dedup import DedupConfig
 from llmflow.tasks.normalize import NormalizeConfig
 from llmflow.tasks.pii import PiiConfig
+from llmflow.tasks.pretrain_config import PretrainConfig
 from llmflow.tasks.quality import QualityConfig
+from llmflow.tasks.tokenize import TokenizeConfig
+from llmflow.tasks.tokenizer import TokenizerConfig
 from llmflow.tasks.toxicity import ToxicityConfig
 
-# The pipeline's stages, in order. A stage reads the output of the one before it.
-STAGES: tuple[str, ...] = ("crawl", "normalize", "quality", "dedup", "toxicity", "pii")
+# The pipeline's stages, in order.
+STAGES: tuple[str, ...] = (
+    "crawl",
+    "normalize",
+    "quality",
+    "dedup",
+    "toxicity",
+    "pii",
+    "tokenizer",
+    "tokenize",
+    "pretrain",
+)
+# The datasets a stage reads, where that is not just the stage before it: the tokenizer and the
+# token shards are both made from the final documents; training reads the tokens and tokenizer.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("pii",),
+    "tokenize": ("pii", "tokenizer"),
+    "pretrain": ("tokenize", "tokenizer"),
+}
+
+
+def stage_inputs(stage: str) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads (none for the first)."""
+    index = STAGES.index(stage)
+    return STAGE_INPUTS.get(stage, STAGES[index - 1 : index])
 
 
 class PipelineConfig(BaseModel):
@@ -58,6 +85,9 @@ class PipelineConfig(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")
@@ -95,6 +125,8 @@ def _check_key(path: list[str]) -> None:
                 f"unknown key {'.'.join(path)!r}: {where} has no field {part!r}{hint}"
             )
         annotation = fields[part].annotation
+        if typing.get_origin(annotation) is dict:
+            return  # free-form keys (pretrain.model): the model's own validator checks them
         is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if depth < len(path) - 1 and not is_model:
             raise ConfigError(

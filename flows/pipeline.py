@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow
@@ -22,7 +23,18 @@ from prefect.utilities.annotations import unmapped
 
 from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
-from llmflow.tasks import crawl, datasets, dedup, normalize, pii, quality, toxicity
+from llmflow.tasks import (
+    crawl,
+    datasets,
+    dedup,
+    normalize,
+    pii,
+    pretrain,
+    quality,
+    tokenize,
+    tokenizer,
+    toxicity,
+)
 from llmflow.tasks.progress import StepProgress, artifact_key
 from llmflow.tasks.stage import (
     StageConfig,
@@ -59,6 +71,13 @@ class StageWiring:
 
 def _previous(stage: str) -> str:
     return STAGES[STAGES.index(stage) - 1]
+
+
+def _plan_tokenize(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
+    """Token shards are cut from the final documents with the tokenizer trained on them."""
+    return tokenize.plan_tokenize_units(
+        config.tokenize, config.stage_dir("pii"), config.stage_dir("tokenizer")
+    )
 
 
 def _plan_after(stage: str) -> Callable[[PipelineConfig], tuple[list[WorkUnit], str]]:
@@ -103,8 +122,10 @@ WIRING: dict[str, StageWiring] = {
     ),
     "toxicity": StageWiring(toxicity.STAGE, toxicity.toxicity_shard, _plan_toxicity),
     "pii": StageWiring(pii.STAGE, pii.pii_shard, _plan_after("pii")),
+    "tokenize": StageWiring(
+        tokenize.STAGE, tokenize.tokenize_shard, _plan_tokenize, finish=tokenize.finish
+    ),
 }
-assert tuple(WIRING) == STAGES, "every stage in STAGES needs its wiring, in the same order"
 
 
 @dataclass
@@ -123,6 +144,7 @@ class StageReport:
     rejected_by_reason: dict[str, int]
     path: str
     mlflow_run_id: str
+    summary: str = ""
 
 
 def _unit_counts(records: list[UnitRecord]) -> dict[str, float]:
@@ -274,7 +296,160 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
         rejected_by_reason=counts["rejected_by_reason"],
         path=stage_dir,
         mlflow_run_id=run_id,
+        # tokenize's manifest counts tokens per split too
+        summary=", ".join(
+            f"{n:,} {split} tokens" for split, n in manifest.get("tokens", {}).items()
+        ),
     )
+
+
+def _step_report(
+    name: str, config: PipelineConfig, run_id: str, seconds: float, skipped: bool, **fields: Any
+) -> StageReport:
+    """A report for a stage that is one step over its whole input (no units, no rejections)."""
+    base: dict[str, Any] = {
+        "docs_in": 0,
+        "kept": 0,
+        "rejected": 0,
+        "fetch_failures": 0,
+        "bytes": 0,
+        "rejected_by_reason": {},
+    }
+    return StageReport(
+        stage=name,
+        seconds=round(seconds, 2),
+        units=1,
+        units_skipped=int(skipped),
+        path=config.stage_dir(name),
+        mlflow_run_id=run_id,
+        **(base | fields),
+    )
+
+
+def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
+    """Train the BPE tokenizer on the final documents' training split, once per input."""
+    stage_dir = config.stage_dir(name)
+    run_id = tracker.start_child(
+        name,
+        params=flatten(config.tokenizer.model_dump(mode="json"))
+        | {"val_fraction": str(config.tokenize.val_fraction)},
+        tags={"llmflow.code_version": tokenizer.STAGE.code_version(), "llmflow.dataset": stage_dir},
+    )
+    started = time.perf_counter()
+    try:
+        manifest, skipped = tokenizer.tokenizer_train(
+            config.stage_dir("pii"), stage_dir, config.tokenizer, config.tokenize.val_fraction
+        )
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    tracker.log(
+        run_id,
+        metrics={
+            "vocab_size": manifest["vocab_size"],
+            "bytes_per_token": manifest["bytes_per_token"],
+            "docs_used": manifest["docs_used"],
+            "chars_used": manifest["chars_used"],
+            "heldout_docs": manifest["heldout_docs"],
+            "units": 1,
+            "units_skipped": int(skipped),
+        },
+        tags={"llmflow.compression_on": manifest["compression_on"]},
+    )
+    tracker.log_dict(run_id, manifest, "manifest.json")
+    for file in tokenizer.HF_TOKENIZER_FILES:
+        tracker.log_artifacts(run_id, datasets.join(stage_dir, file), "tokenizer")
+    tracker.finish(run_id, ok=True)
+    size = sum(
+        len(datasets.read_bytes(datasets.join(stage_dir, f))) for f in tokenizer.HF_TOKENIZER_FILES
+    )
+    return _step_report(
+        name,
+        config,
+        run_id,
+        time.perf_counter() - started,
+        skipped,
+        docs_in=manifest["docs_used"] + manifest["heldout_docs"],
+        kept=manifest["docs_used"],
+        bytes=size,
+        summary=(
+            f"vocab {manifest['vocab_size']}, {manifest['bytes_per_token']:.2f} bytes/token on"
+            f" {manifest['compression_on']} documents"
+        ),
+    )
+
+
+def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
+    """Train (or resume, or skip) the model on the token shards; record curves and artifacts."""
+    stage_dir = config.stage_dir(name)
+    settings = config.pretrain
+    tokens_dir, tokenizer_dir = config.stage_dir("tokenize"), config.stage_dir("tokenizer")
+    job, key = pretrain.plan_job(settings, tokens_dir, tokenizer_dir, stage_dir)
+    run_id = tracker.start_child(
+        name,
+        params=flatten(settings.model_dump(mode="json"))
+        | flatten(job.decoder.model_dump(mode="json"), "decoder."),
+        tags={
+            "llmflow.code_version": pretrain.STAGE.code_version(),
+            "llmflow.dataset": tokens_dir,
+            "llmflow.run_dir": job.run_dir,
+        },
+    )
+    started = time.perf_counter()
+    try:
+        manifest = pretrain.completed(stage_dir, key)
+        skipped = manifest is not None
+        if manifest is None:
+            job = job.model_copy(
+                update={"tracking_uri": tracker.tracking_uri, "mlflow_run_id": run_id}
+            )
+            result = pretrain.pretrain_task(job, pretrain.processes(settings))
+            run_dir = Path(job.run_dir)
+            checkpoint = Path(result["checkpoint"])
+            export = pretrain.export_hf(checkpoint, tokenizer_dir, run_dir / pretrain.HF_DIR)
+            tracker.log_artifacts(run_id, checkpoint, "checkpoint")
+            tracker.log_artifacts(run_id, export, "hf_model")
+            for file in tokenizer.HF_TOKENIZER_FILES:
+                tracker.log_artifacts(run_id, Path(tokenizer_dir) / file, "tokenizer")
+            tracker.log_artifacts(run_id, run_dir / "metrics.jsonl", "")
+            manifest = pretrain.write_manifest(stage_dir, key, job, result)
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    result = manifest["result"]
+    final = {k: result[k] for k in ("val_loss", "val_bpb", "unigram_entropy") if result.get(k)}
+    tracker.log(
+        run_id,
+        metrics={f"final_{k}": v for k, v in final.items()}
+        | {"units": 1, "units_skipped": int(skipped)},
+        step=result["steps"],
+    )
+    tracker.log_dict(run_id, manifest, "manifest.json")
+    tracker.finish(run_id, ok=True)
+    tokens = datasets.read_manifest(tokens_dir)
+    summary = f"{result['steps']} steps, {result['parameters']:,} parameters"
+    if result.get("val_loss") is not None:
+        summary += (
+            f"; val loss {result['val_loss']:.3f} nats/token ({result['val_bpb']:.3f} bits/byte)"
+            f" vs unigram entropy {result['unigram_entropy']:.3f}"
+        )
+    summary += f"; export {Path(stage_dir) / manifest['run_dir'] / pretrain.HF_DIR}"
+    return _step_report(
+        name,
+        config,
+        run_id,
+        time.perf_counter() - started,
+        skipped,
+        docs_in=tokens["counts"]["kept"],
+        kept=tokens["counts"]["kept"],
+        summary=summary,
+    )
+
+
+StepRunner = Callable[[str, PipelineConfig, PipelineTracker], StageReport]
+# Stages that are one step over their whole input, not a map over shards.
+STEPS: dict[str, StepRunner] = {"tokenizer": run_tokenizer, "pretrain": run_pretrain}
+assert set(WIRING) | set(STEPS) == set(STAGES), "every stage in STAGES needs its wiring"
 
 
 @flow(name="llmflow-pipeline", log_prints=True)
@@ -294,7 +469,8 @@ def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[st
     reports: list[StageReport] = []
     try:
         for name in selected:
-            reports.append(run_stage(name, config, tracker))
+            run = STEPS.get(name, run_stage)
+            reports.append(run(name, config, tracker))
     except BaseException:
         tracker.finish(parent, ok=False)
         raise

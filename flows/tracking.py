@@ -102,5 +102,13 @@ class PipelineTracker:
     def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, data, artifact_file)
 
+    def log_artifacts(self, run_id: str, local_path: str | Path, artifact_path: str) -> None:
+        """A file or a whole folder (a checkpoint, an export) under ``artifact_path``."""
+        local = Path(local_path)
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(local), artifact_path)
+
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

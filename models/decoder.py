@@ -244,6 +244,20 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM's estimate as nanoGPT uses it.
+
+        6 per matmul weight (2 forward, 4 backward) plus attention's score and value products,
+        12 · layers · hidden · seq_len. The embedding lookup is no matmul: an untied input table
+        is left out, a tied one counts once, as the output projection. Both the trainer's MFU and
+        the throughput bench use this one count.
+        """
+        c = self.config
+        matmul_params = self.num_parameters()
+        if not c.tie_embeddings:
+            matmul_params -= self.model.embed_tokens.weight.numel()
+        return 6 * matmul_params + 12 * c.num_layers * c.hidden_size * seq_len
+
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.length if cache is not None else 0
         if start + ids.shape[1] > self.config.max_seq_len:

@@ -52,10 +52,10 @@ from llmflow.tasks.stage import (
     cached_table,
     completed_record,
     finalize_stage,
+    manifest_sha256,
     plan_shard_units,
     read_unit_input,
     run_unit,
-    unit_key,
     with_reason,
 )
 
@@ -407,7 +407,7 @@ def plan_dedup_units(
     against, so both go into every unit's key: any change redoes the (cheap) resolve and apply
     steps, while unchanged shards keep their signatures.
     """
-    units, input_digest = plan_shard_units(STAGE, config, input_dir)
+    input_digest = manifest_sha256(input_dir)
     against: dict[str, Any] = {}
     if config.incremental:
         batches = index_for(config, stage_dir).batches_except(config, batch_name(input_digest))
@@ -415,15 +415,8 @@ def plan_dedup_units(
     context = hashlib.sha256(
         json.dumps({"input": input_digest, "index": against}, sort_keys=True).encode()
     ).hexdigest()
-    keyed = [
-        WorkUnit(
-            name=u.name,
-            key=unit_key(STAGE, config, f"{u.source['shard']['sha256']}:{context}"),
-            source=u.source | {"context": context, "input_digest": input_digest},
-        )
-        for u in units
-    ]
-    return keyed, input_digest
+    source = {"context": context, "input_digest": input_digest}
+    return plan_shard_units(STAGE, config, input_dir, context=context, source=source)
 
 
 # --- step 2: resolve ----------------------------------------------------------------------------

@@ -327,22 +327,29 @@ def _first_schema(stage_dir: str, shards: list[datasets.ShardFile]) -> pa.Schema
 
 
 def plan_shard_units(
-    spec: StageSpec, config: StageConfig, input_dir: str
+    spec: StageSpec,
+    config: StageConfig,
+    input_dir: str,
+    context: str = "",
+    source: dict[str, Any] | None = None,
 ) -> tuple[list[WorkUnit], str]:
     """One unit per shard of the input dataset, keyed by that shard's content hash.
 
-    Returns the units and the input manifest's digest. The output shard keeps the input shard's
-    name, so a document can be followed from stage to stage by file name.
+    ``context`` names anything else a unit's output depends on (the tokenizer that encodes it,
+    the dedup index it is checked against): it joins the key, and ``source`` joins what each unit
+    reads. Returns the units and the input manifest's digest. The output shard keeps the input
+    shard's name, so a document can be followed from stage to stage by file name.
     """
     manifest = datasets.read_manifest(input_dir)
     units = []
     for shard in datasets.manifest_shards(manifest):
         name = shard.path.removesuffix(SHARD_SUFFIX)
+        digest = f"{shard.sha256}:{context}" if context else shard.sha256
         units.append(
             WorkUnit(
                 name=name,
-                key=unit_key(spec, config, shard.sha256),
-                source={"dir": input_dir, "shard": shard.to_dict()},
+                key=unit_key(spec, config, digest),
+                source={"dir": input_dir, "shard": shard.to_dict()} | (source or {}),
             )
         )
     return units, manifest_sha256(input_dir)

@@ -53,7 +53,11 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         ),
         (["--set", "crawl.max_pages"], "expected KEY=VALUE"),
         (["--stages", "crawl,train"], "unknown stage(s) train"),
-        (["--stages", "normalize"], "reads the 'crawl' dataset"),
+        (["--stages", "normalize"], "reads the 'crawl' output"),
+        (["--stages", "tokenize"], "reads the 'pii' output"),
+        (["--stages", "pretrain"], "'pretrain' reads the 'tokenize' output"),
+        (["--set", "pretrain.model.hidden_sise=64"], "hidden_sise"),
+        (["--set", "tokenizer.vocab_size=100"], "tokenizer.vocab_size"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from datasketch import MinHash
+from document_datasets import WHEN, write_documents
 
 from llmflow.tasks import datasets
 from llmflow.tasks.dedup import (
@@ -21,18 +21,7 @@ from llmflow.tasks.dedup import (
     simplify,
 )
 from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document
-from llmflow.tasks.stage import (
-    StageConfig,
-    StageSpec,
-    WorkUnit,
-    documents_result,
-    finalize_stage,
-    run_unit,
-    unit_key,
-)
 
-SOURCE = StageSpec(name="source", version="1")
-WHEN = datetime(2026, 1, 2, tzinfo=UTC)
 WORDS = re.findall(
     r"\w+",
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches"
@@ -44,13 +33,8 @@ WORDS = re.findall(
 def make_dataset(root: Path, shards: dict[str, list[tuple[str, str]]]) -> str:
     """A documents dataset with one shard per entry of (url, text) pairs."""
     stage_dir = str(root / "source")
-    config = StageConfig()
-    records = []
-    for name, docs in shards.items():
-        unit = WorkUnit(name=name, key=unit_key(SOURCE, config, f"{name}:{docs}"), source={})
-        outcomes = [Document(url=u, text=t, source="test", fetched_at=WHEN) for u, t in docs]
-        records.append(run_unit(stage_dir, unit, lambda o=outcomes: documents_result(o)))
-    finalize_stage(stage_dir, SOURCE, config, records, None)
+    docs = {n: [Document(u, t, "test", WHEN) for u, t in pairs] for n, pairs in shards.items()}
+    write_documents(stage_dir, docs)
     return stage_dir
 
 

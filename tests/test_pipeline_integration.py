@@ -1,7 +1,8 @@
 """`llmflow run` end to end: a real Prefect server, real MLflow on SQLite, a real crawl of pydoc.
 
-Runs the command twice on the same workdir: the first crawls and normalizes, the second must find
-every unit complete, do no work, and leave the manifests byte-identical.
+Runs the command twice on the same workdir: the first goes from the crawl to a pretrained (very
+small) checkpoint, the second must find every unit complete, do no work, and leave the manifests
+byte-identical.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES
+from llmflow.flows.pipeline import STEPS
 from llmflow.tasks import datasets
 
 LLMFLOW = str(Path(sys.executable).parent / "llmflow")
@@ -81,6 +83,20 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "crawl.politeness_delay_s=0",
         "--set",
         "crawl.max_depth=1",
+        # A model that trains in seconds on the few documents that survive curation here; almost
+        # no held-out split, so that the one or two documents left are not all held out.
+        "--set",
+        "tokenize.val_fraction=0.001",
+        "--set",
+        'pretrain.model={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 32}',
+        "--set",
+        "pretrain.micro_batch_size=2",
+        "--set",
+        "pretrain.batch_tokens=64",
+        "--set",
+        "pretrain.max_steps=4",
+        "--set",
+        "pretrain.checkpoint_interval=2",
     ]
     first = run_llmflow(args, prefect_api, tmp_path)
 
@@ -151,6 +167,8 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert set(children) == set(STAGES)
     stage_dirs = {stage: str(workdir / "data" / stage) for stage in STAGES}
     for stage, stage_dir in stage_dirs.items():
+        if stage in STEPS:
+            continue  # one step over the whole input, no document counts: checked below
         manifest = datasets.read_manifest(stage_dir)
         child = children[stage]
         assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
@@ -160,6 +178,29 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"manifest.json", "rejected_sample.json"} <= artifacts
     assert children["crawl"].data.params["max_pages"] == str(MAX_PAGES)
+
+    # The tokenizer, the token shards and a checkpoint with its curves, export and artifacts.
+    tokens = datasets.read_manifest(stage_dirs["tokenize"])
+    assert tokens["tokens"]["train"] > 0
+    assert tokens["tokens"]["train"] == sum(s["tokens"] for s in tokens["token_shards"]["train"])
+    assert children["tokenizer"].data.metrics["bytes_per_token"] > 1
+    trained = json.loads((workdir / "data" / "pretrain" / "manifest.json").read_text())
+    run_dir = workdir / "data" / "pretrain" / trained["run_dir"]
+    assert trained["result"]["steps"] == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
+        "step-000002",
+        "step-000004",
+    ]
+    assert (run_dir / "hf" / "model.safetensors").exists()
+    pretrain_run = children["pretrain"]
+    history = client.get_metric_history(pretrain_run.info.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
+    assert {"lr", "grad_norm", "tokens_per_s", "unigram_entropy"} <= set(pretrain_run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
+    assert {"checkpoint", "hf_model", "tokenizer", "metrics.jsonl", "manifest.json"} <= artifacts
+    exported = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "hf_model")}
+    assert {"hf_model/config.json", "hf_model/tokenizer.json"} <= exported
+    assert "pretrain" in first.stdout and "steps" in first.stdout
 
     # Prefect knows the flow run MLflow points at, and it completed.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]

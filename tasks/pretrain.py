@@ -1,0 +1,221 @@
+"""pretrain: token shards in, a trained checkpoint, its curves and a Hugging Face export out.
+
+The loop itself is :mod:`llmflow.tasks.trainer`. This module decides where a run lives and
+whether it is already done, starts the loop (in this process for one device, under ``torchrun``
+as a subprocess for several, streaming its output and progress), and records the outcome: the
+final checkpoint, the tokenizer and a ``LlamaForCausalLM`` export as MLflow artifacts.
+
+A run's folder is named by its key: the hash of the code version, the config fields that change
+the result, the token dataset's manifest and the tokenizer. The same key finds the same folder,
+so a re-run after an interruption resumes from the newest checkpoint there, and a re-run after
+completion does nothing; a changed learning rate or dataset starts a new folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow.models.decoder import Decoder, DecoderConfig
+from llmflow.models.hf_export import export_llama
+from llmflow.tasks import checkpoints, datasets
+from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
+from llmflow.tasks.progress import StepProgress
+from llmflow.tasks.stage import StageSpec
+from llmflow.tasks.tokenize import token_shard_paths
+from llmflow.tasks.tokenizer import HF_TOKENIZER_FILES
+
+STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
+HF_DIR = "hf"
+_OUTPUT_TAIL = 60
+
+log = logging.getLogger(__name__)
+
+
+def _local_dir(path: str, what: str) -> Path:
+    fs, p = datasets.filesystem(path)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise ValueError(
+            f"{what} at {path}: pretraining memory-maps tokens and writes checkpoints on a local"
+            " filesystem; set data_root to a local path (or a mounted one)"
+        )
+    return Path(p)
+
+
+def run_key(config: PretrainConfig, tokens_sha256: str, tokenizer_sha256: str) -> str:
+    material = json.dumps(
+        {
+            "stage": STAGE.name,
+            "code": STAGE.code_version(),
+            "config": config.output_hash(),
+            "tokens": tokens_sha256,
+            "tokenizer": tokenizer_sha256,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def plan_job(
+    config: PretrainConfig,
+    tokenize_dir: str,
+    tokenizer_dir: str,
+    stage_dir: str,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+) -> tuple[TrainJob, str]:
+    """The run's job description and key, from the token dataset and the tokenizer."""
+    from llmflow.tasks import stage
+
+    tokens_manifest = datasets.read_manifest(tokenize_dir)
+    tokenizer_manifest = datasets.read_json(datasets.join(tokenizer_dir, "manifest.json"))
+    key = run_key(
+        config, stage.manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"]
+    )
+    run_dir = _local_dir(stage_dir, "the pretrain stage") / "runs" / key[:16]
+    decoder = config.decoder_config(tokens_manifest["tokenizer"]["vocab_size"])
+    job = TrainJob(
+        config=config,
+        decoder=decoder,
+        train_shards=[str(p) for p in token_shard_paths(tokenize_dir, "train")],
+        val_shards=[str(p) for p in token_shard_paths(tokenize_dir, "val")],
+        tokenizer_dir=str(_local_dir(tokenizer_dir, "the tokenizer")),
+        run_dir=str(run_dir),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
+    return job, key
+
+
+def processes(config: PretrainConfig) -> int:
+    """Training processes: as configured, else one per visible GPU, else one."""
+    if config.nproc_per_node is not None:
+        return config.nproc_per_node
+    if config.device != "cpu" and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``job``: in this process for one, under torchrun for several.
+
+    torchrun runs as a subprocess of this task, so the Prefect worker that started it stays the
+    one place that sees its exit; rank 0's progress lines move this task's progress bar and every
+    other line is passed on to the log, as it arrives.
+    """
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if nproc == 1:
+        from llmflow.tasks.trainer import train
+
+        return train(job, on_step=on_step)
+    from llmflow.tasks.trainer import PROGRESS_PREFIX, RESULT_FILE
+
+    job_path = run_dir / "job.json"
+    datasets.write_bytes_atomic(str(job_path), job.model_dump_json(indent=2).encode())
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "llmflow.tasks.trainer",
+        str(job_path),
+    ]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=_OUTPUT_TAIL)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(PROGRESS_PREFIX):
+                step, total = (int(v) for v in line.removeprefix(PROGRESS_PREFIX).split())
+                if on_step is not None:
+                    on_step(step, total)
+                continue
+            tail.append(line)
+            log.info("%s", line)
+        code = proc.wait()
+    if code != 0:
+        output = "\n".join(tail)
+        raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}:\n{output}")
+    return json.loads((run_dir / RESULT_FILE).read_text())
+
+
+def load_model(checkpoint: Path) -> Decoder:
+    """A checkpoint's weights in a :class:`Decoder` on the CPU (for export and evaluation)."""
+    state = checkpoints.load_checkpoint(checkpoint)
+    model = Decoder(DecoderConfig.model_validate(state["decoder"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def export_hf(checkpoint: Path, tokenizer_dir: str, out_dir: Path) -> Path:
+    """The checkpoint as a ``LlamaForCausalLM`` folder with the tokenizer beside it: what
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_llama(load_model(checkpoint), tmp)
+    for name in HF_TOKENIZER_FILES:
+        source = Path(tokenizer_dir) / name
+        if source.exists():
+            shutil.copy2(source, tmp / name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def write_manifest(stage_dir: str, key: str, job: TrainJob, result: dict[str, Any]) -> dict:
+    manifest = {
+        "format": datasets.MANIFEST_FORMAT,
+        "stage": STAGE.name,
+        "code_version": STAGE.code_version(),
+        "key": key,
+        "config": job.config.model_dump(mode="json"),
+        "config_hash": job.config.output_hash(),
+        "decoder": job.decoder.model_dump(mode="json"),
+        "run_dir": str(Path(job.run_dir).relative_to(_local_dir(stage_dir, "pretrain"))),
+        "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
+    }
+    datasets.write_json_atomic(datasets.join(stage_dir, datasets.MANIFEST_NAME), manifest)
+    return manifest
+
+
+def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
+    """The manifest of a finished run with this key whose export is still there, else None."""
+    path = datasets.join(stage_dir, datasets.MANIFEST_NAME)
+    if not datasets.exists(path):
+        return None
+    manifest = datasets.read_json(path)
+    run_dir = _local_dir(stage_dir, "pretrain") / manifest.get("run_dir", "")
+    if manifest.get("key") != key or not (run_dir / HF_DIR / "config.json").exists():
+        return None
+    return manifest
+
+
+@task(name="pretrain", cache_policy=NO_CACHE, persist_result=False)
+def pretrain_task(job: TrainJob, nproc: int) -> dict[str, Any]:
+    """Train with a progress bar and a Prefect progress artifact counting optimizer steps."""
+    total = job.config.max_steps
+    with StepProgress("pretrain-steps", "pretrain: optimizer steps", total) as progress:
+
+        def on_step(step: int, _total: int) -> None:
+            progress.advance(step - progress.done)
+
+        return launch(job, nproc, on_step)

@@ -1,0 +1,593 @@
+"""The pretraining loop: one process of it, alone or as one rank under torchrun.
+
+The same function trains on a laptop's CPU and on each GPU of a node: ``torchrun`` sets the
+``RANK``/``WORLD_SIZE`` environment and this module joins the process group (gloo on the CPU, NCCL
+on GPUs) and wraps the model in DDP. Run directly as ``python -m llmflow.tasks.trainer job.json``
+(which is what :mod:`llmflow.tasks.pretrain` hands to torchrun).
+
+Exactness is a design goal, not an accident: the batch of step ``s`` is a pure function of the seed
+and ``s`` (a seeded permutation of the training windows per epoch), the checkpoint holds the
+optimizer, the scheduler and every rank's RNG states, so a run resumed from step ``k`` produces the
+same losses, step for step, as one that never stopped; and a global batch is the same sequences
+whatever the split into processes and micro-batches, so two DDP processes match one process with
+twice the accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from llmflow.models.decoder import Decoder
+from llmflow.models.generate import generate
+from llmflow.tasks import checkpoints
+from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
+from llmflow.tasks.token_shards import TokenStream
+
+PROGRESS_PREFIX = "LLMFLOW_PROGRESS "
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+_MLFLOW_FLUSH_S = 2.0
+_UNIGRAM_MAX_TOKENS = 100_000_000
+
+# Dense bf16 peak FLOP/s by GPU name (vendor data sheets). Longest match first: "H100 PCIe" before
+# "H100".
+PEAK_FLOPS_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss or the gradient norm is NaN or infinite."""
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """The device's peak for MFU: the configured figure, else the GPU's from the table."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS_BF16:
+        if key in name:
+            return flops
+    return None
+
+
+def lr_multiplier(step: int, config: PretrainConfig) -> float:
+    """Linear warmup, then cosine or warmup-stable-decay down to ``min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    floor = config.min_lr_ratio
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = config.max_steps - max(1, round(config.decay_fraction * config.max_steps))
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, config.max_steps - decay_start)
+    return 1.0 - (1 - floor) * min(1.0, progress)
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: PretrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with decoupled decay on matrices (embeddings and projections) only: decaying norm
+    gains pulls them towards zero for no benefit. Fused on CUDA (one kernel for all parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
+
+
+class TrainWindows:
+    """Training sequences: the token stream cut into windows of ``seq_len + 1`` ids, visited in a
+    seeded permutation per epoch, so sequence number ``k`` is the same whoever asks for it."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int) -> None:
+        self.stream = stream
+        self.seq_len = seq_len
+        self.seed = seed
+        self.count = (len(stream) - 1) // seq_len
+        if self.count < 1:
+            raise ValueError(
+                f"the training split has {len(stream)} tokens, fewer than one sequence of"
+                f" seq_len + 1 = {seq_len + 1}: lower pretrain.seq_len or add documents"
+            )
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def sequence(self, k: int) -> np.ndarray:
+        epoch, index = divmod(k, self.count)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self._epoch = epoch
+        return self.stream.read(int(self._order[index]) * self.seq_len, self.seq_len + 1)
+
+    def batch(self, first: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        rows = torch.from_numpy(np.stack([self.sequence(first + i) for i in range(size)]))
+        rows = rows.to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def eval_windows(stream: TokenStream, seq_len: int, limit: int) -> list[np.ndarray]:
+    """The first ``limit`` held-out windows, in order (a short split gives one shorter window)."""
+    total = len(stream)
+    if total < 2:
+        return []
+    count = min(limit, max(1, (total - 1) // seq_len))
+    length = min(seq_len + 1, total)
+    return [stream.read(i * seq_len, length) for i in range(count)]
+
+
+def unigram_entropy(stream: TokenStream, vocab_size: int) -> float:
+    """Entropy (nats per token) of the training split's token frequencies: the loss of a model
+    that knows only how often each token occurs. A trained model must get well below it."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    done = 0
+    while done < min(len(stream), _UNIGRAM_MAX_TOKENS):
+        chunk = stream.read(done, min(1 << 22, len(stream) - done))
+        counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+        done += len(chunk)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class Distributed:
+    rank: int
+    local_rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value = value / self.world
+        return value
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+
+def _setup(config: PretrainConfig) -> tuple[Distributed, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pretrain.device is 'cuda' but torch sees no CUDA device")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=None)
+    return Distributed(rank, local_rank, world), device
+
+
+def _autocast(config: PretrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class MetricsSink:
+    """Rank 0's record of the run: ``metrics.jsonl`` in the run folder (what tests and a user
+    with no MLflow read) and the MLflow run, flushed in batches every few seconds."""
+
+    def __init__(self, job: TrainJob, resume_step: int) -> None:
+        self.path = Path(job.run_dir) / METRICS_FILE
+        self._client = None
+        self._run_id = job.mlflow_run_id
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
+        if job.tracking_uri and job.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=job.tracking_uri)
+        # Lines past the checkpoint we resume from were written by the interrupted attempt and
+        # are about to be written again: drop them, so the file holds each step once.
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        if self._client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            if time.monotonic() - self._last_flush >= _MLFLOW_FLUSH_S:
+                self.flush()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self._client is not None:
+            self._client.log_text(self._run_id, text, artifact_file)
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._client is None or not self._pending:
+            return
+        for start in range(0, len(self._pending), 1000):
+            self._client.log_batch(self._run_id, metrics=self._pending[start : start + 1000])
+        self._pending = []
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` rows, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    windows: list[np.ndarray],
+    token_bytes: torch.Tensor,
+    parallel: Distributed,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    batch_size: int,
+) -> tuple[float, float]:
+    """Validation loss (nats per token) and bits per byte over the held-out windows.
+
+    Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, which
+    makes models with different tokenizers comparable; special tokens (``<|eos|>``) stand for no
+    bytes and are left out of both sums, as nanochat does.
+    """
+    model.eval()
+    mine = windows[parallel.rank :: parallel.world]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, loss(bytes), bytes
+    for start in range(0, len(mine), batch_size):
+        rows = torch.from_numpy(np.stack(mine[start : start + batch_size])).to(device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        with autocast():
+            logits = model(x)
+        losses = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+        ).double()
+        nbytes = token_bytes[y.reshape(-1)].double()
+        sums += torch.stack(
+            [
+                losses.sum(),
+                torch.tensor(float(losses.numel()), device=device, dtype=torch.float64),
+                (losses * (nbytes > 0)).sum(),
+                nbytes.sum(),
+            ]
+        )
+    sums = parallel.all_sum(sums)
+    model.train()
+    loss = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+    bpb = float(sums[2] / (math.log(2) * sums[3])) if sums[3] > 0 else float("nan")
+    return loss, bpb
+
+
+def _samples(
+    model: Decoder, tokenizer: Any, prompts: list[str], tokens: int, eos_id: int, seed: int
+) -> str:
+    """Continuations of the prompts, each started after ``<|eos|>`` as a new document is."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = []
+    for prompt in prompts:
+        ids = [eos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+        out = generate(
+            model,
+            torch.tensor([ids], device=device),
+            max_new_tokens=tokens,
+            temperature=0.8,
+            top_k=50,
+            eos_id=eos_id,
+            generator=generator,
+        )
+        text = tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+        parts.append(f"### {prompt!r}\n{text}\n")
+    model.train()
+    return "\n".join(parts)
+
+
+def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``job``; returns rank 0's summary of it."""
+    from llmflow.tasks.tokenizer import load_tokenizer, special_token_id, token_byte_lengths
+
+    config = job.config
+    parallel, device = _setup(config)
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = run_dir / "checkpoints"
+    seq_len = config.seq_len or job.decoder.max_seq_len
+    if seq_len > job.decoder.max_seq_len:
+        raise ValueError(
+            f"pretrain.seq_len={seq_len} exceeds the model's max_seq_len={job.decoder.max_seq_len}"
+        )
+    per_micro = config.micro_batch_size * seq_len * parallel.world
+    if config.batch_tokens % per_micro:
+        raise ValueError(
+            f"pretrain.batch_tokens={config.batch_tokens} is not a multiple of micro_batch_size"
+            f" × seq_len × processes = {config.micro_batch_size} × {seq_len} × {parallel.world}"
+            f" = {per_micro}"
+        )
+    accumulation = config.batch_tokens // per_micro
+    global_sequences = config.batch_tokens // seq_len
+
+    tokenizer = load_tokenizer(job.tokenizer_dir)
+    eos_id = special_token_id(tokenizer, "<|eos|>")
+    token_bytes = torch.zeros(job.decoder.vocab_size, dtype=torch.int64)
+    lengths = torch.from_numpy(np.asarray(token_byte_lengths(tokenizer), dtype=np.int64))
+    token_bytes[: len(lengths)] = lengths
+    token_bytes = token_bytes.to(device)
+
+    train_stream = TokenStream(job.train_shards)
+    windows = TrainWindows(train_stream, seq_len, config.seed)
+    val_windows = eval_windows(
+        TokenStream(job.val_shards), seq_len, config.eval_batches * config.micro_batch_size
+    )
+
+    torch.manual_seed(config.seed)
+    model = Decoder(job.decoder).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, config)
+    )
+    start_step = 0
+    latest = checkpoints.latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        state = checkpoints.load_checkpoint(latest, map_location=device)
+        trainer_state = state["trainer"]
+        if trainer_state["global_sequences"] != global_sequences:
+            raise ValueError(
+                f"checkpoint {latest} was made with {trainer_state['global_sequences']} sequences"
+                f" per step, this run has {global_sequences}: start a new run folder"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        start_step = trainer_state["step"]
+        rng = trainer_state["rng"]
+        _set_rng_state(rng[parallel.rank] if parallel.rank < len(rng) else rng[0], device)
+
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if parallel.world > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = lambda: _autocast(config, device)  # noqa: E731
+    sink = MetricsSink(job, start_step) if parallel.main else None
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak = peak_flops(device, config.peak_flops)
+    entropy = unigram_entropy(train_stream, job.decoder.vocab_size)
+    if sink is not None and start_step == 0:
+        sink.log(
+            0,
+            {
+                "unigram_entropy": entropy,
+                "train_tokens": len(train_stream),
+                "parameters": raw_model.num_parameters(),
+            },
+        )
+
+    def save(step: int) -> None:
+        rng = [_rng_state(device)]
+        if parallel.world > 1:
+            rng = [None] * parallel.world
+            dist.all_gather_object(rng, _rng_state(device))
+        if parallel.main:
+            checkpoints.save_checkpoint(
+                checkpoint_dir,
+                step,
+                {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+                optimizer.state_dict(),
+                {
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng,
+                    "global_sequences": global_sequences,
+                    "sequences_consumed": step * global_sequences,
+                    "seq_len": seq_len,
+                },
+                job.decoder.model_dump(),
+                config.keep_checkpoints,
+            )
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not val_windows:
+            return {}
+        loss, bpb = evaluate(
+            model,
+            val_windows,
+            token_bytes,
+            parallel,
+            device,
+            autocast,
+            config.micro_batch_size,
+        )
+        if sink is not None:
+            text = _samples(
+                raw_model, tokenizer, config.sample_prompts, config.sample_tokens, eos_id, step
+            )
+            sink.log_text(text, f"samples/{checkpoints.step_name(step)}.txt")
+            (run_dir / "samples").mkdir(exist_ok=True)
+            (run_dir / "samples" / f"{checkpoints.step_name(step)}.txt").write_text(text)
+        return {"val_loss": loss, "val_bpb": bpb}
+
+    last: dict[str, float] = {}
+    step = start_step
+    model.train()
+    tick = time.perf_counter()
+    for step in range(start_step, config.max_steps):
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accumulation):
+            first = step * global_sequences + (micro * parallel.world + parallel.rank) * (
+                config.micro_batch_size
+            )
+            x, y = windows.batch(first, config.micro_batch_size, device)
+            sync = parallel.world == 1 or micro == accumulation - 1
+            context = contextlib.nullcontext() if sync else model.no_sync()
+            with context:
+                with autocast():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                (loss / accumulation).backward()
+            loss_sum += loss.detach()
+        if config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+        else:
+            grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm()
+        step_loss = parallel.all_mean(loss_sum / accumulation)
+        loss_value, norm_value = float(step_loss), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            latest = checkpoints.latest_checkpoint(checkpoint_dir)
+            raise NonFiniteLossError(
+                f"step {step + 1}: training loss {loss_value}, gradient norm {norm_value}; the run"
+                " diverged and was stopped before the update. Lower pretrain.lr, lengthen"
+                " pretrain.warmup_steps or set pretrain.model.qk_norm=true, then re-run (it"
+                f" resumes from {latest or 'the start'})."
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        tokens_per_s = config.batch_tokens / (now - tick)
+        tick = now
+        metrics = {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": norm_value,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": done * config.batch_tokens,
+            "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+        }
+        if peak:
+            metrics["mfu"] = tokens_per_s * flops_per_token / peak
+        if done % config.eval_interval == 0 or done == config.max_steps:
+            metrics |= run_eval(done)
+            tick = time.perf_counter()  # evaluation time is not training throughput
+        if sink is not None and (
+            done % config.log_interval == 0 or done == config.max_steps or "val_loss" in metrics
+        ):
+            sink.log(done, metrics)
+        last = metrics
+        if done % config.checkpoint_interval == 0 or done == config.max_steps:
+            save(done)
+            tick = time.perf_counter()
+        if parallel.main and on_step is not None:
+            on_step(done, config.max_steps)
+    if start_step >= config.max_steps:
+        done = start_step
+    result = {
+        "steps": done,
+        "resumed_from": start_step,
+        "final_loss": last.get("loss"),
+        "val_loss": last.get("val_loss"),
+        "val_bpb": last.get("val_bpb"),
+        "unigram_entropy": entropy,
+        "train_tokens": len(train_stream),
+        "val_windows": len(val_windows),
+        "parameters": raw_model.num_parameters(),
+        "world_size": parallel.world,
+        "device": str(device),
+        "checkpoint": str(checkpoints.latest_checkpoint(checkpoint_dir)),
+    }
+    if sink is not None:
+        sink.flush()
+        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if parallel.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _print_progress(step: int, total: int) -> None:
+    print(f"{PROGRESS_PREFIX}{step} {total}", flush=True)
+
+
+def main(argv: Iterator[str] | list[str] | None = None) -> None:
+    """torchrun's entry point: ``python -m llmflow.tasks.trainer <job.json>``."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if len(args) != 1:
+        raise SystemExit("usage: python -m llmflow.tasks.trainer JOB.json")
+    job = TrainJob.model_validate_json(Path(args[0]).read_text())
+    train(job, on_step=_print_progress)
+
+
+if __name__ == "__main__":
+    main()

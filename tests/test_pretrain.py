@@ -1,0 +1,204 @@
+"""pretrain: the loop's exact resume, DDP equivalence, divergence guard, schedule and export.
+
+The data is real and always at hand: the Python language reference that ships with CPython
+(``pydoc_data.topics``), cut into documents, through the real tokenizer and tokenize stages.
+"""
+
+from __future__ import annotations
+
+import math
+import pydoc_data.topics
+from pathlib import Path
+
+import pytest
+import torch
+from document_datasets import WHEN, write_documents
+
+from llmflow.tasks import checkpoints, pretrain, tokenize, tokenizer
+from llmflow.tasks.documents import Document
+from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
+from llmflow.tasks.trainer import NonFiniteLossError, lr_multiplier, read_metrics, train
+
+TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
+
+
+def reference_documents(size: int = 1500) -> list[tuple[str, str]]:
+    """The language reference as documents of about ``size`` characters."""
+    docs = []
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        for start in range(0, len(text), size):
+            docs.append((f"pydoc-topic://{name}/{start}", text[start : start + size]))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def token_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(tokenize dir, tokenizer dir) built once for the module by the real stages."""
+    root = tmp_path_factory.mktemp("pretrain-data")
+    docs = reference_documents()
+    source_dir = str(root / "pii")
+    docs = [Document(url, text, "test", WHEN) for url, text in reference_documents()]
+    write_documents(source_dir, {"part-00000": docs[0::2], "part-00001": docs[1::2]})
+    tokenizer_dir = str(root / "tokenizer")
+    tokenizer.train_tokenizer(
+        source_dir, tokenizer_dir, tokenizer.TokenizerConfig(vocab_size=512), val_fraction=0.1
+    )
+    tokens_dir = str(root / "tokenize")
+    tok_config = tokenize.TokenizeConfig(val_fraction=0.1)
+    units, digest = tokenize.plan_tokenize_units(tok_config, source_dir, tokenizer_dir)
+    done = [tokenize.tokenize_shard.fn(u, tok_config, tokens_dir) for u in units]
+    tokenize.finish(units, tok_config, tokens_dir, done, digest)
+    return tokens_dir, tokenizer_dir
+
+
+def make_job(token_dirs: tuple[str, str], run_root: Path, **settings: object) -> TrainJob:
+    fields: dict[str, object] = {
+        "model": TINY_MODEL,
+        "seq_len": 32,
+        "micro_batch_size": 4,
+        "batch_tokens": 256,
+        "max_steps": 8,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "eval_interval": 4,
+        "eval_batches": 2,
+        "checkpoint_interval": 3,
+        "keep_checkpoints": 0,
+        "sample_tokens": 8,
+        "device": "cpu",
+    }
+    config = PretrainConfig.model_validate(fields | settings)
+    job, _ = pretrain.plan_job(config, token_dirs[0], token_dirs[1], str(run_root))
+    return job
+
+
+def losses(run_dir: str) -> list[tuple[int, float, float, float]]:
+    return [
+        (row["step"], row["loss"], row["grad_norm"], row["lr"])
+        for row in read_metrics(run_dir)
+        if "loss" in row
+    ]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses_step_for_step(
+    token_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    whole = make_job(token_dirs, tmp_path / "whole")
+    train(whole)
+
+    interrupted = make_job(token_dirs, tmp_path / "interrupted")
+
+    def crash_at_five(step: int, total: int) -> None:
+        if step == 5:  # after the step-3 checkpoint, before the next one: steps 4-5 are redone
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(interrupted, on_step=crash_at_five)
+    assert checkpoints.list_checkpoints(Path(interrupted.run_dir) / "checkpoints") == [3]
+    result = train(interrupted)
+
+    assert result["resumed_from"] == 3
+    assert [s for s, *_ in losses(interrupted.run_dir)] == list(range(1, 9))
+    assert losses(interrupted.run_dir) == losses(whole.run_dir)
+    val = [r["val_loss"] for r in read_metrics(interrupted.run_dir) if "val_loss" in r]
+    assert val == [r["val_loss"] for r in read_metrics(whole.run_dir) if "val_loss" in r]
+    assert checkpoints.list_checkpoints(Path(whole.run_dir) / "checkpoints") == [3, 6, 8]
+
+
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(
+    token_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    single = make_job(token_dirs, tmp_path / "single", max_steps=4, nproc_per_node=1)
+    train(single)  # micro-batch 4 × 2 accumulation steps
+    ddp = make_job(token_dirs, tmp_path / "ddp", max_steps=4, nproc_per_node=2)
+    result = pretrain.launch(ddp, 2)  # torchrun, gloo: micro-batch 4 × 2 processes
+
+    assert result["world_size"] == 2
+    one, two = losses(single.run_dir), losses(ddp.run_dir)
+    assert [s for s, *_ in two] == [1, 2, 3, 4]
+    for (_, loss_1, norm_1, lr_1), (_, loss_2, norm_2, lr_2) in zip(one, two, strict=True):
+        assert loss_2 == pytest.approx(loss_1, abs=1e-5)
+        assert norm_2 == pytest.approx(norm_1, rel=1e-4)
+        assert lr_2 == lr_1
+    assert one[-1][1] < one[0][1]  # it learned something, so the match is not of two flat lines
+
+
+def test_a_diverging_run_stops_with_a_clear_error(
+    token_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    job = make_job(token_dirs, tmp_path / "nan", lr=1e12, warmup_steps=0, grad_clip=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: training loss .*Lower pretrain.lr"):
+        train(job)
+
+
+def test_training_learns_below_the_unigram_entropy_and_exports_to_transformers(
+    token_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    job = make_job(
+        token_dirs,
+        tmp_path / "learn",
+        seq_len=64,
+        micro_batch_size=16,
+        batch_tokens=1024,
+        max_steps=120,
+        eval_interval=60,
+        lr=1e-2,
+    )
+    result = train(job)
+    assert result["val_loss"] < result["unigram_entropy"] - 0.5
+    assert 0 < result["val_bpb"] < 8
+    samples = sorted((Path(job.run_dir) / "samples").glob("*.txt"))
+    assert [p.name for p in samples] == ["step-000060.txt", "step-000120.txt"]
+    assert "### 'The'" in samples[-1].read_text()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = pretrain.export_hf(Path(result["checkpoint"]), job.tokenizer_dir, tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([hf_tokenizer.encode("def f(x):\n    return x")])
+    ours = pretrain.load_model(Path(result["checkpoint"]))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    assert hf_tokenizer.eos_token == "<|eos|>"
+
+
+def test_schedules_warm_up_then_decay_to_the_floor() -> None:
+    cosine = PretrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, cosine) == pytest.approx(0.1)
+    assert lr_multiplier(9, cosine) == pytest.approx(1.0)
+    assert lr_multiplier(55, cosine) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_multiplier(100, cosine) == pytest.approx(0.1)
+    wsd = PretrainConfig(
+        max_steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0
+    )
+    assert lr_multiplier(50, wsd) == 1.0
+    assert lr_multiplier(79, wsd) == 1.0
+    assert lr_multiplier(90, wsd) == pytest.approx(0.5)
+    assert lr_multiplier(100, wsd) == pytest.approx(0.0)
+
+
+def test_config_errors_name_the_field(token_dirs: tuple[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="hidden_sise"):
+        PretrainConfig(model={"hidden_sise": 64})
+    with pytest.raises(ValueError, match="tokenizer's vocab_size"):
+        PretrainConfig(model={"vocab_size": 64}).decoder_config(512)
+    job = make_job(token_dirs, tmp_path / "bad", batch_tokens=200)
+    with pytest.raises(ValueError, match=r"batch_tokens=200 is not a multiple of .* = 128"):
+        train(job)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_latest(tmp_path: Path) -> None:
+    state = {"w": torch.ones(2)}
+    checkpoints.save_checkpoint(tmp_path, 1, state, {}, {"step": 1}, {}, keep=2)
+    (tmp_path / ".step-000002.tmp-dead").mkdir()  # a write killed half-way
+    (tmp_path / ".step-000002.tmp-dead" / "model.pt").write_bytes(b"partial")
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "step-000001"
+    for step in (2, 3):
+        checkpoints.save_checkpoint(tmp_path, step, state, {}, {"step": step}, {}, keep=2)
+    assert checkpoints.list_checkpoints(tmp_path) == [2, 3]
+    assert checkpoints.load_checkpoint(tmp_path / "step-000003")["trainer"]["step"] == 3
