@@ -433,7 +433,8 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
             f"; val loss {result['val_loss']:.3f} nats/token ({result['val_bpb']:.3f} bits/byte)"
             f" vs unigram entropy {result['unigram_entropy']:.3f}"
         )
-    summary += f"; export {Path(stage_dir) / manifest['run_dir'] / pretrain.HF_DIR}"
+    export = Path(stage_dir) / manifest["run_dir"] / pretrain.HF_DIR
+    summary += f"; export {export}"
     return _step_report(
         name,
         config,
@@ -442,6 +443,7 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
         skipped,
         docs_in=tokens["counts"]["kept"],
         kept=tokens["counts"]["kept"],
+        bytes=(export / "model.safetensors").stat().st_size,
         summary=summary,
     )
 
