@@ -33,7 +33,7 @@ from llmflow.models.decoder import Decoder, DecoderConfig
 from llmflow.models.hf_export import export_llama
 from llmflow.tasks import checkpoints, datasets
 from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
-from llmflow.tasks.progress import StepProgress
+from llmflow.tasks.progress import StepProgress, in_prefect_run
 from llmflow.tasks.stage import StageSpec
 from llmflow.tasks.tokenize import token_shard_paths
 from llmflow.tasks.tokenizer import HF_TOKENIZER_FILES
@@ -100,6 +100,15 @@ def plan_job(
     return job, key
 
 
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's logger inside a flow or task run (its lines reach the Prefect UI), else ours."""
+    if in_prefect_run():
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    return log
+
+
 def processes(config: PretrainConfig) -> int:
     """Training processes: as configured, else one per visible GPU, else one."""
     if config.nproc_per_node is not None:
@@ -138,6 +147,7 @@ def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None
     ]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=_OUTPUT_TAIL)
+    logger = _run_logger()
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
@@ -150,7 +160,7 @@ def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None
                     on_step(step, total)
                 continue
             tail.append(line)
-            log.info("%s", line)
+            logger.info("%s", line)
         code = proc.wait()
     if code != 0:
         output = "\n".join(tail)

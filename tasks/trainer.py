@@ -546,6 +546,12 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
         ):
             sink.log(done, metrics)
         last = metrics
+        if parallel.main and (done % config.eval_interval == 0 or done == config.max_steps):
+            # A line per evaluation: the log (Prefect's, torchrun's output) says how the run goes.
+            line = f"step {done}/{config.max_steps}: loss {loss_value:.4f}"
+            if "val_loss" in metrics:
+                line += f", val loss {metrics['val_loss']:.4f} ({metrics['val_bpb']:.3f} bits/byte)"
+            print(f"{line}, {tokens_per_s:,.0f} tokens/s", flush=True)
         if done % config.checkpoint_interval == 0 or done == config.max_steps:
             save(done)
             tick = time.perf_counter()
