@@ -326,6 +326,16 @@ def _step_report(
     )
 
 
+def _step_table(name: str, rows: dict[str, Any], run_id: str) -> None:
+    """A one-step stage's outcome as a Prefect table artifact, like the shard stages' counts."""
+    table = [{"item": k, "value": v} for k, v in rows.items() if v is not None]
+    create_table_artifact(
+        key=f"{name}-summary",
+        table=[*table, {"item": "MLflow run", "value": run_id}],
+        description=f"{name}: the outcome of the step and the MLflow run that records it",
+    )
+
+
 def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
     """Train the BPE tokenizer on the final documents' training split, once per input."""
     stage_dir = config.stage_dir(name)
@@ -360,6 +370,17 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
     for file in tokenizer.HF_TOKENIZER_FILES:
         tracker.log_artifacts(run_id, datasets.join(stage_dir, file), "tokenizer")
     tracker.finish(run_id, ok=True)
+    _step_table(
+        name,
+        {
+            "vocabulary": manifest["vocab_size"],
+            "bytes per token": manifest["bytes_per_token"],
+            "measured on": f"{manifest['compression_on']} documents",
+            "documents trained on": manifest["docs_used"],
+            "documents held out": manifest["heldout_docs"],
+        },
+        run_id,
+    )
     size = sum(
         len(datasets.read_bytes(datasets.join(stage_dir, f))) for f in tokenizer.HF_TOKENIZER_FILES
     )
@@ -426,6 +447,19 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     )
     tracker.log_dict(run_id, manifest, "manifest.json")
     tracker.finish(run_id, ok=True)
+    _step_table(
+        name,
+        {
+            "steps": result["steps"],
+            "parameters": result["parameters"],
+            "training tokens": result["train_tokens"],
+            "validation loss (nats/token)": result.get("val_loss"),
+            "validation bits per byte": result.get("val_bpb"),
+            "unigram entropy (nats/token)": result["unigram_entropy"],
+            "checkpoint": result["checkpoint"],
+        },
+        run_id,
+    )
     tokens = datasets.read_manifest(tokens_dir)
     summary = f"{result['steps']} steps, {result['parameters']:,} parameters"
     if result.get("val_loss") is not None:

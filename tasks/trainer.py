@@ -395,6 +395,12 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
         TokenStream(job.val_shards), seq_len, config.eval_batches * config.micro_batch_size
     )
 
+    if not val_windows and parallel.main:
+        print(
+            "no held-out tokens: validation loss and bits per byte are not measured"
+            " (raise tokenize.val_fraction, or add documents)",
+            flush=True,
+        )
     torch.manual_seed(config.seed)
     model = Decoder(job.decoder).to(device)
     optimizer = build_optimizer(model, config, device)
@@ -464,17 +470,19 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             )
 
     def run_eval(step: int) -> dict[str, float]:
-        if not val_windows:
-            return {}
-        loss, bpb = evaluate(
-            model,
-            val_windows,
-            token_bytes,
-            parallel,
-            device,
-            autocast,
-            config.micro_batch_size,
-        )
+        """Held-out loss and bits per byte (when there is a held-out split), and samples."""
+        metrics: dict[str, float] = {}
+        if val_windows:
+            loss, bpb = evaluate(
+                model,
+                val_windows,
+                token_bytes,
+                parallel,
+                device,
+                autocast,
+                config.micro_batch_size,
+            )
+            metrics = {"val_loss": loss, "val_bpb": bpb}
         if sink is not None:
             text = _samples(
                 raw_model, tokenizer, config.sample_prompts, config.sample_tokens, eos_id, step
@@ -482,7 +490,7 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             sink.log_text(text, f"samples/{checkpoints.step_name(step)}.txt")
             (run_dir / "samples").mkdir(exist_ok=True)
             (run_dir / "samples" / f"{checkpoints.step_name(step)}.txt").write_text(text)
-        return {"val_loss": loss, "val_bpb": bpb}
+        return metrics
 
     last: dict[str, float] = {}
     step = start_step
@@ -557,8 +565,9 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             tick = time.perf_counter()
         if parallel.main and on_step is not None:
             on_step(done, config.max_steps)
-    if start_step >= config.max_steps:
+    if start_step >= config.max_steps:  # finished before, stopped before its export: re-measure
         done = start_step
+        last = run_eval(done)
     result = {
         "steps": done,
         "resumed_from": start_step,

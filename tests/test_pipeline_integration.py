@@ -206,6 +206,13 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     flow_run = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()
     assert flow_run["state"]["type"] == "COMPLETED"
+    found = httpx.post(
+        f"{prefect_api}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
+        timeout=10,
+    ).json()
+    keys = {a["key"] for a in found}
+    assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
 
     # Second run: nothing to do, identical manifests, shards untouched.
     manifests_before = {d: (Path(d) / "manifest.json").read_bytes() for d in stage_dirs.values()}

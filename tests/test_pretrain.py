@@ -108,6 +108,11 @@ def test_resumed_run_repeats_the_uninterrupted_losses_step_for_step(
     assert val == [r["val_loss"] for r in read_metrics(whole.run_dir) if "val_loss" in r]
     assert checkpoints.list_checkpoints(Path(whole.run_dir) / "checkpoints") == [3, 6, 8]
 
+    again = train(interrupted)  # complete already: nothing trained, the final state re-measured
+    assert again["resumed_from"] == again["steps"] == 8
+    assert again["val_loss"] == pytest.approx(val[-1], abs=1e-6)
+    assert len(losses(interrupted.run_dir)) == 8
+
 
 def test_two_ddp_processes_match_one_process_on_the_same_global_batch(
     token_dirs: tuple[str, str], tmp_path: Path
