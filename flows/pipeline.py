@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages
+from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages, stage_inputs
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
 from llmflow.tasks import (
     crawl,
@@ -220,6 +220,14 @@ def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str,
     return sample
 
 
+def _log_inputs(name: str, config: PipelineConfig, tracker: PipelineTracker, run_id: str) -> None:
+    """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256)."""
+    context = "training" if name == "pretrain" else "input"
+    for source in stage_inputs(name):
+        source_dir = config.stage_dir(source)
+        tracker.log_input(run_id, source, source_dir, manifest_sha256(source_dir), context)
+
+
 def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
     """Plan, run and record one stage."""
     wiring = WIRING[name]
@@ -232,6 +240,7 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
         tags={"llmflow.code_version": wiring.spec.code_version(), "llmflow.dataset": stage_dir},
     )
     started = time.perf_counter()
+    _log_inputs(name, config, tracker, run_id)
 
     def map_task(
         task: Task[..., Any],
@@ -346,6 +355,7 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
         tags={"llmflow.code_version": tokenizer.STAGE.code_version(), "llmflow.dataset": stage_dir},
     )
     started = time.perf_counter()
+    _log_inputs(name, config, tracker, run_id)
     try:
         manifest, skipped = tokenizer.tokenizer_train(
             config.stage_dir("pii"), stage_dir, config.tokenizer, config.tokenize.val_fraction
@@ -417,6 +427,7 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
         },
     )
     started = time.perf_counter()
+    _log_inputs(name, config, tracker, run_id)
     try:
         manifest = pretrain.completed(stage_dir, key)
         skipped = manifest is not None

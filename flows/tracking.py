@@ -110,5 +110,24 @@ class PipelineTracker:
         else:
             self.client.log_artifact(run_id, str(local), artifact_path)
 
+    def log_input(self, run_id: str, name: str, uri: str, digest: str, context: str) -> None:
+        """A dataset the run read, in MLflow's dataset lineage (the run's Inputs), identified by
+        its manifest's hash: two runs that read the same bytes show the same digest."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local path matches two equivalent source types
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+        tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
+        self.client.log_inputs(
+            run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])]
+        )
+
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

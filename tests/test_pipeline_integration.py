@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from llmflow.flows.config import STAGES
 from llmflow.flows.pipeline import STEPS
 from llmflow.tasks import datasets
+from llmflow.tasks.stage import manifest_sha256
 
 LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 MAX_PAGES = 12
@@ -198,6 +199,13 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {"lr", "grad_norm", "tokens_per_s", "unigram_entropy"} <= set(pretrain_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
     assert {"checkpoint", "hf_model", "tokenizer", "metrics.jsonl", "manifest.json"} <= artifacts
+    inputs = {
+        d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags})
+        for d in client.get_run(pretrain_run.info.run_id).inputs.dataset_inputs
+    }
+    assert set(inputs) == {"tokenize", "tokenizer"}
+    assert inputs["tokenize"][0] == manifest_sha256(stage_dirs["tokenize"])[:36]
+    assert inputs["tokenize"][1]["mlflow.data.context"] == "training"
     exported = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "hf_model")}
     assert {"hf_model/config.json", "hf_model/tokenizer.json"} <= exported
     assert "pretrain" in first.stdout and "steps" in first.stdout
