@@ -3,8 +3,10 @@
 RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention through
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs),
 optional tied embeddings and QK-norm. Module and parameter names follow Hugging Face's
-``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj`` …) so that export is a rename-free copy
-of the state dict, and RoPE uses the same half-rotation layout as transformers' Llama.
+``LlamaForCausalLM`` (``model.layers.N.self_attn.o_proj`` …) except that q/k/v and gate/up are
+each one fused matmul (``qkv_proj``, ``gate_up_proj``, as nanoGPT fuses qkv): export splits
+those two and copies the rest, and RoPE uses the same half-rotation layout as transformers'
+Llama.
 """
 
 from __future__ import annotations
@@ -144,9 +146,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         d, h, kv = config.head_dim, config.num_heads, config.kv_heads
-        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=False)
+        # One matmul for queries, keys and values (Llama's q_proj, k_proj and v_proj stacked;
+        # the export splits them back): fewer, larger kernels than three small ones.
+        self.split = (h * d, kv * d, kv * d)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=False)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         self.q_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.qk_norm else None
@@ -161,9 +164,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         c = self.config
-        q = self.q_proj(x).view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope[0, start : start + seq], rope[1, start : start + seq]
@@ -183,16 +187,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul (Llama's gate_proj and
+    up_proj stacked; the export splits them back)."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.ffn_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.ffn_size, bias=False)
         self.down_proj = nn.Linear(config.ffn_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

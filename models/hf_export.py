@@ -1,7 +1,8 @@
 """Export a :class:`~llmflow.models.decoder.Decoder` as a Hugging Face ``LlamaForCausalLM``.
 
-The decoder's parameter names are Llama's, so export is the state dict in safetensors plus a
-``config.json`` that transformers reads; any Llama-compatible tool (transformers, vLLM,
+The decoder's parameter names are Llama's but for its two fused projections (``qkv_proj``,
+``gate_up_proj``), which the export splits back; export is then the state dict in safetensors plus
+a ``config.json`` that transformers reads; any Llama-compatible tool (transformers, vLLM,
 llama.cpp's converter) then loads the model without llmflow.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from llmflow.models.decoder import Decoder
@@ -39,6 +41,26 @@ def llama_config(model: Decoder) -> dict:
     }
 
 
+def llama_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """The weights under Llama's names: the fused projections split into q/k/v and gate/up."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if name.endswith(".qkv_proj.weight"):
+            prefix = name.removesuffix(".qkv_proj.weight")
+            sizes = model.model.layers[0].self_attn.split
+            for part, piece in zip(("q", "k", "v"), tensor.split(sizes, dim=0), strict=True):
+                state[f"{prefix}.{part}_proj.weight"] = piece.contiguous()
+        elif name.endswith(".gate_up_proj.weight"):
+            prefix = name.removesuffix(".gate_up_proj.weight")
+            gate, up = tensor.chunk(2, dim=0)
+            state[f"{prefix}.gate_proj.weight"] = gate.contiguous()
+            state[f"{prefix}.up_proj.weight"] = up.contiguous()
+        else:
+            state[name] = tensor.contiguous()
+    return state
+
+
 def export_llama(model: Decoder, directory: str | Path) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns it."""
     if model.config.qk_norm:
@@ -48,7 +70,7 @@ def export_llama(model: Decoder, directory: str | Path) -> Path:
         )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = llama_state_dict(model)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -56,4 +78,4 @@ def export_llama(model: Decoder, directory: str | Path) -> Path:
     return out
 
 
-__all__ = ["export_llama", "llama_config"]
+__all__ = ["export_llama", "llama_config", "llama_state_dict"]
