@@ -120,7 +120,9 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(
     single = make_job(token_dirs, tmp_path / "single", max_steps=4, nproc_per_node=1)
     train(single)  # micro-batch 4 × 2 accumulation steps
     ddp = make_job(token_dirs, tmp_path / "ddp", max_steps=4, nproc_per_node=2)
-    result = pretrain.launch(ddp, 2)  # torchrun, gloo: micro-batch 4 × 2 processes
+    seen: list[tuple[int, int]] = []
+    result = pretrain.launch(ddp, 2, lambda *step: seen.append(step))  # torchrun, gloo: 4 × 2
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # rank 0's progress, streamed
 
     assert result["world_size"] == 2
     one, two = losses(single.run_dir), losses(ddp.run_dir)
@@ -195,6 +197,11 @@ def test_config_errors_name_the_field(token_dirs: tuple[str, str], tmp_path: Pat
     job = make_job(token_dirs, tmp_path / "bad", batch_tokens=200)
     with pytest.raises(ValueError, match=r"batch_tokens=200 is not a multiple of .* = 128"):
         train(job)
+    with pytest.raises(ValueError, match="local filesystem"):
+        pretrain.plan_job(PretrainConfig(), token_dirs[0], token_dirs[1], "memory://runs")
+    too_long = make_job(token_dirs, tmp_path / "long", seq_len=128)
+    with pytest.raises(ValueError, match="seq_len=128 exceeds the model's max_seq_len=64"):
+        train(too_long)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_latest(tmp_path: Path) -> None:
