@@ -20,6 +20,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -40,6 +41,19 @@ def join(root: str, *parts: str) -> str:
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(path)
+
+
+def local_path(path: str, why: str) -> Path:
+    """``path`` as a local filesystem path, or an error saying ``why`` it has to be one (the
+    trainer memory-maps tokens and writes checkpoints with torch.save)."""
+    fs, p = filesystem(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols:
+        raise ValueError(
+            f"{path} is not on a local filesystem ({protocols[0]}://): {why}; copy it to local"
+            " (or mounted) storage, or set data_root to a local path"
+        )
+    return Path(p)
 
 
 def exists(path: str) -> bool:

@@ -45,14 +45,8 @@ _OUTPUT_TAIL = 60
 log = logging.getLogger(__name__)
 
 
-def _local_dir(path: str, what: str) -> Path:
-    fs, p = datasets.filesystem(path)
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        raise ValueError(
-            f"{what} at {path}: pretraining memory-maps tokens and writes checkpoints on a local"
-            " filesystem; set data_root to a local path (or a mounted one)"
-        )
-    return Path(p)
+def _local_dir(path: str) -> Path:
+    return datasets.local_path(path, "pretraining writes checkpoints with torch.save")
 
 
 def run_key(config: PretrainConfig, tokens_sha256: str, tokenizer_sha256: str) -> str:
@@ -85,14 +79,14 @@ def plan_job(
     key = run_key(
         config, stage.manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"]
     )
-    run_dir = _local_dir(stage_dir, "the pretrain stage") / "runs" / key[:16]
+    run_dir = _local_dir(stage_dir) / "runs" / key[:16]
     decoder = config.decoder_config(tokens_manifest["tokenizer"]["vocab_size"])
     job = TrainJob(
         config=config,
         decoder=decoder,
         train_shards=[str(p) for p in token_shard_paths(tokenize_dir, "train")],
         val_shards=[str(p) for p in token_shard_paths(tokenize_dir, "val")],
-        tokenizer_dir=str(_local_dir(tokenizer_dir, "the tokenizer")),
+        tokenizer_dir=str(_local_dir(tokenizer_dir)),
         run_dir=str(run_dir),
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
@@ -200,7 +194,7 @@ def write_manifest(stage_dir: str, key: str, job: TrainJob, result: dict[str, An
         "config": job.config.model_dump(mode="json"),
         "config_hash": job.config.output_hash(),
         "decoder": job.decoder.model_dump(mode="json"),
-        "run_dir": str(Path(job.run_dir).relative_to(_local_dir(stage_dir, "pretrain"))),
+        "run_dir": str(Path(job.run_dir).relative_to(_local_dir(stage_dir))),
         "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
     }
     datasets.write_json_atomic(datasets.join(stage_dir, datasets.MANIFEST_NAME), manifest)
@@ -213,7 +207,7 @@ def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
     if not datasets.exists(path):
         return None
     manifest = datasets.read_json(path)
-    run_dir = _local_dir(stage_dir, "pretrain") / manifest.get("run_dir", "")
+    run_dir = _local_dir(stage_dir) / manifest.get("run_dir", "")
     if manifest.get("key") != key or not (run_dir / HF_DIR / "config.json").exists():
         return None
     return manifest

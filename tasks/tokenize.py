@@ -337,15 +337,8 @@ def token_shard_paths(stage_dir: str, split: str) -> list[Path]:
     """Local paths of a split's token shards, in manifest order, for the trainer to memory-map."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    fs, root = datasets.filesystem(stage_dir)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" not in protocols:
-        raise ValueError(
-            f"token shards at {stage_dir} are not on a local disk ({protocols[0]}://): the"
-            " trainer memory-maps them; copy the tokenize stage's directory to local storage"
-            " and point the trainer there"
-        )
+    root = datasets.local_path(stage_dir, "the trainer memory-maps token shards")
     manifest = datasets.read_manifest(stage_dir)
     if "token_shards" not in manifest:
         raise ValueError(f"{stage_dir} is not a tokenize stage output (no token_shards)")
-    return [Path(root) / entry["path"] for entry in manifest["token_shards"][split]]
+    return [root / entry["path"] for entry in manifest["token_shards"][split]]
