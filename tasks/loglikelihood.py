@@ -1,0 +1,170 @@
+"""Log-likelihood scoring of continuations, as lm-evaluation-harness defines it, computed once per
+shared context.
+
+A multiple-choice item is a context and several continuations; the model's answer is the
+continuation it finds most likely. The numbers are only worth anything if they are the reference
+harness's numbers, so the tokenization of a (context, continuation) pair is lm-eval's
+(``_encode_pair``: trailing spaces of the context move to the continuation, the pair is encoded as
+one string and the continuation's tokens are what follows the context's own encoding), an empty
+context is the model's prefix token, and a request longer than the model keeps its last
+``max_length`` tokens. What differs is the cost: lm-eval runs the whole sequence once per
+continuation; here the context runs once, its key/value cache is repeated for the choices, and
+only the continuations are computed per choice.
+
+Models are anything transformers loads as a causal LM: a Hugging Face directory, a GGUF file, or
+one of our checkpoints through its export (:func:`llmflow.tasks.pretrain.export_hf`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Score:
+    """One continuation's summed log-probability given its context, and whether greedy decoding
+    would have produced exactly it (lm-eval's ``is_greedy``: LAMBADA's accuracy)."""
+
+    loglikelihood: float
+    is_greedy: bool
+    tokens: int
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair``: (context ids, continuation ids) for one request."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    return context_ids, whole[len(context_ids) :]
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """What stands for an empty context: lm-eval's choice (BOS if the tokenizer has one, else
+    EOS)."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token to start an empty context")
+
+
+class LoglikelihoodScorer:
+    """Scores groups of continuations that share a context with a transformers causal LM."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        configured = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_length = max_length or configured
+        self.device = next(model.parameters()).device
+
+    def _pairs(
+        self, contexts: Sequence[str], continuations: Sequence[str]
+    ) -> list[tuple[list[int], list[int]]]:
+        pairs = []
+        for context, continuation in zip(contexts, continuations, strict=True):
+            context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation)
+            if not context:
+                context_ids = [prefix_token_id(self.tokenizer)]
+                continuation_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
+            if not continuation_ids:
+                raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+            pairs.append((context_ids, continuation_ids))
+        return pairs
+
+    @torch.no_grad()
+    def score(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
+        """One score per (context, continuation). Requests with the same context ids share one
+        forward pass over it; the rest are scored alone, as lm-eval scores every request."""
+        pairs = self._pairs(contexts, continuations)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context_ids, _) in enumerate(pairs):
+            groups.setdefault(tuple(context_ids), []).append(i)
+        scores: list[Score | None] = [None] * len(pairs)
+        for context_key, members in groups.items():
+            conts = [pairs[i][1] for i in members]
+            if len(context_key) + max(map(len, conts)) - 1 <= self.max_length:
+                for i, s in zip(members, self._shared(list(context_key), conts), strict=True):
+                    scores[i] = s
+            else:  # too long to share: truncate on the left per request, as lm-eval does
+                for i in members:
+                    scores[i] = self._alone(*pairs[i])
+        return [s for s in scores if s is not None]
+
+    @torch.no_grad()
+    def _shared(self, context: list[int], continuations: list[list[int]]) -> list[Score]:
+        ids = torch.tensor([context], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+        longest = max(map(len, continuations))
+        rest = None
+        if longest > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(continuations))
+            pad = continuations[0][0]  # right padding: real tokens never attend to it
+            rows = [c[:-1] + [pad] * (longest - len(c)) for c in continuations]
+            follow = self.model(
+                input_ids=torch.tensor(rows, device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            rest = F.log_softmax(follow.logits.float(), dim=-1)
+        scores = []
+        for row, continuation in enumerate(continuations):
+            logprobs = [first]
+            if rest is not None:
+                logprobs += [rest[row, j] for j in range(len(continuation) - 1)]
+            scores.append(_score(torch.stack(logprobs), continuation))
+        return scores
+
+    @torch.no_grad()
+    def _alone(self, context: list[int], continuation: list[int]) -> Score:
+        whole = (context + continuation)[-(self.max_length + 1) :][:-1]
+        logits = self.model(input_ids=torch.tensor([whole], device=self.device)).logits[0]
+        logprobs = F.log_softmax(logits[-len(continuation) :].float(), dim=-1)
+        return _score(logprobs, continuation)
+
+
+def _score(logprobs: torch.Tensor, continuation: list[int]) -> Score:
+    """Sum the continuation's log-probabilities (one row of ``logprobs`` per token)."""
+    target = torch.tensor(continuation, device=logprobs.device)
+    picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
+    greedy = bool((logprobs.argmax(dim=-1) == target).all())
+    return Score(float(picked.sum()), greedy, len(continuation))
+
+
+def choice_metrics(loglikelihoods: Sequence[float], choices: Sequence[str], gold: int) -> dict:
+    """lm-eval's multiple-choice metrics for one item.
+
+    ``acc``: the most likely choice is the gold one. ``acc_norm``: the same after dividing each
+    choice's log-likelihood by its length in characters (lm-eval's definition, the leading space
+    included); ``acc_bytes``: by its UTF-8 bytes.
+    """
+    lls = np.asarray(loglikelihoods, dtype=np.float64)
+    chars = np.asarray([len(c) for c in choices], dtype=np.float64)
+    nbytes = np.asarray([len(c.encode("utf-8")) for c in choices], dtype=np.float64)
+    return {
+        "acc": float(np.argmax(lls) == gold),
+        "acc_norm": float(np.argmax(lls / chars) == gold),
+        "acc_bytes": float(np.argmax(lls / nbytes) == gold),
+    }
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n)), as lm-eval reports
+    them."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(np.mean(values))
+    stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return mean, stderr

@@ -1,0 +1,103 @@
+"""Log-likelihood scoring: the shared-context path equals scoring each request alone, the pair
+encoding is lm-eval's, and the multiple-choice metrics pick what they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from document_datasets import write_texts
+
+from llmflow.tasks.loglikelihood import (
+    LoglikelihoodScorer,
+    choice_metrics,
+    encode_pair,
+    mean_and_stderr,
+)
+from llmflow.tasks.tokenizer import TokenizerConfig, train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    *("the", "cat", "sat", "on", "a", "mat", "while", "seven", "dogs", "ran", "across"),
+    *("the", "old", "stone", "bridge", "at", "noon"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    root = tmp_path_factory.mktemp("scoring")
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)) for i in range(60)]
+    write_texts(str(root / "docs"), texts)
+    train_tokenizer(str(root / "docs"), str(root / "tok"), TokenizerConfig(vocab_size=300), 0.0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tok")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_trailing_spaces_move_to_the_continuation_as_lm_eval_does(model_and_tokenizer) -> None:
+    _, tokenizer = model_and_tokenizer
+    context_ids, continuation_ids = encode_pair(tokenizer, "the cat sat ", "on a mat")
+    assert context_ids == tokenizer.encode("the cat sat", add_special_tokens=False)
+    whole = tokenizer.encode("the cat sat on a mat", add_special_tokens=False)
+    assert context_ids + continuation_ids == whole
+
+
+def test_shared_context_scores_equal_scoring_each_request_alone(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    scorer = LoglikelihoodScorer(model, tokenizer)
+    contexts = ["the cat sat on", "the cat sat on", "the cat sat on", "seven dogs ran ", ""]
+    continuations = [" a mat", " the old stone bridge", " noon", "across", "the cat"]
+    shared = scorer.score(contexts, continuations)
+    for context, continuation, score in zip(contexts, continuations, shared, strict=True):
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        if not context:
+            ctx, cont = [tokenizer.bos_token_id], tokenizer.encode(continuation)
+        alone = scorer._alone(ctx, cont)
+        assert score.tokens == alone.tokens == len(cont)
+        assert score.loglikelihood == pytest.approx(alone.loglikelihood, abs=1e-4)
+        assert score.is_greedy == alone.is_greedy
+        # and by hand: the sum of log-softmax over the full sequence
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        expected = sum(float(logprobs[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert score.loglikelihood == pytest.approx(expected, abs=1e-4)
+
+
+def test_too_long_requests_keep_their_last_tokens(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    scorer = LoglikelihoodScorer(model, tokenizer, max_length=16)
+    context = " ".join(WORDS * 3)
+    (score,) = scorer.score([context], [" the cat"])
+    ctx, cont = encode_pair(tokenizer, context, " the cat")
+    window = (ctx + cont)[-17:-1]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window])).logits[0]
+    logprobs = torch.log_softmax(logits[-len(cont) :].float(), dim=-1)
+    expected = sum(float(logprobs[i, t]) for i, t in enumerate(cont))
+    assert score.loglikelihood == pytest.approx(expected, abs=1e-4)
+
+
+def test_acc_and_acc_norm_differ_where_length_decides() -> None:
+    # The long choice has the lower total but the higher per-character log-likelihood.
+    item = choice_metrics([-10.0, -12.0], [" a", " bbbbbbbb"], gold=1)
+    assert item == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+    # Characters and bytes disagree on multi-byte text: 3 characters, 7 bytes against 4 and 4.
+    item = choice_metrics([-4.0, -3.0], [" 中文", " abc"], gold=0)
+    assert item["acc_norm"] == 0.0 and item["acc_bytes"] == 1.0
+    assert choice_metrics([-1.0, -2.0], [" x", " y"], gold=0)["acc"] == 1.0
+
+
+def test_mean_and_stderr() -> None:
+    mean, stderr = mean_and_stderr([1.0, 0.0, 1.0, 0.0])
+    assert mean == 0.5
+    assert stderr == pytest.approx((1 / 3) ** 0.5 / 2)
