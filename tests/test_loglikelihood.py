@@ -7,6 +7,7 @@ import pytest
 import torch
 from document_datasets import write_texts
 
+from llmflow.tasks.eval_models import load_causal_lm
 from llmflow.tasks.loglikelihood import (
     LoglikelihoodScorer,
     choice_metrics,
@@ -101,3 +102,18 @@ def test_mean_and_stderr() -> None:
     mean, stderr = mean_and_stderr([1.0, 0.0, 1.0, 0.0])
     assert mean == 0.5
     assert stderr == pytest.approx((1 / 3) ** 0.5 / 2)
+
+
+def test_models_load_from_a_directory_or_a_run_folder(model_and_tokenizer, tmp_path) -> None:
+    model, tokenizer = model_and_tokenizer
+    run = tmp_path / "runs" / "abc"
+    model.save_pretrained(run / "hf")
+    tokenizer.save_pretrained(run / "hf")
+    for path in (run / "hf", run):
+        loaded, loaded_tokenizer = load_causal_lm(path)
+        ids = torch.tensor([tokenizer.encode("the cat sat")])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert loaded_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+    with pytest.raises(ValueError, match="expected a Hugging Face model directory"):
+        load_causal_lm(tmp_path)

@@ -1,0 +1,43 @@
+"""The models the evaluator scores: whatever transformers loads as a causal LM, found from a path.
+
+One loader for every kind keeps the scoring code single: a Hugging Face model directory, a GGUF
+file (transformers dequantizes it; needs the ``gguf`` package), or one of our pretraining runs
+(its ``hf/`` export, which is a Llama directory with our tokenizer beside it). Nothing is fetched
+from a hub: a path that is none of these is an error that says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def resolve_model_path(path: str | Path) -> tuple[Path, str | None]:
+    """(directory to load from, GGUF file name or None) for a model path."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if (p / "config.json").is_file():
+        return p, None
+    if (p / "hf" / "config.json").is_file():  # a pretraining run folder
+        return p / "hf", None
+    raise ValueError(
+        f"model {path}: expected a Hugging Face model directory (with config.json), a .gguf file,"
+        " or an llmflow pretraining run folder (data/pretrain/runs/<key>, with hf/)"
+    )
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """The model (float32, eval mode) and its tokenizer, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory, gguf_file = resolve_model_path(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32", **kwargs)
+    except ImportError as error:
+        raise ImportError(f"model {path}: {error} (GGUF files need `pip install gguf`)") from error
+    return model.to(device).eval(), tokenizer
