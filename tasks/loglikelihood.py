@@ -145,9 +145,11 @@ def _score(logprobs: torch.Tensor, continuation: list[int]) -> Score:
 def choice_metrics(loglikelihoods: Sequence[float], choices: Sequence[str], gold: int) -> dict:
     """lm-eval's multiple-choice metrics for one item.
 
-    ``acc``: the most likely choice is the gold one. ``acc_norm``: the same after dividing each
-    choice's log-likelihood by its length in characters (lm-eval's definition, the leading space
-    included); ``acc_bytes``: by its UTF-8 bytes.
+    ``choices`` are the choice texts as lm-eval's ``doc_to_choice`` gives them: without the space
+    that joins each to the context (the continuation scored is ``" " + choice``, the length that
+    normalizes it is the choice's own). ``acc``: the most likely choice is the gold one.
+    ``acc_norm``: the same after dividing each log-likelihood by the choice's length in
+    characters; ``acc_bytes``: by its UTF-8 bytes.
     """
     lls = np.asarray(loglikelihoods, dtype=np.float64)
     chars = np.asarray([len(c) for c in choices], dtype=np.float64)

@@ -26,11 +26,13 @@ from pydantic import Field, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llmflow.tasks import datasets
+from llmflow.tasks.chat_format import chat_template_config
 from llmflow.tasks.progress import StepProgress
 from llmflow.tasks.stage import StageConfig, StageSpec, manifest_sha256
 from llmflow.tasks.tokenize import is_validation
 
-STAGE = StageSpec("tokenizer", "1", ("tokenizers",))
+# Version 2: tokenizer_config.json carries the chat template.
+STAGE = StageSpec("tokenizer", "2", ("tokenizers",))
 
 SPECIAL_TOKENS = (
     "<|bos|>",
@@ -302,7 +304,8 @@ def hf_files() -> dict[str, dict[str, Any]]:
     bos/eos/pad are named so that generation and padding work; the chat-role tokens are listed as
     additional special tokens so that decoding with skip_special_tokens drops them. No bos is
     added automatically (the data path decides where bos goes) and spaces are never "cleaned up"
-    on decode: decode must give back the exact text.
+    on decode: decode must give back the exact text. The chat template is
+    :mod:`llmflow.tasks.chat_format`'s.
     """
     extra = list(SPECIAL_TOKENS[3:])
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
@@ -315,6 +318,8 @@ def hf_files() -> dict[str, dict[str, Any]]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
+        # SFT's chat layout, so that apply_chat_template gives the ids llmflow trains on
+        **chat_template_config(),
     }
     return {
         TOKENIZER_CONFIG_FILE: config,

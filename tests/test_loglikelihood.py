@@ -90,12 +90,14 @@ def test_too_long_requests_keep_their_last_tokens(model_and_tokenizer) -> None:
 
 def test_acc_and_acc_norm_differ_where_length_decides() -> None:
     # The long choice has the lower total but the higher per-character log-likelihood.
-    item = choice_metrics([-10.0, -12.0], [" a", " bbbbbbbb"], gold=1)
+    item = choice_metrics([-10.0, -12.0], ["a", "bbbbbbbb"], gold=1)
     assert item == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
-    # Characters and bytes disagree on multi-byte text: 3 characters, 7 bytes against 4 and 4.
-    item = choice_metrics([-4.0, -3.0], [" 中文", " abc"], gold=0)
+    # Characters and bytes disagree on multi-byte text: 2 characters, 6 bytes against 3 and 3.
+    item = choice_metrics([-4.0, -3.0], ["中文", "abc"], gold=0)
     assert item["acc_norm"] == 0.0 and item["acc_bytes"] == 1.0
-    assert choice_metrics([-1.0, -2.0], [" x", " y"], gold=0)["acc"] == 1.0
+    # The joining space is not counted: with it, 2 and 3 characters would flip the decision.
+    assert choice_metrics([-2.0, -3.5], ["a", "bb"], gold=1)["acc_norm"] == 1.0
+    assert choice_metrics([-1.0, -2.0], ["x", "y"], gold=0)["acc"] == 1.0
 
 
 def test_mean_and_stderr() -> None:
