@@ -8,9 +8,11 @@ prefect, and imports the flow only once the config has been checked. A bad confi
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,6 +126,92 @@ def run(
 
     result = run_pipeline(config, selected)
     _print_summary(result, workdir_path)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="A Hugging Face model directory, a .gguf file, or an llmflow pretraining run"
+            " folder (data/pretrain/runs/<key>)."
+        ),
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated benchmark tasks, e.g. hellaswag,arc_easy,piqa.")
+    ],
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="Folder holding the benchmark files in their published formats."),
+    ],
+    limit: Annotated[
+        int | None, typer.Option(help="Score only the first N items of each task.")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(help="Solved examples before each item (default: the task's, 5 for MMLU)."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option(help="Where the JSON results (scores and standard errors) go.")
+    ] = Path("eval-results.json"),
+) -> None:
+    """Score a model on benchmarks as lm-evaluation-harness does; print and save the results."""
+    from llmflow.tasks.benchmarks import TASKS
+
+    wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown or not wanted:
+        err.print(
+            f"[bold red]Error:[/] --tasks {tasks!r}: unknown task(s)"
+            f" {', '.join(unknown) or '(none given)'}; known: {', '.join(TASKS)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=2)
+    from llmflow.tasks.eval_models import load_causal_lm
+    from llmflow.tasks.evaluate import evaluate_model, find_benchmark
+    from llmflow.tasks.progress import StepProgress
+
+    try:
+        for task in wanted:
+            find_benchmark(task, data_dir)
+        lm, tokenizer = load_causal_lm(model)
+    except (ValueError, OSError) as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+    bars: list[StepProgress] = []
+
+    def on_task(task: str, items: int) -> Callable[[], None]:
+        for bar in bars:
+            bar.close()
+        bars.append(StepProgress(f"eval-{task}", f"evaluate: {task}", items))
+        return bars[-1].advance
+
+    try:
+        results = evaluate_model(lm, tokenizer, wanted, data_dir, limit, num_fewshot, on_task)
+    finally:
+        for bar in bars:
+            bar.close()
+    results["config"]["model"] = str(model)
+    output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    table = Table(title=f"llmflow evaluate: {model}")
+    for column in ("task", "metric", "value", "± stderr", "items", "shots", "time"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, result in results["results"].items():
+        for metric, value in result["metrics"].items():
+            stderr = result["stderr"].get(metric)
+            table.add_row(
+                task,
+                metric,
+                f"{value:.4f}",
+                "" if stderr is None or stderr != stderr else f"{stderr:.4f}",
+                str(result["items"]),
+                str(result["num_fewshot"]),
+                f"{result['seconds']:.1f} s",
+            )
+    out.print(table)
+    out.print(f"results: {output}", highlight=False, soft_wrap=True)
 
 
 def _human_bytes(n: int) -> str:
