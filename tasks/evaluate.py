@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmflow.tasks.benchmarks import TARGET_DELIMITER, TASKS, TaskData, load_task
-from llmflow.tasks.loglikelihood import LoglikelihoodScorer, choice_metrics, mean_and_stderr
+from llmflow.tasks.benchmarks import TARGET_DELIMITER, TASKS, ChoiceItem, TaskData, load_task
+from llmflow.tasks.loglikelihood import (
+    LoglikelihoodScorer,
+    Score,
+    choice_metrics,
+    mean_and_stderr,
+)
 
 # Where each task's file is looked for under a benchmarks folder, first match wins: the published
 # layouts (what README tells users to download) and ../shared/data/benchmarks' layout.
@@ -67,6 +72,24 @@ class TaskResult:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+# Items whose requests go to the scorer together: it sorts them by length and batches contexts.
+_ITEMS_PER_CALL = 256
+
+
+def _scored(
+    scorer: LoglikelihoodScorer, items: list[ChoiceItem]
+) -> Iterator[tuple[ChoiceItem, list[Score]]]:
+    """Each item with its scores, the requests of several items scored in one call."""
+    for start in range(0, len(items), _ITEMS_PER_CALL):
+        chunk = items[start : start + _ITEMS_PER_CALL]
+        requests = [r for item in chunk for r in item.requests()]
+        scores = scorer.score([c for c, _ in requests], [c for _, c in requests])
+        offset = 0
+        for item in chunk:
+            yield item, scores[offset : offset + item.num_options]
+            offset += item.num_options
+
+
 def evaluate_task(
     scorer: LoglikelihoodScorer,
     data: TaskData,
@@ -76,9 +99,7 @@ def evaluate_task(
     started = time.perf_counter()
     per_item: dict[str, list[float]] = {m: [] for m in data.metrics if m != "perplexity"}
     lambada_ll: list[float] = []
-    for item in data.items:
-        contexts, continuations = zip(*item.requests(), strict=True)
-        scores = scorer.score(list(contexts), list(continuations))
+    for item, scores in _scored(scorer, data.items):
         if data.output_type == "loglikelihood":
             lambada_ll.append(scores[0].loglikelihood)
             per_item["acc"].append(float(scores[0].is_greedy))

@@ -60,8 +60,11 @@ def prefix_token_id(tokenizer: Any) -> int:
 class LoglikelihoodScorer:
     """Scores groups of continuations that share a context with a transformers causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, max_length: int | None = None, batch_size: int = 8
+    ) -> None:
         self.model = model.eval()
+        self.batch_size = batch_size
         self.tokenizer = tokenizer
         configured = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_length = max_length or configured
@@ -84,47 +87,88 @@ class LoglikelihoodScorer:
     @torch.no_grad()
     def score(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
         """One score per (context, continuation). Requests with the same context ids share one
-        forward pass over it; the rest are scored alone, as lm-eval scores every request."""
+        forward pass over it, and up to ``batch_size`` such contexts with the same number of
+        continuations run together; requests too long to share are scored alone, as lm-eval
+        scores every request."""
         pairs = self._pairs(contexts, continuations)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context_ids, _) in enumerate(pairs):
             groups.setdefault(tuple(context_ids), []).append(i)
         scores: list[Score | None] = [None] * len(pairs)
+        by_size: dict[int, list[tuple[list[int], list[int]]]] = {}
         for context_key, members in groups.items():
             conts = [pairs[i][1] for i in members]
             if len(context_key) + max(map(len, conts)) - 1 <= self.max_length:
-                for i, s in zip(members, self._shared(list(context_key), conts), strict=True):
-                    scores[i] = s
+                by_size.setdefault(len(members), []).append((list(context_key), members))
             else:  # too long to share: truncate on the left per request, as lm-eval does
                 for i in members:
                     scores[i] = self._alone(*pairs[i])
+        for same_size in by_size.values():
+            # Similar lengths batched together waste least on padding (lm-eval sorts too): the
+            # continuations' pass has n rows a context, so their length comes first.
+            same_size.sort(key=lambda g: (max(len(pairs[i][1]) for i in g[1]), len(g[0])))
+            for start in range(0, len(same_size), self.batch_size):
+                batch = same_size[start : start + self.batch_size]
+                work = [(ctx, [pairs[i][1] for i in members]) for ctx, members in batch]
+                for (_, members), group_scores in zip(batch, self._shared(work), strict=True):
+                    for i, score in zip(members, group_scores, strict=True):
+                        scores[i] = score
         return [s for s in scores if s is not None]
 
     @torch.no_grad()
-    def _shared(self, context: list[int], continuations: list[list[int]]) -> list[Score]:
-        ids = torch.tensor([context], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
-        longest = max(map(len, continuations))
+    def _shared(self, groups: list[tuple[list[int], list[list[int]]]]) -> list[list[Score]]:
+        """Contexts (left-padded, one forward) and then all their continuations (one forward
+        over the cache repeated per continuation). Every group has the same number of
+        continuations."""
+        n = len(groups[0][1])
+        width = max(len(ctx) for ctx, _ in groups)
+        pad = groups[0][0][0]  # any id: padded positions are masked out
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c, _ in groups], device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(c)) + [1] * len(c) for c, _ in groups], device=self.device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        conts = [c for _, group in groups for c in group]
+        longest = max(map(len, conts))
         rest = None
         if longest > 1:
             cache = out.past_key_values
-            cache.batch_repeat_interleave(len(continuations))
-            pad = continuations[0][0]  # right padding: real tokens never attend to it
-            rows = [c[:-1] + [pad] * (longest - len(c)) for c in continuations]
+            cache.batch_repeat_interleave(n)
+            rows = torch.tensor(
+                [c[:-1] + [pad] * (longest - len(c)) for c in conts], device=self.device
+            )
+            lengths = torch.tensor([len(c) for c, _ in groups], device=self.device)
             follow = self.model(
-                input_ids=torch.tensor(rows, device=self.device),
+                input_ids=rows,
+                attention_mask=torch.cat(
+                    [mask.repeat_interleave(n, 0), torch.ones_like(rows)], dim=1
+                ),
+                position_ids=lengths.repeat_interleave(n)[:, None]
+                + torch.arange(longest - 1, device=self.device),
                 past_key_values=cache,
                 use_cache=True,
             )
             rest = F.log_softmax(follow.logits.float(), dim=-1)
-        scores = []
-        for row, continuation in enumerate(continuations):
-            logprobs = [first]
-            if rest is not None:
-                logprobs += [rest[row, j] for j in range(len(continuation) - 1)]
-            scores.append(_score(torch.stack(logprobs), continuation))
-        return scores
+        results = []
+        for g in range(len(groups)):
+            group_scores = []
+            for j in range(n):
+                row = g * n + j
+                continuation = conts[row]
+                logprobs = [first[g]]
+                if rest is not None:
+                    logprobs += [rest[row, k] for k in range(len(continuation) - 1)]
+                group_scores.append(_score(torch.stack(logprobs), continuation))
+            results.append(group_scores)
+        return results
 
     @torch.no_grad()
     def _alone(self, context: list[int], continuation: list[int]) -> Score:

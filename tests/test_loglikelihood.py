@@ -119,3 +119,18 @@ def test_models_load_from_a_directory_or_a_run_folder(model_and_tokenizer, tmp_p
         assert loaded_tokenizer.encode("the cat") == tokenizer.encode("the cat")
     with pytest.raises(ValueError, match="expected a Hugging Face model directory"):
         load_causal_lm(tmp_path)
+
+
+def test_contexts_of_different_lengths_batched_together_score_as_alone(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=3)
+    contexts, continuations = [], []
+    for i in range(7):  # 7 contexts of 1 to 13 words, two continuations each: 3 + 3 + 1 batches
+        context = " ".join(WORDS[: 1 + 2 * i])
+        contexts += [context, context]
+        continuations += [" the old stone bridge", " a"]
+    scores = scorer.score(contexts, continuations)
+    for context, continuation, score in zip(contexts, continuations, scores, strict=True):
+        alone = scorer._alone(*encode_pair(tokenizer, context, continuation))
+        assert score.loglikelihood == pytest.approx(alone.loglikelihood, abs=1e-4)
+        assert score.is_greedy == alone.is_greedy
