@@ -435,7 +435,8 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     sink = MetricsSink(job, start_step) if parallel.main else None
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(device, config.peak_flops)
-    entropy = unigram_entropy(train_stream, job.decoder.vocab_size)
+    # only rank 0 logs and reports it; the other ranks would each read the whole split for it
+    entropy = unigram_entropy(train_stream, job.decoder.vocab_size) if parallel.main else math.nan
     if sink is not None and start_step == 0:
         sink.log(
             0,
