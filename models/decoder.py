@@ -120,6 +120,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Attention mask for packed rows: True where query i may attend to key j.
+
+    That is j <= i and both in the same segment (the convention of
+    ``scaled_dot_product_attention``'s boolean ``attn_mask``). ``(seq,)`` gives ``(seq, seq)``;
+    ``(batch, seq)`` gives ``(batch, 1, seq, seq)``, broadcasting over heads. Padding (segment 0)
+    attends only to earlier padding, so no row of the mask is empty (an empty row would make
+    softmax NaN).
+    """
+    if segment_ids.dim() not in (1, 2):
+        raise ValueError(f"segment_ids must be (seq,) or (batch, seq), got {segment_ids.shape}")
+    seq = segment_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
+    mask = same & causal
+    return mask if segment_ids.dim() == 1 else mask.unsqueeze(1)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer, for incremental decoding."""
 
@@ -161,6 +179,7 @@ class Attention(nn.Module):
         layer: int,
         cache: KVCache | None,
         start: int,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         c = self.config
@@ -170,11 +189,17 @@ class Attention(nn.Module):
         v = v.view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope[0, start : start + seq], rope[1, start : start + seq]
+        if packed is not None:  # per-token positions (batch, 1, seq, head_dim), broadcast on heads
+            positions, mask = packed
+            cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)
+        else:
+            cos, sin = rope[0, start : start + seq], rope[1, start : start + seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if start == 0:
+        if packed is not None:
+            causal = False
+        elif start == 0:
             mask, causal = None, True
         else:  # new positions see every cached one and the earlier new ones
             total = k.shape[2]
@@ -209,9 +234,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache | None, start: int
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        layer: int,
+        cache: KVCache | None,
+        start: int,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, layer, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), rope, layer, cache, start, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -263,14 +294,33 @@ class Decoder(nn.Module):
             matmul_params -= self.model.embed_tokens.weight.numel()
         return 6 * matmul_params + 12 * c.num_layers * c.hidden_size * seq_len
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position of ``ids`` (batch, seq).
+
+        Packed rows (several SFT examples in one row) pass ``segment_ids`` (batch, seq): a token
+        then attends only to earlier tokens of its own segment, and ``position_ids`` (RoPE)
+        restart in each, so every example trains exactly as it would alone.
+        """
         start = cache.length if cache is not None else 0
         if start + ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + ids.shape[1]} tokens exceeds max_seq_len="
                 f"{self.config.max_seq_len}"
             )
+        packed = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segment_ids) are for training, not cached decoding")
+            if position_ids is None:
+                raise ValueError("segment_ids need position_ids (positions restart per segment)")
+            packed = (position_ids.long(), block_causal_mask(segment_ids))
         x = self.model.embed_tokens(ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self.rope, i, cache, start)
+            x = layer(x, self.rope, i, cache, start, packed)
         return self.lm_head(self.model.norm(x))

@@ -17,9 +17,9 @@ run, and none disappears unaccounted. A file that cannot be read at all is an er
 
 Packing: SFT examples are short (Alpaca: ~150 tokens) next to a context of 1-2k, so padding each
 to the context wastes most of the compute. :func:`pack_examples` fills rows with whole examples
-(best-fit decreasing) and records which example each token belongs to; attention is then confined
-to each example with :func:`block_causal_mask`, and positions restart at 0 in each example, so a
-packed row trains exactly as the examples would alone.
+(best-fit decreasing) and records which example each token belongs to; the decoder then confines
+attention to each example (:func:`~llmflow.models.decoder.block_causal_mask`) and restarts
+positions at 0 in each, so a packed row trains exactly as the examples would alone.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from llmflow.tasks import datasets
 from llmflow.tasks.chat_format import validate_messages
@@ -294,21 +293,3 @@ def pack_examples(
             start = end
         positions[r, start:] = np.arange(seq_len - start)
     return PackedRows(ids_out, targets, segments, positions, len(examples), truncated, dropped)
-
-
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Attention mask for packed rows: True where query i may attend to key j.
-
-    That is j <= i and both in the same segment (the convention of
-    ``scaled_dot_product_attention``'s boolean ``attn_mask``). ``(seq,)`` gives ``(seq, seq)``;
-    ``(batch, seq)`` gives ``(batch, 1, seq, seq)``, broadcasting over heads. Padding (segment 0)
-    attends only to earlier padding, so no row of the mask is empty (an empty row would make
-    softmax NaN).
-    """
-    if segment_ids.dim() not in (1, 2):
-        raise ValueError(f"segment_ids must be (seq,) or (batch, seq), got {segment_ids.shape}")
-    seq = segment_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
-    mask = same & causal
-    return mask if segment_ids.dim() == 1 else mask.unsqueeze(1)

@@ -41,6 +41,30 @@ def test_cached_forward_equals_full_forward() -> None:
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
+def test_packed_row_gives_each_example_its_own_logits() -> None:
+    """Three examples packed in one row (with padding) give the logits each gets alone: attention
+    stays inside a segment and positions restart, which is what makes SFT packing exact."""
+    m = model(SMALL.model_copy(update={"num_kv_heads": 2}))
+    examples = [torch.randint(0, 97, (n,)) for n in (9, 5, 11)]
+    row = torch.cat([*examples, torch.zeros(3, dtype=torch.long)])[None]
+    segments = torch.cat(
+        [torch.full((len(e),), i + 1) for i, e in enumerate(examples)] + [torch.zeros(3)]
+    ).long()[None]
+    positions = torch.cat([torch.arange(len(e)) for e in examples] + [torch.arange(3)])[None]
+    with torch.no_grad():
+        packed = m(row, segment_ids=segments, position_ids=positions)[0]
+        start = 0
+        for example in examples:
+            alone = m(example[None])[0]
+            assert torch.allclose(packed[start : start + len(example)], alone, atol=1e-5)
+            start += len(example)
+        # without the segments the second example would see the first one
+        plain = m(row)[0]
+        assert not torch.allclose(plain[9:14], m(examples[1][None])[0], atol=1e-3)
+    with pytest.raises(ValueError, match="position_ids"):
+        m(row, segment_ids=segments)
+
+
 def test_generation_with_cache_equals_without() -> None:
     m = model()
     prompt = torch.randint(0, 97, (2, 5))

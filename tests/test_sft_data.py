@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmflow.models.decoder import block_causal_mask
 from llmflow.tasks.sft_data import (
     IGNORE_INDEX,
-    block_causal_mask,
     pack_examples,
     read_conversations,
     record_conversation,
