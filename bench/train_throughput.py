@@ -48,7 +48,7 @@ from torch import nn
 
 from llmflow.models.decoder import PRESETS, Decoder, DecoderConfig
 from llmflow.tasks.datasets import write_json_atomic
-from llmflow.tasks.pretrain_config import PretrainConfig
+from llmflow.tasks.train_config import PretrainConfig
 from llmflow.tasks.trainer import build_optimizer, peak_flops
 
 # The reference has no grouped-query attention and a 4x GELU MLP, so only presets it can mirror

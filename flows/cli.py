@@ -141,9 +141,12 @@ def evaluate(
         str, typer.Option(help="Comma-separated benchmark tasks, e.g. hellaswag,arc_easy,piqa.")
     ],
     data_dir: Annotated[
-        Path,
-        typer.Option(help="Folder holding the benchmark files in their published formats."),
-    ],
+        Path | None,
+        typer.Option(
+            help="Folder holding the benchmark files in their published formats (default: the"
+            " 200-item subsets shipped with llmflow, for a quick offline look)."
+        ),
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Score only the first N items of each task.")
     ] = None,
@@ -168,10 +171,12 @@ def evaluate(
             soft_wrap=True,
         )
         raise typer.Exit(code=2)
+    from llmflow.tasks.embedded_data import BENCHMARKS_DIR
     from llmflow.tasks.eval_models import load_causal_lm
     from llmflow.tasks.evaluate import evaluate_model, find_benchmark
     from llmflow.tasks.progress import StepProgress
 
+    data_dir = data_dir or BENCHMARKS_DIR
     try:
         for task in wanted:
             find_benchmark(task, data_dir)

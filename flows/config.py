@@ -17,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.dedup import DedupConfig
+from llmflow.tasks.evaluate_config import EvaluateConfig
 from llmflow.tasks.normalize import NormalizeConfig
 from llmflow.tasks.pii import PiiConfig
-from llmflow.tasks.pretrain_config import PretrainConfig
 from llmflow.tasks.quality import QualityConfig
 from llmflow.tasks.tokenize import TokenizeConfig
 from llmflow.tasks.tokenizer import TokenizerConfig
 from llmflow.tasks.toxicity import ToxicityConfig
+from llmflow.tasks.train_config import PretrainConfig, SftConfig
 
 # The pipeline's stages, in order.
 STAGES: tuple[str, ...] = (
@@ -36,13 +37,19 @@ STAGES: tuple[str, ...] = (
     "tokenizer",
     "tokenize",
     "pretrain",
+    "sft",
+    "evaluate",
 )
 # The datasets a stage reads, where that is not just the stage before it: the tokenizer and the
-# token shards are both made from the final documents; training reads the tokens and tokenizer.
+# token shards are both made from the final documents; training reads the tokens and tokenizer;
+# SFT starts from the pretrained model; evaluation scores the SFT model (its held-out bits per
+# byte on the token shards' validation split).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("pii",),
     "tokenize": ("pii", "tokenizer"),
     "pretrain": ("tokenize", "tokenizer"),
+    "sft": ("pretrain", "tokenizer"),
+    "evaluate": ("sft", "tokenize", "tokenizer"),
 }
 
 
@@ -88,6 +95,8 @@ class PipelineConfig(BaseModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")

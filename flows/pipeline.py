@@ -7,6 +7,7 @@ them, and records the outcome in MLflow (a child run per stage) and Prefect (art
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,10 +28,12 @@ from llmflow.tasks import (
     crawl,
     datasets,
     dedup,
+    evaluate,
     normalize,
     pii,
     pretrain,
     quality,
+    sft,
     tokenize,
     tokenizer,
     toxicity,
@@ -45,6 +48,7 @@ from llmflow.tasks.stage import (
     manifest_sha256,
     plan_shard_units,
 )
+from llmflow.tasks.train_config import TrainJob
 
 _REJECTED_SAMPLE = 20
 _LIVE_INTERVAL_S = 3.0
@@ -222,7 +226,7 @@ def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str,
 
 def _log_inputs(name: str, config: PipelineConfig, tracker: PipelineTracker, run_id: str) -> None:
     """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256)."""
-    context = "training" if name == "pretrain" else "input"
+    context = "training" if name in ("pretrain", "sft") else "input"
     for source in stage_inputs(name):
         source_dir = config.stage_dir(source)
         tracker.log_input(run_id, source, source_dir, manifest_sha256(source_dir), context)
@@ -410,24 +414,41 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
     )
 
 
-def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
-    """Train (or resume, or skip) the model on the token shards; record curves and artifacts."""
+def _run_training(
+    name: str,
+    config: PipelineConfig,
+    tracker: PipelineTracker,
+    job: TrainJob,
+    key: str,
+    spec: StageSpec,
+    train: Task[..., dict[str, Any]],
+    params: dict[str, str],
+    dataset: str,
+    extra: dict[str, Any] | None = None,
+    data_input: tuple[str, str, str] | None = None,
+) -> tuple[dict[str, Any], str, bool, float]:
+    """Train (or resume, or skip) one run; record its curves, checkpoint and export in MLflow.
+
+    Pretraining and SFT differ in their job (data, starting weights), not in this bookkeeping.
+    ``data_input`` (name, URI, digest) is a training input that is no pipeline stage (SFT's
+    conversations). Returns the run's manifest, the MLflow run id, whether it was skipped and
+    the seconds taken.
+    """
     stage_dir = config.stage_dir(name)
-    settings = config.pretrain
-    tokens_dir, tokenizer_dir = config.stage_dir("tokenize"), config.stage_dir("tokenizer")
-    job, key = pretrain.plan_job(settings, tokens_dir, tokenizer_dir, stage_dir)
     run_id = tracker.start_child(
         name,
-        params=flatten(settings.model_dump(mode="json"))
-        | flatten(job.decoder.model_dump(mode="json"), "decoder."),
+        params=params | flatten(job.decoder.model_dump(mode="json"), "decoder."),
         tags={
-            "llmflow.code_version": pretrain.STAGE.code_version(),
-            "llmflow.dataset": tokens_dir,
+            "llmflow.code_version": spec.code_version(),
+            "llmflow.dataset": dataset,
             "llmflow.run_dir": job.run_dir,
-        },
+        }
+        | ({"llmflow.init_checkpoint": job.init_checkpoint} if job.init_checkpoint else {}),
     )
     started = time.perf_counter()
     _log_inputs(name, config, tracker, run_id)
+    if data_input is not None:
+        tracker.log_input(run_id, *data_input, "training")
     try:
         manifest = pretrain.completed(stage_dir, key)
         skipped = manifest is not None
@@ -435,16 +456,16 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
             job = job.model_copy(
                 update={"tracking_uri": tracker.tracking_uri, "mlflow_run_id": run_id}
             )
-            result = pretrain.pretrain_task(job, pretrain.processes(settings))
+            result = train(job, pretrain.processes(job.config))
             run_dir = Path(job.run_dir)
             checkpoint = Path(result["checkpoint"])
-            export = pretrain.export_hf(checkpoint, tokenizer_dir, run_dir / pretrain.HF_DIR)
+            export = pretrain.export_hf(checkpoint, job.tokenizer_dir, run_dir / pretrain.HF_DIR)
             tracker.log_artifacts(run_id, checkpoint, "checkpoint")
             tracker.log_artifacts(run_id, export, "hf_model")
             for file in tokenizer.HF_TOKENIZER_FILES:
-                tracker.log_artifacts(run_id, Path(tokenizer_dir) / file, "tokenizer")
+                tracker.log_artifacts(run_id, Path(job.tokenizer_dir) / file, "tokenizer")
             tracker.log_artifacts(run_id, run_dir / "metrics.jsonl", "")
-            manifest = pretrain.write_manifest(stage_dir, key, job, result)
+            manifest = pretrain.write_manifest(stage_dir, key, job, result, spec, extra)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
@@ -458,6 +479,27 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     )
     tracker.log_dict(run_id, manifest, "manifest.json")
     tracker.finish(run_id, ok=True)
+    return manifest, run_id, skipped, time.perf_counter() - started
+
+
+def _loss_summary(result: dict[str, Any]) -> str:
+    summary = f"{result['steps']} steps, {result['parameters']:,} parameters"
+    if result.get("val_loss") is not None:
+        summary += (
+            f"; val loss {result['val_loss']:.3f} nats/token ({result['val_bpb']:.3f} bits/byte)"
+        )
+    return summary
+
+
+def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
+    """Train (or resume, or skip) the model on the token shards; record curves and artifacts."""
+    tokens_dir, tokenizer_dir = config.stage_dir("tokenize"), config.stage_dir("tokenizer")
+    job, key = pretrain.plan_job(config.pretrain, tokens_dir, tokenizer_dir, config.stage_dir(name))
+    params = flatten(config.pretrain.model_dump(mode="json"))
+    manifest, run_id, skipped, seconds = _run_training(
+        name, config, tracker, job, key, pretrain.STAGE, pretrain.pretrain_task, params, tokens_dir
+    )
+    result = manifest["result"]
     _step_table(
         name,
         {
@@ -472,30 +514,213 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
         run_id,
     )
     tokens = datasets.read_manifest(tokens_dir)
-    summary = f"{result['steps']} steps, {result['parameters']:,} parameters"
+    summary = _loss_summary(result)
     if result.get("val_loss") is not None:
-        summary += (
-            f"; val loss {result['val_loss']:.3f} nats/token ({result['val_bpb']:.3f} bits/byte)"
-            f" vs unigram entropy {result['unigram_entropy']:.3f}"
-        )
-    export = Path(stage_dir) / manifest["run_dir"] / pretrain.HF_DIR
-    summary += f"; export {export}"
+        summary += f" vs unigram entropy {result['unigram_entropy']:.3f}"
+    export = Path(config.stage_dir(name)) / manifest["run_dir"] / pretrain.HF_DIR
+    return _step_report(
+        name,
+        config,
+        run_id,
+        seconds,
+        skipped,
+        docs_in=tokens["counts"]["kept"],
+        kept=tokens["counts"]["kept"],
+        bytes=(export / "model.safetensors").stat().st_size,
+        summary=f"{summary}; export {export}",
+    )
+
+
+def run_sft(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
+    """Fine-tune the pretrained model on the conversations, assistant tokens only."""
+    job, key, data = sft.plan_job(
+        config.sft,
+        config.stage_dir("pretrain"),
+        config.stage_dir("tokenizer"),
+        config.stage_dir(name),
+    )
+    params = flatten(config.sft.model_dump(mode="json")) | {"data_source": data.source}
+    manifest, run_id, skipped, seconds = _run_training(
+        name,
+        config,
+        tracker,
+        job,
+        key,
+        sft.STAGE,
+        sft.sft_task,
+        params,
+        data.source,
+        {"data": asdict(data)},
+        ("instructions", data.source, data.sha256),
+    )
+    tracker.log(
+        run_id,
+        metrics={
+            "conversations": data.conversations,
+            "conversations_skipped": sum(data.skipped.values()),
+            "train_conversations": data.train_conversations,
+            "val_conversations": data.val_conversations,
+            "train_rows": data.train_rows,
+            "padding_fraction": data.padding_fraction,
+            "truncated": data.truncated,
+            "dropped": data.dropped,
+        },
+        tags={"llmflow.sft_data": data.source, "llmflow.sft_data_sha256": data.sha256},
+    )
+    result = manifest["result"]
+    _step_table(
+        name,
+        {
+            "instruction data": data.source,
+            "conversations (train / held out)": (
+                f"{data.train_conversations} / {data.val_conversations}"
+            ),
+            "records skipped": ", ".join(f"{n} {r}" for r, n in data.skipped.items()) or "none",
+            "packed rows": data.train_rows,
+            "padding": f"{data.padding_fraction:.1%}",
+            "steps": result["steps"],
+            "assistant tokens trained on": result["train_tokens"],
+            "validation loss (nats/assistant token)": result.get("val_loss"),
+            "checkpoint": result["checkpoint"],
+        },
+        run_id,
+    )
+    export = Path(config.stage_dir(name)) / manifest["run_dir"] / pretrain.HF_DIR
+    return _step_report(
+        name,
+        config,
+        run_id,
+        seconds,
+        skipped,
+        docs_in=data.conversations + sum(data.skipped.values()),
+        kept=data.conversations,
+        rejected=sum(data.skipped.values()),
+        rejected_by_reason=data.skipped,
+        bytes=(export / "model.safetensors").stat().st_size,
+        summary=(
+            f"{data.train_conversations} conversations; {_loss_summary(result)} on held-out replies"
+        ),
+    )
+
+
+def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[str], str]:
+    """(model path, our tokenizer dir or None, held-out token shards, digest of both)."""
+    settings = config.evaluate
+    tokens_dir = config.stage_dir("tokenize")
+    val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
+    heldout_sha = manifest_sha256(tokens_dir)
+    if settings.model is not None:  # someone else's model: its own tokenizer, no bits per byte
+        # the files' names, sizes and times stand for the model: re-hashing GBs of weights on
+        # every run to decide whether to skip would cost more than most evaluations
+        path = Path(settings.model).resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+        return settings.model, None, [], hashlib.sha256(repr(stamp).encode()).hexdigest()
+    sft_dir = config.stage_dir("sft")
+    base = datasets.read_json(datasets.join(sft_dir, datasets.MANIFEST_NAME))
+    model_path = str(pretrain.local_dir(sft_dir) / base["run_dir"] / pretrain.HF_DIR)
+    digest = manifest_sha256(sft_dir) + heldout_sha
+    return model_path, config.stage_dir("tokenizer"), val_shards, digest
+
+
+def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
+    """Score the instruction-tuned model: benchmarks, held-out bits per byte, chat samples."""
+    settings = config.evaluate
+    stage_dir = config.stage_dir(name)
+    model_path, tokenizer_dir, val_shards, inputs_sha = _evaluation_inputs(config)
+    key = evaluate.evaluation_key(settings, inputs_sha)
+    run_id = tracker.start_child(
+        name,
+        params=flatten(settings.model_dump(mode="json")) | {"model_path": model_path},
+        tags={"llmflow.code_version": evaluate.STAGE.code_version(), "llmflow.model": model_path},
+    )
+    started = time.perf_counter()
+    if settings.model is None:
+        _log_inputs(name, config, tracker, run_id)
+    results_path = datasets.join(stage_dir, datasets.MANIFEST_NAME)
+    try:
+        previous = datasets.read_json(results_path) if datasets.exists(results_path) else None
+        skipped = previous is not None and previous.get("key") == key
+        if skipped:
+            outcome = previous
+        else:
+            bars: list[StepProgress] = []
+
+            def on_task(task: str, items: int) -> Callable[[], None]:
+                for bar in bars:
+                    bar.close()
+                bars.append(StepProgress(f"evaluate-{task}", f"evaluate: {task}", items))
+                return bars[-1].advance
+
+            try:
+                outcome = evaluate.run_evaluation(
+                    settings, model_path, tokenizer_dir, val_shards, on_task
+                )
+            finally:
+                for bar in bars:
+                    bar.close()
+            outcome |= {
+                "format": datasets.MANIFEST_FORMAT,
+                "stage": name,
+                "code_version": evaluate.STAGE.code_version(),
+                "key": key,
+            }
+            datasets.write_json_atomic(results_path, outcome)
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    metrics: dict[str, float] = {}
+    for task, result in outcome["results"].items():
+        for metric, value in result["metrics"].items():
+            metrics[f"eval/{task}/{metric}"] = value
+            stderr = result["stderr"].get(metric)
+            if stderr is not None and stderr == stderr:
+                metrics[f"eval/{task}/{metric}_stderr"] = stderr
+    heldout = outcome.get("heldout")
+    if heldout:
+        metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}
+    tracker.log(run_id, metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
+    rows = evaluate.results_rows(outcome)
+    tracker.client.log_table(
+        run_id,
+        data={column: [row[column] for row in rows] for column in rows[0]} if rows else {},
+        artifact_file="eval_results.json",
+    )
+    tracker.log_dict(run_id, outcome, "eval_outcome.json")
+    tracker.finish(run_id, ok=True)
+    create_markdown_artifact(
+        key="evaluate-results",
+        markdown=evaluate.results_markdown(outcome, run_id),
+        description="Benchmark scores, held-out bits per byte and chat samples of the model",
+    )
+    headline = []
+    for task, result in outcome["results"].items():
+        metric = "acc_norm" if "acc_norm" in result["metrics"] else "acc"
+        headline.append(f"{task} {metric} {result['metrics'][metric]:.3f}")
+    summary = ", ".join(headline)
+    if heldout:
+        summary = f"held-out {heldout['bpb']:.3f} bits/byte; {summary}"
+    items = sum(r["items"] for r in outcome["results"].values())
     return _step_report(
         name,
         config,
         run_id,
         time.perf_counter() - started,
         skipped,
-        docs_in=tokens["counts"]["kept"],
-        kept=tokens["counts"]["kept"],
-        bytes=(export / "model.safetensors").stat().st_size,
+        docs_in=items,
+        kept=items,
         summary=summary,
     )
 
 
 StepRunner = Callable[[str, PipelineConfig, PipelineTracker], StageReport]
 # Stages that are one step over their whole input, not a map over shards.
-STEPS: dict[str, StepRunner] = {"tokenizer": run_tokenizer, "pretrain": run_pretrain}
+STEPS: dict[str, StepRunner] = {
+    "tokenizer": run_tokenizer,
+    "pretrain": run_pretrain,
+    "sft": run_sft,
+    "evaluate": run_evaluate,
+}
 assert set(WIRING) | set(STEPS) == set(STAGES), "every stage in STAGES needs its wiring"
 
 

@@ -9,6 +9,8 @@ document that the CLI writes and the pipeline logs to MLflow.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -16,13 +18,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmflow.tasks.benchmarks import TARGET_DELIMITER, TASKS, ChoiceItem, TaskData, load_task
+from llmflow.tasks.embedded_data import BENCHMARKS_DIR
+from llmflow.tasks.eval_models import load_causal_lm
+from llmflow.tasks.evaluate_config import EvaluateConfig
 from llmflow.tasks.loglikelihood import (
     LoglikelihoodScorer,
     Score,
     choice_metrics,
     mean_and_stderr,
 )
+from llmflow.tasks.stage import StageSpec
 
 # Where each task's file is looked for under a benchmarks folder, first match wins: the published
 # layouts (what README tells users to download) and ../shared/data/benchmarks' layout.
@@ -139,12 +147,13 @@ def evaluate_model(
     limit: int | None = None,
     num_fewshot: int | None = None,
     on_task: Callable[[str, int], Callable[[], None] | None] | None = None,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Every task on one model: ``{"results": {task: TaskResult as dict}, "config": …}``.
 
     ``on_task(task, items)`` may return a per-item callback (a progress bar for that task).
     """
-    scorer = LoglikelihoodScorer(model, tokenizer)
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=batch_size)
     results: dict[str, Any] = {}
     for task in tasks:
         data = load_task(task, find_benchmark(task, data_dir), num_fewshot, limit)
@@ -160,3 +169,172 @@ def evaluate_model(
             "max_length": scorer.max_length,
         },
     }
+
+
+# --- the pipeline's evaluate stage ------------------------------------------------------------
+
+STAGE = StageSpec(name="evaluate", version="1", libraries=("torch", "transformers"))
+
+
+class _HFLogits(torch.nn.Module):
+    """A transformers causal LM as the trainer's evaluation expects a model: ids in, logits out."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def heldout_bits_per_byte(
+    model: Any, tokenizer_dir: str, val_shards: list[str], windows: int
+) -> dict[str, float] | None:
+    """Loss and bits per byte of ``model`` on the first windows of our held-out token split,
+    measured exactly as the trainer measures ``val_bpb`` (the same function), so the number is
+    comparable with pretraining's curve. None when the split is empty."""
+    from llmflow.tasks.token_shards import TokenStream
+    from llmflow.tasks.tokenizer import load_tokenizer, token_byte_lengths
+    from llmflow.tasks.trainer import Batch, Distributed, eval_windows
+    from llmflow.tasks.trainer import evaluate as trainer_evaluate
+
+    seq_len = int(model.config.max_position_embeddings)
+    rows = eval_windows(TokenStream(val_shards), seq_len, windows) if val_shards else []
+    if not rows:
+        return None
+    lengths = token_byte_lengths(load_tokenizer(tokenizer_dir))
+    token_bytes = torch.zeros(int(model.config.vocab_size), dtype=torch.int64)
+    token_bytes[: len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
+    batches = []
+    for row in rows:
+        ids = torch.from_numpy(row.astype("int64"))[None]
+        batches.append(Batch(ids[:, :-1], ids[:, 1:]))
+    loss, bpb = trainer_evaluate(_HFLogits(model), batches, token_bytes, Distributed(0, 0, 1))
+    return {"loss": loss, "bpb": bpb, "windows": len(rows), "seq_len": seq_len}
+
+
+@torch.no_grad()
+def chat_samples(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
+) -> list[dict[str, str]]:
+    """Greedy replies to each prompt as a user message, through transformers' own chat path
+    (``apply_chat_template`` with the template in the tokenizer's config, ``generate`` stopping
+    at ``<|end|>``): what a user of the exported model gets."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        room = int(model.config.max_position_embeddings) - ids.shape[1]
+        if room <= 0:
+            samples.append({"prompt": prompt, "reply": "", "note": "prompt fills the context"})
+            continue
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=min(max_new_tokens, room),
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "reply": reply})
+    return samples
+
+
+def evaluation_key(config: EvaluateConfig, inputs_sha256: str) -> str:
+    """What decides the stage's output: code, config, and the model and held-out data."""
+    material = json.dumps(
+        {
+            "stage": STAGE.name,
+            "code": STAGE.code_version(),
+            "config": config.output_hash(),
+            "inputs": inputs_sha256,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def run_evaluation(
+    config: EvaluateConfig,
+    model_path: str,
+    tokenizer_dir: str | None,
+    val_shards: list[str],
+    on_task: Callable[[str, int], Callable[[], None] | None] | None = None,
+) -> dict[str, Any]:
+    """Benchmarks, held-out bits per byte (when the model shares our tokenizer) and chat
+    samples for one model: the document the stage records."""
+    model, tokenizer = load_causal_lm(model_path)
+    data_dir = config.data_dir or str(BENCHMARKS_DIR)
+    outcome = evaluate_model(
+        model,
+        tokenizer,
+        config.tasks,
+        data_dir,
+        config.limit,
+        config.num_fewshot,
+        on_task,
+        batch_size=config.batch_size,
+    )
+    outcome["config"]["model"] = model_path
+    if tokenizer_dir is not None and config.heldout_windows:
+        outcome["heldout"] = heldout_bits_per_byte(
+            model, tokenizer_dir, val_shards, config.heldout_windows
+        )
+    outcome["samples"] = chat_samples(model, tokenizer, config.chat_prompts, config.max_new_tokens)
+    return outcome
+
+
+def results_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per task and metric (the MLflow table and the Prefect markdown)."""
+    rows = []
+    for task, result in outcome["results"].items():
+        for metric, value in result["metrics"].items():
+            stderr = result["stderr"].get(metric)
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": round(value, 4),
+                    "stderr": None if stderr is None or stderr != stderr else round(stderr, 4),
+                    "items": result["items"],
+                    "shots": result["num_fewshot"],
+                }
+            )
+    return rows
+
+
+def results_markdown(outcome: dict[str, Any], run_id: str) -> str:
+    lines = [
+        f"# Evaluation of `{outcome['config']['model']}`",
+        "",
+        "| task | metric | value | ± stderr | items | shots |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results_rows(outcome):
+        stderr = "" if row["stderr"] is None else f"{row['stderr']:.4f}"
+        lines.append(
+            f"| {row['task']} | {row['metric']} | {row['value']:.4f} | {stderr} |"
+            f" {row['items']} | {row['shots']} |"
+        )
+    heldout = outcome.get("heldout")
+    if heldout:
+        lines += [
+            "",
+            f"Held-out split of our corpus: **{heldout['bpb']:.4f} bits per byte**"
+            f" ({heldout['loss']:.4f} nats/token over {heldout['windows']} windows).",
+        ]
+    if outcome.get("samples"):
+        lines += ["", "## Chat samples (greedy)", ""]
+        for sample in outcome["samples"]:
+            reply = sample["reply"].replace("\n", " ")
+            lines.append(f"- **{sample['prompt']}** → {reply}")
+    lines += ["", f"MLflow run `{run_id}`."]
+    return "\n".join(lines)

@@ -174,8 +174,11 @@ class LoglikelihoodScorer:
     def _alone(self, context: list[int], continuation: list[int]) -> Score:
         whole = (context + continuation)[-(self.max_length + 1) :][:-1]
         logits = self.model(input_ids=torch.tensor([whole], device=self.device)).logits[0]
-        logprobs = F.log_softmax(logits[-len(continuation) :].float(), dim=-1)
-        return _score(logprobs, continuation)
+        # a continuation longer than the window itself (a small model's short context): only
+        # its last max_length tokens have a prediction inside the window, and those are scored
+        scored = continuation[-self.max_length :]
+        logprobs = F.log_softmax(logits[-len(scored) :].float(), dim=-1)
+        return _score(logprobs, scored)
 
 
 def _score(logprobs: torch.Tensor, continuation: list[int]) -> Score:

@@ -32,11 +32,11 @@ from prefect.cache_policies import NO_CACHE
 from llmflow.models.decoder import Decoder, DecoderConfig
 from llmflow.models.hf_export import export_llama
 from llmflow.tasks import checkpoints, datasets
-from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
 from llmflow.tasks.progress import StepProgress, in_prefect_run
 from llmflow.tasks.stage import StageSpec
 from llmflow.tasks.tokenize import token_shard_paths
 from llmflow.tasks.tokenizer import HF_TOKENIZER_FILES
+from llmflow.tasks.train_config import PretrainConfig, TrainJob
 
 STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
 HF_DIR = "hf"
@@ -45,7 +45,7 @@ _OUTPUT_TAIL = 60
 log = logging.getLogger(__name__)
 
 
-def _local_dir(path: str) -> Path:
+def local_dir(path: str) -> Path:
     return datasets.local_path(path, "pretraining writes checkpoints with torch.save")
 
 
@@ -79,14 +79,14 @@ def plan_job(
     key = run_key(
         config, stage.manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"]
     )
-    run_dir = _local_dir(stage_dir) / "runs" / key[:16]
+    run_dir = local_dir(stage_dir) / "runs" / key[:16]
     decoder = config.decoder_config(tokens_manifest["tokenizer"]["vocab_size"])
     job = TrainJob(
         config=config,
         decoder=decoder,
         train_shards=[str(p) for p in token_shard_paths(tokenize_dir, "train")],
         val_shards=[str(p) for p in token_shard_paths(tokenize_dir, "val")],
-        tokenizer_dir=str(_local_dir(tokenizer_dir)),
+        tokenizer_dir=str(local_dir(tokenizer_dir)),
         run_dir=str(run_dir),
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
@@ -185,17 +185,26 @@ def export_hf(checkpoint: Path, tokenizer_dir: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def write_manifest(stage_dir: str, key: str, job: TrainJob, result: dict[str, Any]) -> dict:
+def write_manifest(
+    stage_dir: str,
+    key: str,
+    job: TrainJob,
+    result: dict[str, Any],
+    spec: StageSpec = STAGE,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """The finished run's manifest (pretraining's or, with its ``spec``, SFT's)."""
     manifest = {
         "format": datasets.MANIFEST_FORMAT,
-        "stage": STAGE.name,
-        "code_version": STAGE.code_version(),
+        "stage": spec.name,
+        "code_version": spec.code_version(),
         "key": key,
         "config": job.config.model_dump(mode="json"),
         "config_hash": job.config.output_hash(),
         "decoder": job.decoder.model_dump(mode="json"),
-        "run_dir": str(Path(job.run_dir).relative_to(_local_dir(stage_dir))),
+        "run_dir": str(Path(job.run_dir).relative_to(local_dir(stage_dir))),
         "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
+        **(extra or {}),
     }
     datasets.write_json_atomic(datasets.join(stage_dir, datasets.MANIFEST_NAME), manifest)
     return manifest
@@ -207,7 +216,7 @@ def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
     if not datasets.exists(path):
         return None
     manifest = datasets.read_json(path)
-    run_dir = _local_dir(stage_dir) / manifest.get("run_dir", "")
+    run_dir = local_dir(stage_dir) / manifest.get("run_dir", "")
     if manifest.get("key") != key or not (run_dir / HF_DIR / "config.json").exists():
         return None
     return manifest

@@ -293,3 +293,27 @@ def pack_examples(
             start = end
         positions[r, start:] = np.arange(seq_len - start)
     return PackedRows(ids_out, targets, segments, positions, len(examples), truncated, dropped)
+
+
+_PACKED_ARRAYS = ("ids", "targets", "segment_ids", "position_ids")
+
+
+def write_packed_rows(path: str, rows: PackedRows) -> None:
+    """Save the rows the trainer reads (``.npz``), atomically: a half-written file is never
+    mistaken for the data of a run that resumes."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: getattr(rows, name) for name in _PACKED_ARRAYS})
+    datasets.write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_packed_rows(path: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_packed_rows` saved, checked to be one consistent set of rows."""
+    try:
+        with np.load(path) as saved:
+            arrays = {name: saved[name] for name in _PACKED_ARRAYS}
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: not a packed SFT rows file ({error})") from error
+    shapes = {name: a.shape for name, a in arrays.items()}
+    if len(set(shapes.values())) != 1 or arrays["ids"].ndim != 2:
+        raise ValueError(f"{path}: packed arrays of different shapes {shapes}")
+    return arrays

@@ -1,4 +1,4 @@
-"""The pretraining loop: one process of it, alone or as one rank under torchrun.
+"""The training loop (pretraining and SFT): one process of it, alone or as one rank under torchrun.
 
 The same function trains on a laptop's CPU and on each GPU of a node: ``torchrun`` sets the
 ``RANK``/``WORLD_SIZE`` environment and this module joins the process group (gloo on the CPU, NCCL
@@ -11,6 +11,14 @@ optimizer, the scheduler and every rank's RNG states, so a run resumed from step
 same losses, step for step, as one that never stopped; and a global batch is the same sequences
 whatever the split into processes and micro-batches, so two DDP processes match one process with
 twice the accumulation.
+
+Pretraining and SFT differ only in their data (:class:`TrainWindows` cut from the token stream,
+:class:`PackedConversations` of whole conversations with an assistant-only loss), in where the
+weights start (SFT: the pretrained checkpoint) and in what a sample is (a continuation, a chat
+reply). The loss of a step is the summed loss over the step's trained targets divided by their
+number over the whole global batch: the mean over tokens, whatever the split into processes and
+micro-batches (SFT rows hold different numbers of assistant tokens, so a mean of per-micro-batch
+means would weigh them unevenly).
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ from torch.nn.parallel import DistributedDataParallel
 from llmflow.models.decoder import Decoder
 from llmflow.models.generate import generate
 from llmflow.tasks import checkpoints
-from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
+from llmflow.tasks.sft_data import IGNORE_INDEX, read_packed_rows
 from llmflow.tasks.token_shards import TokenStream
+from llmflow.tasks.train_config import TrainConfig, TrainJob
 
 PROGRESS_PREFIX = "LLMFLOW_PROGRESS "
 METRICS_FILE = "metrics.jsonl"
@@ -81,7 +90,7 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
     return None
 
 
-def lr_multiplier(step: int, config: PretrainConfig) -> float:
+def lr_multiplier(step: int, config: TrainConfig) -> float:
     """Linear warmup, then cosine or warmup-stable-decay down to ``min_lr_ratio``."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -97,7 +106,7 @@ def lr_multiplier(step: int, config: PretrainConfig) -> float:
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: PretrainConfig, device: torch.device
+    model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW with decoupled decay on matrices (embeddings and projections) only: decaying norm
     gains pulls them towards zero for no benefit. Fused on CUDA (one kernel for all parameters)."""
@@ -113,6 +122,26 @@ def build_optimizer(
         eps=1e-8,
         fused=device.type == "cuda",
     )
+
+
+@dataclass
+class Batch:
+    """Inputs and aligned targets (``IGNORE_INDEX`` where nothing is trained); packed rows add
+    their segments and per-segment positions."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    def logits(self, model: torch.nn.Module) -> torch.Tensor:
+        if self.segment_ids is None:
+            return model(self.x)
+        return model(self.x, segment_ids=self.segment_ids, position_ids=self.position_ids)
+
+
+def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(count)
 
 
 class TrainWindows:
@@ -132,17 +161,66 @@ class TrainWindows:
         self._epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
+    @property
+    def tokens(self) -> int:
+        return len(self.stream)
+
     def sequence(self, k: int) -> np.ndarray:
         epoch, index = divmod(k, self.count)
         if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self._order = _epoch_order(self.seed, epoch, self.count)
             self._epoch = epoch
         return self.stream.read(int(self._order[index]) * self.seq_len, self.seq_len + 1)
 
-    def batch(self, first: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def batch(self, first: int, size: int, device: torch.device) -> Batch:
         rows = torch.from_numpy(np.stack([self.sequence(first + i) for i in range(size)]))
         rows = rows.to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+        return Batch(rows[:, :-1], rows[:, 1:])
+
+    def targets(self, first: int, size: int) -> int:
+        """Trained targets in sequences ``first …``: every position of every window."""
+        return size * self.seq_len
+
+
+class PackedConversations:
+    """SFT rows (:func:`~llmflow.tasks.sft_data.pack_examples`, saved as ``.npz``), visited in a
+    seeded permutation per epoch like :class:`TrainWindows`: row ``k`` is the same whoever asks."""
+
+    def __init__(self, path: str, seq_len: int, seed: int) -> None:
+        self.rows = read_packed_rows(path)
+        self.seed = seed
+        self.count = len(self.rows["ids"])
+        if self.count < 1:
+            raise ValueError(f"{path}: no packed conversation rows to train on")
+        if self.rows["ids"].shape[1] != seq_len:
+            raise ValueError(
+                f"{path}: rows of {self.rows['ids'].shape[1]} tokens, the run wants {seq_len}"
+            )
+        self._trained = (self.rows["targets"] != IGNORE_INDEX).sum(axis=1)
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def tokens(self) -> int:
+        return int(self._trained.sum())
+
+    def _indices(self, first: int, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.int64)
+        for i in range(size):
+            epoch, index = divmod(first + i, self.count)
+            if epoch not in self._orders:
+                self._orders = {epoch: _epoch_order(self.seed, epoch, self.count)}
+            out[i] = self._orders[epoch][index]
+        return out
+
+    def batch(self, first: int, size: int, device: torch.device) -> Batch:
+        return self.rows_batch(self._indices(first, size), device)
+
+    def rows_batch(self, indices: np.ndarray, device: torch.device) -> Batch:
+        take = {k: torch.from_numpy(v[indices]).to(device) for k, v in self.rows.items()}
+        return Batch(take["ids"], take["targets"], take["segment_ids"], take["position_ids"])
+
+    def targets(self, first: int, size: int) -> int:
+        return int(self._trained[self._indices(first, size)].sum())
 
 
 def eval_windows(stream: TokenStream, seq_len: int, limit: int) -> list[np.ndarray]:
@@ -153,6 +231,25 @@ def eval_windows(stream: TokenStream, seq_len: int, limit: int) -> list[np.ndarr
     count = min(limit, max(1, (total - 1) // seq_len))
     length = min(seq_len + 1, total)
     return [stream.read(i * seq_len, length) for i in range(count)]
+
+
+def eval_batches(job: TrainJob, seq_len: int, device: torch.device) -> list[Batch]:
+    """The held-out data in micro-batches: the first windows of the validation tokens, or the
+    first packed rows of the held-out conversations (none when the split is empty)."""
+    config = job.config
+    size, limit = config.micro_batch_size, config.eval_batches * config.micro_batch_size
+    if job.kind == "sft":
+        if not job.val_shards:
+            return []
+        held_out = PackedConversations(job.val_shards[0], seq_len, config.seed)
+        rows = np.arange(min(limit, held_out.count))
+        return [held_out.rows_batch(rows[i : i + size], device) for i in range(0, len(rows), size)]
+    windows = eval_windows(TokenStream(job.val_shards), seq_len, limit)
+    batches = []
+    for start in range(0, len(windows), size):
+        rows = torch.from_numpy(np.stack(windows[start : start + size])).to(device)
+        batches.append(Batch(rows[:, :-1], rows[:, 1:]))
+    return batches
 
 
 def unigram_entropy(stream: TokenStream, vocab_size: int) -> float:
@@ -190,7 +287,7 @@ class Distributed:
         return value
 
 
-def _setup(config: PretrainConfig) -> tuple[Distributed, torch.device]:
+def _setup(config: TrainConfig) -> tuple[Distributed, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -209,7 +306,7 @@ def _setup(config: PretrainConfig) -> tuple[Distributed, torch.device]:
     return Distributed(rank, local_rank, world), device
 
 
-def _autocast(config: PretrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     dtype = config.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -294,38 +391,33 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    windows: list[np.ndarray],
+    batches: list[Batch],
     token_bytes: torch.Tensor,
     parallel: Distributed,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[float, float]:
-    """Validation loss (nats per token) and bits per byte over the held-out windows.
+    """Validation loss (nats per trained token) and bits per byte over the held-out batches.
 
     Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, which
     makes models with different tokenizers comparable; special tokens (``<|eos|>``) stand for no
-    bytes and are left out of both sums, as nanochat does.
+    bytes and are left out of both sums, as nanochat does. Targets set to ``IGNORE_INDEX`` (SFT's
+    prompts, padding) count in neither.
     """
     model.eval()
-    mine = windows[parallel.rank :: parallel.world]
+    mine = batches[parallel.rank :: parallel.world]
+    device = token_bytes.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, loss(bytes), bytes
-    for start in range(0, len(mine), batch_size):
-        rows = torch.from_numpy(np.stack(mine[start : start + batch_size])).to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
+    for batch in mine:
         with autocast():
-            logits = model(x)
+            logits = batch.logits(model)
+        y = batch.y.reshape(-1)
         losses = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+            logits.float().reshape(-1, logits.shape[-1]), y, reduction="none"
         ).double()
-        nbytes = token_bytes[y.reshape(-1)].double()
+        trained = y != IGNORE_INDEX
+        nbytes = torch.where(trained, token_bytes[y.clamp(min=0)], 0).double()
         sums += torch.stack(
-            [
-                losses.sum(),
-                torch.tensor(float(losses.numel()), device=device, dtype=torch.float64),
-                (losses * (nbytes > 0)).sum(),
-                nbytes.sum(),
-            ]
+            [losses.sum(), trained.sum().double(), (losses * (nbytes > 0)).sum(), nbytes.sum()]
         )
     sums = parallel.all_sum(sums)
     model.train()
@@ -335,24 +427,28 @@ def evaluate(
 
 
 def _samples(
-    model: Decoder, tokenizer: Any, prompts: list[str], tokens: int, eos_id: int, seed: int
+    model: Decoder, tokenizer: Any, prompts: list[str], tokens: int, chat: bool, seed: int
 ) -> str:
-    """Continuations of the prompts, each started after ``<|eos|>`` as a new document is."""
+    """Continuations of the prompts, each started after ``<|eos|>`` as a new document is
+    (sampled); or, for a chat model, its greedy reply to each prompt as a user message, up to
+    its ``<|end|>``."""
+    from llmflow.tasks.chat_format import encode_chat
+    from llmflow.tasks.tokenizer import special_token_id
+
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for prompt in prompts:
-        ids = [eos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
-        out = generate(
-            model,
-            torch.tensor([ids], device=device),
-            max_new_tokens=tokens,
-            temperature=0.8,
-            top_k=50,
-            eos_id=eos_id,
-            generator=generator,
-        )
-        text = tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+        if chat:
+            ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], True)
+            stop, keep = special_token_id(tokenizer, "<|end|>"), len(ids)
+            settings: dict[str, Any] = {"temperature": 0.0}
+        else:
+            stop = special_token_id(tokenizer, "<|eos|>")
+            ids, keep = [stop, *tokenizer.encode(prompt, add_special_tokens=False).ids], 1
+            settings = {"temperature": 0.8, "top_k": 50, "generator": generator}
+        out = generate(model, torch.tensor([ids], device=device), tokens, eos_id=stop, **settings)
+        text = tokenizer.decode(out[0, keep:].tolist(), skip_special_tokens=True)
         parts.append(f"### {prompt!r}\n{text}\n")
     model.train()
     return "\n".join(parts)
@@ -360,7 +456,7 @@ def _samples(
 
 def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``job``; returns rank 0's summary of it."""
-    from llmflow.tasks.tokenizer import load_tokenizer, special_token_id, token_byte_lengths
+    from llmflow.tasks.tokenizer import load_tokenizer, token_byte_lengths
 
     config = job.config
     parallel, device = _setup(config)
@@ -370,12 +466,13 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     seq_len = config.seq_len or job.decoder.max_seq_len
     if seq_len > job.decoder.max_seq_len:
         raise ValueError(
-            f"pretrain.seq_len={seq_len} exceeds the model's max_seq_len={job.decoder.max_seq_len}"
+            f"{job.kind}.seq_len={seq_len} exceeds the model's max_seq_len="
+            f"{job.decoder.max_seq_len}"
         )
     per_micro = config.micro_batch_size * seq_len * parallel.world
     if config.batch_tokens % per_micro:
         raise ValueError(
-            f"pretrain.batch_tokens={config.batch_tokens} is not a multiple of micro_batch_size"
+            f"{job.kind}.batch_tokens={config.batch_tokens} is not a multiple of micro_batch_size"
             f" × seq_len × processes = {config.micro_batch_size} × {seq_len} × {parallel.world}"
             f" = {per_micro}"
         )
@@ -383,22 +480,25 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     global_sequences = config.batch_tokens // seq_len
 
     tokenizer = load_tokenizer(job.tokenizer_dir)
-    eos_id = special_token_id(tokenizer, "<|eos|>")
     token_bytes = torch.zeros(job.decoder.vocab_size, dtype=torch.int64)
     lengths = torch.from_numpy(np.asarray(token_byte_lengths(tokenizer), dtype=np.int64))
     token_bytes[: len(lengths)] = lengths
     token_bytes = token_bytes.to(device)
 
-    train_stream = TokenStream(job.train_shards)
-    windows = TrainWindows(train_stream, seq_len, config.seed)
-    val_windows = eval_windows(
-        TokenStream(job.val_shards), seq_len, config.eval_batches * config.micro_batch_size
-    )
+    chat = job.kind == "sft"
+    if chat:
+        data: TrainWindows | PackedConversations = PackedConversations(
+            job.train_shards[0], seq_len, config.seed
+        )
+    else:
+        train_stream = TokenStream(job.train_shards)
+        data = TrainWindows(train_stream, seq_len, config.seed)
+    val_batches = eval_batches(job, seq_len, device)
 
-    if not val_windows and parallel.main:
+    if not val_batches and parallel.main:
         print(
-            "no held-out tokens: validation loss and bits per byte are not measured"
-            " (raise tokenize.val_fraction, or add documents)",
+            "no held-out data: validation loss and bits per byte are not measured"
+            f" (raise {'sft' if chat else 'tokenize'}.val_fraction, or add data)",
             flush=True,
         )
     torch.manual_seed(config.seed)
@@ -423,6 +523,13 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
         start_step = trainer_state["step"]
         rng = trainer_state["rng"]
         _set_rng_state(rng[parallel.rank] if parallel.rank < len(rng) else rng[0], device)
+    elif job.init_checkpoint is not None:  # a new SFT run starts from the pretrained weights
+        initial = checkpoints.load_checkpoint(Path(job.init_checkpoint), map_location=device)
+        if initial["decoder"] != job.decoder.model_dump():
+            raise ValueError(
+                f"checkpoint {job.init_checkpoint} is a different model shape than the run's"
+            )
+        model.load_state_dict(initial["model"])
 
     raw_model = model
     if config.compile:
@@ -436,16 +543,12 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(device, config.peak_flops)
     # only rank 0 logs and reports it; the other ranks would each read the whole split for it
-    entropy = unigram_entropy(train_stream, job.decoder.vocab_size) if parallel.main else math.nan
+    entropy = math.nan
+    if parallel.main and not chat:
+        entropy = unigram_entropy(train_stream, job.decoder.vocab_size)
     if sink is not None and start_step == 0:
-        sink.log(
-            0,
-            {
-                "unigram_entropy": entropy,
-                "train_tokens": len(train_stream),
-                "parameters": raw_model.num_parameters(),
-            },
-        )
+        first = {"train_tokens": data.tokens, "parameters": raw_model.num_parameters()}
+        sink.log(0, first | ({} if chat else {"unigram_entropy": entropy}))
 
     def save(step: int) -> None:
         rng = [_rng_state(device)]
@@ -473,20 +576,12 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     def run_eval(step: int) -> dict[str, float]:
         """Held-out loss and bits per byte (when there is a held-out split), and samples."""
         metrics: dict[str, float] = {}
-        if val_windows:
-            loss, bpb = evaluate(
-                model,
-                val_windows,
-                token_bytes,
-                parallel,
-                device,
-                autocast,
-                config.micro_batch_size,
-            )
+        if val_batches:
+            loss, bpb = evaluate(model, val_batches, token_bytes, parallel, autocast)
             metrics = {"val_loss": loss, "val_bpb": bpb}
         if sink is not None:
             text = _samples(
-                raw_model, tokenizer, config.sample_prompts, config.sample_tokens, eos_id, step
+                raw_model, tokenizer, config.sample_prompts, config.sample_tokens, chat, step
             )
             sink.log_text(text, f"samples/{checkpoints.step_name(step)}.txt")
             (run_dir / "samples").mkdir(exist_ok=True)
@@ -499,32 +594,40 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     tick = time.perf_counter()
     for step in range(start_step, config.max_steps):
         loss_sum = torch.zeros((), device=device)
+        # every rank knows the whole step's count of trained targets (the data is a pure
+        # function of the step), so each scales its sum by it; DDP's mean over ranks is undone
+        # by the factor world
+        step_targets = max(1, data.targets(step * global_sequences, global_sequences))
         for micro in range(accumulation):
             first = step * global_sequences + (micro * parallel.world + parallel.rank) * (
                 config.micro_batch_size
             )
-            x, y = windows.batch(first, config.micro_batch_size, device)
+            batch = data.batch(first, config.micro_batch_size, device)
             sync = parallel.world == 1 or micro == accumulation - 1
             context = contextlib.nullcontext() if sync else model.no_sync()
             with context:
                 with autocast():
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                (loss / accumulation).backward()
+                    logits = batch.logits(model)
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    batch.y.reshape(-1),
+                    reduction="sum",
+                )
+                (loss * (parallel.world / step_targets)).backward()
             loss_sum += loss.detach()
         if config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
         else:
             grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
             grad_norm = torch.stack(grads).norm()
-        step_loss = parallel.all_mean(loss_sum / accumulation)
+        step_loss = parallel.all_sum(loss_sum) / step_targets
         loss_value, norm_value = float(step_loss), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             latest = checkpoints.latest_checkpoint(checkpoint_dir)
             raise NonFiniteLossError(
                 f"step {step + 1}: training loss {loss_value}, gradient norm {norm_value}; the run"
-                " diverged and was stopped before the update. Lower pretrain.lr, lengthen"
-                " pretrain.warmup_steps or set pretrain.model.qk_norm=true, then re-run (it"
+                f" diverged and was stopped before the update. Lower {job.kind}.lr, lengthen"
+                f" {job.kind}.warmup_steps or set pretrain.model.qk_norm=true, then re-run (it"
                 f" resumes from {latest or 'the start'})."
             )
         lr = optimizer.param_groups[0]["lr"]
@@ -557,7 +660,7 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
         last = metrics
         if parallel.main and (done % config.eval_interval == 0 or done == config.max_steps):
             # A line per evaluation: the log (Prefect's, torchrun's output) says how the run goes.
-            line = f"step {done}/{config.max_steps}: loss {loss_value:.4f}"
+            line = f"{job.kind} step {done}/{config.max_steps}: loss {loss_value:.4f}"
             if "val_loss" in metrics:
                 line += f", val loss {metrics['val_loss']:.4f} ({metrics['val_bpb']:.3f} bits/byte)"
             print(f"{line}, {tokens_per_s:,.0f} tokens/s", flush=True)
@@ -575,9 +678,9 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
         "final_loss": last.get("loss"),
         "val_loss": last.get("val_loss"),
         "val_bpb": last.get("val_bpb"),
-        "unigram_entropy": entropy,
-        "train_tokens": len(train_stream),
-        "val_windows": len(val_windows),
+        "unigram_entropy": None if chat else entropy,
+        "train_tokens": data.tokens,
+        "val_batches": len(val_batches),
         "parameters": raw_model.num_parameters(),
         "world_size": parallel.world,
         "device": str(device),

@@ -3,7 +3,9 @@ same stage mechanism as the pipeline's, so a stage under test reads what it read
 
 from __future__ import annotations
 
+import pydoc_data.topics
 from datetime import UTC, datetime
+from pathlib import Path
 
 from llmflow.tasks.documents import Document
 from llmflow.tasks.stage import (
@@ -45,3 +47,33 @@ def write_texts(
     ]
     parts = {f"part-{s:05d}": docs[s::shards] for s in range(shards)}
     return write_documents(directory, parts)
+
+
+def reference_documents(size: int = 1500) -> list[tuple[str, str]]:
+    """The Python language reference that ships with CPython (``pydoc_data.topics``) as
+    (url, text) documents of about ``size`` characters: real text that is always at hand."""
+    docs = []
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        for start in range(0, len(text), size):
+            docs.append((f"pydoc-topic://{name}/{start}", text[start : start + size]))
+    return docs
+
+
+def build_token_dirs(root: Path, vocab_size: int = 512) -> tuple[str, str]:
+    """(tokenize dir, tokenizer dir) made from :func:`reference_documents` by the real tokenizer
+    and tokenize stages, as training reads them in a pipeline run."""
+    from llmflow.tasks import tokenize, tokenizer
+
+    source_dir = str(root / "pii")
+    docs = [Document(url, text, "test", WHEN) for url, text in reference_documents()]
+    write_documents(source_dir, {"part-00000": docs[0::2], "part-00001": docs[1::2]})
+    tokenizer_dir = str(root / "tokenizer")
+    tokenizer.train_tokenizer(
+        source_dir, tokenizer_dir, tokenizer.TokenizerConfig(vocab_size=vocab_size), 0.1
+    )
+    tokens_dir = str(root / "tokenize")
+    tok_config = tokenize.TokenizeConfig(val_fraction=0.1)
+    units, digest = tokenize.plan_tokenize_units(tok_config, source_dir, tokenizer_dir)
+    done = [tokenize.tokenize_shard.fn(u, tok_config, tokens_dir) for u in units]
+    tokenize.finish(units, tok_config, tokens_dir, done, digest)
+    return tokens_dir, tokenizer_dir

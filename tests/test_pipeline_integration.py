@@ -1,8 +1,8 @@
 """`llmflow run` end to end: a real Prefect server, real MLflow on SQLite, a real crawl of pydoc.
 
-Runs the command twice on the same workdir: the first goes from the crawl to a pretrained (very
-small) checkpoint, the second must find every unit complete, do no work, and leave the manifests
-byte-identical.
+Runs the command twice on the same workdir: the first goes from the crawl through a pretrained
+and an instruction-tuned (very small) model to its benchmark scores, the second must find every
+unit complete, do no work, and leave the manifests byte-identical.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import httpx
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from llmflow.flows.config import STAGES
+from llmflow.flows.config import STAGES, PipelineConfig
 from llmflow.flows.pipeline import STEPS
 from llmflow.tasks import datasets
 from llmflow.tasks.stage import manifest_sha256
@@ -98,6 +98,22 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "pretrain.max_steps=4",
         "--set",
         "pretrain.checkpoint_interval=2",
+        # SFT on the shipped conversations (cut to the 32-token context), evaluation on the
+        # shipped benchmark subsets: a few items of each task
+        "--set",
+        "sft.micro_batch_size=2",
+        "--set",
+        "sft.batch_tokens=64",
+        "--set",
+        "sft.max_steps=4",
+        "--set",
+        "sft.checkpoint_interval=2",
+        "--set",
+        "sft.eval_interval=2",
+        "--set",
+        "evaluate.limit=3",
+        "--set",
+        "evaluate.max_new_tokens=4",
     ]
     first = run_llmflow(args, prefect_api, tmp_path)
 
@@ -210,6 +226,35 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {"hf_model/config.json", "hf_model/tokenizer.json"} <= exported
     assert "pretrain" in first.stdout and "steps" in first.stdout
 
+    # SFT from that checkpoint: its own curve, the conversations as a training input.
+    tuned = json.loads((workdir / "data" / "sft" / "manifest.json").read_text())
+    assert tuned["result"]["steps"] == 4 and tuned["data"]["conversations"] > 200
+    assert tuned["result"]["checkpoint"].endswith("step-000004")
+    sft_run = children["sft"]
+    history = client.get_metric_history(sft_run.info.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
+    assert {"val_loss", "train_rows", "conversations"} <= set(sft_run.data.metrics)
+    assert sft_run.data.tags["llmflow.init_checkpoint"].startswith(str(run_dir))
+    sft_inputs = {d.dataset.name for d in client.get_run(sft_run.info.run_id).inputs.dataset_inputs}
+    assert sft_inputs == {"pretrain", "tokenizer", "instructions"}
+
+    # Evaluation of the SFT model: every shipped task, as MLflow metrics and a table artifact.
+    evaluation = json.loads((workdir / "data" / "evaluate" / "manifest.json").read_text())
+    assert evaluation["config"]["model"].startswith(str(workdir / "data" / "sft"))
+    assert set(evaluation["results"]) == set(PipelineConfig().evaluate.tasks)
+    # --limit counts per MMLU subject, as lm-eval's does (four subjects are shipped)
+    assert {t: r["items"] for t, r in evaluation["results"].items()} == {
+        t: 12 if t == "mmlu" else 3 for t in evaluation["results"]
+    }
+    assert len(evaluation["samples"]) == len(PipelineConfig().evaluate.chat_prompts)
+    eval_run = children["evaluate"]
+    for task, result in evaluation["results"].items():
+        for metric, value in result["metrics"].items():
+            assert eval_run.data.metrics[f"eval/{task}/{metric}"] == value
+    assert 0 <= eval_run.data.metrics["eval/hellaswag/acc_norm"] <= 1
+    assert "eval_results.json" in {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert "evaluate" in first.stdout and "hellaswag acc_norm" in first.stdout
+
     # Prefect knows the flow run MLflow points at, and it completed.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     flow_run = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()
@@ -221,6 +266,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     ).json()
     keys = {a["key"] for a in found}
     assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
+    assert {"sft-summary", "sft-steps", "evaluate-results"} <= keys
 
     # Second run: nothing to do, identical manifests, shards untouched.
     manifests_before = {d: (Path(d) / "manifest.json").read_bytes() for d in stage_dirs.values()}

@@ -7,48 +7,23 @@ The data is real and always at hand: the Python language reference that ships wi
 from __future__ import annotations
 
 import math
-import pydoc_data.topics
 from pathlib import Path
 
 import pytest
 import torch
-from document_datasets import WHEN, write_documents
+from document_datasets import build_token_dirs
 
-from llmflow.tasks import checkpoints, pretrain, tokenize, tokenizer
-from llmflow.tasks.documents import Document
-from llmflow.tasks.pretrain_config import PretrainConfig, TrainJob
+from llmflow.tasks import checkpoints, pretrain
+from llmflow.tasks.train_config import PretrainConfig, TrainJob
 from llmflow.tasks.trainer import NonFiniteLossError, lr_multiplier, read_metrics, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 
 
-def reference_documents(size: int = 1500) -> list[tuple[str, str]]:
-    """The language reference as documents of about ``size`` characters."""
-    docs = []
-    for name, text in sorted(pydoc_data.topics.topics.items()):
-        for start in range(0, len(text), size):
-            docs.append((f"pydoc-topic://{name}/{start}", text[start : start + size]))
-    return docs
-
-
 @pytest.fixture(scope="module")
 def token_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(tokenize dir, tokenizer dir) built once for the module by the real stages."""
-    root = tmp_path_factory.mktemp("pretrain-data")
-    docs = reference_documents()
-    source_dir = str(root / "pii")
-    docs = [Document(url, text, "test", WHEN) for url, text in reference_documents()]
-    write_documents(source_dir, {"part-00000": docs[0::2], "part-00001": docs[1::2]})
-    tokenizer_dir = str(root / "tokenizer")
-    tokenizer.train_tokenizer(
-        source_dir, tokenizer_dir, tokenizer.TokenizerConfig(vocab_size=512), val_fraction=0.1
-    )
-    tokens_dir = str(root / "tokenize")
-    tok_config = tokenize.TokenizeConfig(val_fraction=0.1)
-    units, digest = tokenize.plan_tokenize_units(tok_config, source_dir, tokenizer_dir)
-    done = [tokenize.tokenize_shard.fn(u, tok_config, tokens_dir) for u in units]
-    tokenize.finish(units, tok_config, tokens_dir, done, digest)
-    return tokens_dir, tokenizer_dir
+    return build_token_dirs(tmp_path_factory.mktemp("pretrain-data"))
 
 
 def make_job(token_dirs: tuple[str, str], run_root: Path, **settings: object) -> TrainJob:

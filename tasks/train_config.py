@@ -1,7 +1,10 @@
-"""What a user sets for pretraining, and the job description one training process receives.
+"""What a user sets for training (pretraining and SFT), and the job one training process receives.
 
-Kept apart from :mod:`llmflow.tasks.trainer` so that the pipeline's config (and so the CLI, the
-Prefect UI form and MLflow's params) can be built without importing torch's training machinery.
+Both stages run the same loop (:mod:`llmflow.tasks.trainer`), so they share one set of
+optimisation and bookkeeping fields (:class:`TrainConfig`); each adds what only it has (the model
+shape for pretraining, the instruction data for SFT) and its own defaults. Kept apart from the
+trainer so that the pipeline's config (and so the CLI, the Prefect UI form and MLflow's params) can
+be built without importing torch's training machinery.
 """
 
 from __future__ import annotations
@@ -14,13 +17,8 @@ from llmflow.models.decoder import PRESETS, DecoderConfig, PresetName
 from llmflow.tasks.stage import StageConfig
 
 
-class PretrainConfig(StageConfig):
-    """The model, the optimisation and the bookkeeping of one pretraining run.
-
-    Defaults are the embedded default's: the ``tiny`` preset trained for a few minutes on two CPU
-    cores. A one-GPU run of the ~124M ``gpt2-small`` preset wants roughly ``batch_tokens=524288``,
-    ``micro_batch_size=32``, ``lr=6e-4``, ``warmup_steps=700`` and many thousands of steps.
-    """
+class TrainConfig(StageConfig):
+    """The optimisation and the bookkeeping of one training run (pretraining or SFT)."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
@@ -38,16 +36,6 @@ class PretrainConfig(StageConfig):
         }
     )
 
-    preset: PresetName = Field(
-        "tiny", description="Model size: tiny (CPU), gpt2-small (~124M, one GPU), llama-1b."
-    )
-    model: dict[str, Any] = Field(
-        default_factory=dict,
-        description=(
-            "Overrides of the preset's DecoderConfig fields (hidden_size, num_layers, qk_norm, …)."
-            " vocab_size always comes from the tokenizer, padded up to a multiple of 64."
-        ),
-    )
     seq_len: int | None = Field(
         None, ge=8, description="Tokens per training sequence. None: the model's max_seq_len."
     )
@@ -127,6 +115,26 @@ class PretrainConfig(StageConfig):
     )
     sample_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
 
+
+class PretrainConfig(TrainConfig):
+    """Pretraining: the model's shape, and the loop's settings from :class:`TrainConfig`.
+
+    Defaults are the embedded default's: the ``tiny`` preset trained for a few minutes on two CPU
+    cores. A one-GPU run of the ~124M ``gpt2-small`` preset wants roughly ``batch_tokens=524288``,
+    ``micro_batch_size=32``, ``lr=6e-4``, ``warmup_steps=700`` and many thousands of steps.
+    """
+
+    preset: PresetName = Field(
+        "tiny", description="Model size: tiny (CPU), gpt2-small (~124M, one GPU), llama-1b."
+    )
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Overrides of the preset's DecoderConfig fields (hidden_size, num_layers, qk_norm, …)."
+            " vocab_size always comes from the tokenizer, padded up to a multiple of 64."
+        ),
+    )
+
     @model_validator(mode="after")
     def _check_model_overrides(self) -> PretrainConfig:
         try:
@@ -149,16 +157,73 @@ class PretrainConfig(StageConfig):
         return DecoderConfig.model_validate(fields)
 
 
+class SftConfig(TrainConfig):
+    """Instruction tuning: which conversations, and the loop's settings with SFT's defaults.
+
+    The model is the pretraining stage's final checkpoint (its shape comes with it). Each example
+    is one conversation in the chat template, packed several to a row of ``seq_len`` tokens with
+    attention kept inside each; the loss is on the assistant's tokens only. Defaults suit the
+    embedded default (the ``tiny`` model and the shipped instruction set): a lower peak learning
+    rate than pretraining's and a decay to zero, as SFT recipes (nanochat, Tulu) do.
+    """
+
+    data: str | None = Field(
+        None,
+        description=(
+            "Instruction data: a JSONL, JSON or Parquet file (local path or fsspec URL) of chat"
+            " ({messages: [{role, content}]}), Alpaca ({instruction, input, output}) or"
+            " prompt/response records. None: the instruction set shipped with llmflow."
+        ),
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of the conversations held out for the validation loss (by hash).",
+    )
+    max_steps: int = Field(60, ge=1, description="Optimizer steps of the whole run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (after warmup).")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup from 0 to the peak.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW's decoupled decay, applied to matrices only (not norms)."
+    )
+    eval_interval: int = Field(
+        10, ge=1, description="Validation loss and chat samples every N steps."
+    )
+    checkpoint_interval: int = Field(
+        30, ge=1, description="Save a checkpoint every N steps (and always at the end)."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Who are you?",
+            "What does the len() function do in Python?",
+            "What does the MIT license allow?",
+        ],
+        description="User messages whose replies (greedy, in the chat template) are logged.",
+    )
+
+
 class TrainJob(BaseModel):
-    """Everything one training process needs, written to ``job.json`` for torchrun's workers."""
+    """Everything one training process needs, written to ``job.json`` for torchrun's workers.
+
+    ``kind`` says what the data files are: token shards read as one stream (pretraining) or
+    packed conversation rows (``.npz``, SFT), and whether samples are chat replies.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    config: PretrainConfig
+    kind: Literal["pretrain", "sft"] = "pretrain"
+    config: PretrainConfig | SftConfig
     decoder: DecoderConfig
     train_shards: list[str]
     val_shards: list[str]
     tokenizer_dir: str
+    init_checkpoint: str | None = Field(
+        None, description="Weights a new run starts from (SFT: the pretrained checkpoint)."
+    )
     run_dir: str
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
