@@ -1,9 +1,10 @@
 """The models the evaluator scores: whatever transformers loads as a causal LM, found from a path.
 
 One loader for every kind keeps the scoring code single: a Hugging Face model directory, a GGUF
-file (transformers dequantizes it; needs the ``gguf`` package), or one of our pretraining runs
-(its ``hf/`` export, which is a Llama directory with our tokenizer beside it). Nothing is fetched
-from a hub: a path that is none of these is an error that says what was expected.
+file (transformers dequantizes it; needs the ``gguf`` package), or one of our pretraining or SFT
+runs (its ``hf/`` export, a Llama directory with our tokenizer and chat template beside it).
+Nothing is fetched from a hub: a path that is none of these is an error that says what was
+expected.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ def resolve_model_path(path: str | Path) -> tuple[Path, str | None]:
         return p.parent, p.name
     if (p / "config.json").is_file():
         return p, None
-    if (p / "hf" / "config.json").is_file():  # a pretraining run folder
+    if (p / "hf" / "config.json").is_file():  # a pretraining or SFT run folder
         return p / "hf", None
     raise ValueError(
         f"model {path}: expected a Hugging Face model directory (with config.json), a .gguf file,"
-        " or an llmflow pretraining run folder (data/pretrain/runs/<key>, with hf/)"
+        " or an llmflow run folder (data/pretrain/runs/<key> or data/sft/runs/<key>, with hf/)"
     )
 
 
