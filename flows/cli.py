@@ -154,6 +154,13 @@ def evaluate(
         int | None,
         typer.Option(help="Solved examples before each item (default: the task's, 5 for MMLU)."),
     ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Rows of up to 256 tokens per forward pass (requests sharing a prefix share it).",
+        ),
+    ] = 8,
     output: Annotated[
         Path, typer.Option(help="Where the JSON results (scores and standard errors) go.")
     ] = Path("eval-results.json"),
@@ -194,7 +201,9 @@ def evaluate(
         return bars[-1].advance
 
     try:
-        results = evaluate_model(lm, tokenizer, wanted, data_dir, limit, num_fewshot, on_task)
+        results = evaluate_model(
+            lm, tokenizer, wanted, data_dir, limit, num_fewshot, on_task, batch_size=batch_size
+        )
     finally:
         for bar in bars:
             bar.close()
