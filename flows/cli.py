@@ -133,8 +133,8 @@ def evaluate(
     model: Annotated[
         Path,
         typer.Option(
-            help="A Hugging Face model directory, a .gguf file, or an llmflow run folder"
-            " (data/pretrain/runs/<key>, data/sft/runs/<key>)."
+            help="A Hugging Face model directory, a .gguf file, an llmflow run folder"
+            " (data/pretrain/runs/<key>, data/sft/runs/<key>) or one of its checkpoints."
         ),
     ],
     tasks: Annotated[

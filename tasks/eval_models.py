@@ -1,8 +1,9 @@
 """The models the evaluator scores: whatever transformers loads as a causal LM, found from a path.
 
 One loader for every kind keeps the scoring code single: a Hugging Face model directory, a GGUF
-file (transformers dequantizes it; needs the ``gguf`` package), or one of our pretraining or SFT
-runs (its ``hf/`` export, a Llama directory with our tokenizer and chat template beside it).
+file (transformers dequantizes it; needs the ``gguf`` package), one of our pretraining or SFT
+runs (its ``hf/`` export, a Llama directory with our tokenizer and chat template beside it), or
+one of a run's checkpoints (exported to a temporary folder on the way).
 Nothing is fetched from a hub: a path that is none of these is an error that says what was
 expected.
 """
@@ -10,6 +11,7 @@ expected.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,32 @@ def resolve_model_path(path: str | Path) -> tuple[Path, str | None]:
         return p / "hf", None
     raise ValueError(
         f"model {path}: expected a Hugging Face model directory (with config.json), a .gguf file,"
-        " or an llmflow run folder (data/pretrain/runs/<key> or data/sft/runs/<key>, with hf/)"
+        " an llmflow run folder (data/pretrain/runs/<key> or data/sft/runs/<key>, with hf/) or"
+        " one of its checkpoints (checkpoints/step-NNNNNN)"
     )
+
+
+def _export_checkpoint(checkpoint: Path, into: Path) -> Path:
+    """One of our checkpoints (``<run>/checkpoints/step-NNNNNN``, written during training, before
+    any export) as a Hugging Face folder, with the tokenizer of its run's export."""
+    from llmflow.tasks.pretrain import export_hf
+
+    tokenizer_dir = checkpoint.parent.parent / "hf"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ValueError(
+            f"model {checkpoint}: a checkpoint, but no tokenizer at {tokenizer_dir}"
+            " (its run has not exported yet): evaluate the run folder once it has finished"
+        )
+    return export_hf(checkpoint, str(tokenizer_dir), into / checkpoint.name)
 
 
 def load_causal_lm(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """The model (float32, eval mode) and its tokenizer, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    checkpoint = Path(path)
+    if (checkpoint / "decoder.json").is_file() and (checkpoint / "model.pt").is_file():
+        with tempfile.TemporaryDirectory(prefix="llmflow-checkpoint-") as tmp:
+            return load_causal_lm(_export_checkpoint(checkpoint, Path(tmp)), device)
     directory, gguf_file = resolve_model_path(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -202,3 +202,24 @@ def test_bad_sft_settings_are_clear_errors(base: dict[str, str], tmp_path: Path)
         sft.plan_job(
             sft_config(base, data=str(empty)), base["pretrain"], base["tokenizer"], str(tmp_path)
         )
+
+
+def test_a_checkpoint_and_its_run_folder_load_for_evaluation(
+    base: dict[str, str], tmp_path: Path
+) -> None:
+    from llmflow.tasks.eval_models import load_causal_lm
+
+    job, _, _ = sft.plan_job(
+        sft_config(base, max_steps=3), base["pretrain"], base["tokenizer"], str(tmp_path)
+    )
+    checkpoint = Path(train(job)["checkpoint"])
+    with pytest.raises(ValueError, match="no tokenizer at .*hf"):
+        load_causal_lm(checkpoint)
+    pretrain.export_hf(checkpoint, job.tokenizer_dir, Path(job.run_dir) / pretrain.HF_DIR)
+    ids = torch.tensor([[1, 4, 20, 30, 40]])
+    with torch.no_grad():
+        ours = pretrain.load_model(checkpoint)(ids)
+        for path in (checkpoint, Path(job.run_dir)):
+            model, tokenizer = load_causal_lm(path)
+            torch.testing.assert_close(model(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+            assert tokenizer.chat_template
