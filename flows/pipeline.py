@@ -680,12 +680,7 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     if heldout:
         metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}
     tracker.log(run_id, metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
-    rows = evaluate.results_rows(outcome)
-    tracker.client.log_table(
-        run_id,
-        data={column: [row[column] for row in rows] for column in rows[0]} if rows else {},
-        artifact_file="eval_results.json",
-    )
+    tracker.log_table(run_id, evaluate.results_rows(outcome), "eval_results.json")
     tracker.log_dict(run_id, outcome, "eval_outcome.json")
     tracker.finish(run_id, ok=True)
     create_markdown_artifact(

@@ -102,6 +102,11 @@ class PipelineTracker:
     def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, data, artifact_file)
 
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows of equal keys as an MLflow table artifact (the run page shows it as a table)."""
+        columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        self.client.log_table(run_id, data=columns, artifact_file=artifact_file)
+
     def log_artifacts(self, run_id: str, local_path: str | Path, artifact_path: str) -> None:
         """A file or a whole folder (a checkpoint, an export) under ``artifact_path``."""
         local = Path(local_path)

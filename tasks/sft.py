@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from llmflow.tasks.tokenizer import load_tokenizer
 from llmflow.tasks.train_config import SftConfig, TrainJob
 
 STAGE = StageSpec(name="sft", version="1", libraries=("torch",))
-TRAIN_ROWS, VAL_ROWS = "train.npz", "val.npz"
+TRAIN_ROWS, VAL_ROWS, STATS = "train.npz", "val.npz", "stats.json"
 
 
 @dataclass
@@ -161,7 +161,13 @@ def plan_job(
         )
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    pack_data(conversations, held_out, tokenizer_dir, seq_len, data_dir, stats)
+    packed = data_dir / STATS
+    if packed.exists():  # packed by an earlier attempt of this run (the key covers the inputs)
+        stats = SftData(**json.loads(packed.read_text()))
+    else:
+        pack_data(conversations, held_out, tokenizer_dir, seq_len, data_dir, stats)
+        # written last: its presence says both row files are complete
+        datasets.write_json_atomic(str(packed), asdict(stats))
     job = TrainJob(
         kind="sft",
         config=config,

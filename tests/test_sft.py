@@ -111,6 +111,13 @@ def test_data_is_read_split_and_packed_with_every_skip_counted(
     # a packed row holds several whole conversations, and only assistant tokens are targets
     assert rows.count == data.train_rows < data.train_conversations
     assert 0 < rows.tokens < rows.rows["ids"].size
+    # planning the same run again (a resume) reuses the packed rows instead of re-encoding
+    written = Path(job.train_shards[0]).stat().st_mtime_ns
+    again, _, same = sft.plan_job(
+        sft_config(base), base["pretrain"], base["tokenizer"], str(tmp_path)
+    )
+    assert same == data and again == job
+    assert Path(job.train_shards[0]).stat().st_mtime_ns == written
 
 
 def test_sft_starts_from_the_pretrained_weights_with_an_assistant_only_loss(
