@@ -29,6 +29,7 @@ from llmflow.models.decoder import DecoderConfig
 from llmflow.tasks import checkpoints, datasets, pretrain
 from llmflow.tasks.chat_format import encode_chat
 from llmflow.tasks.embedded_data import INSTRUCTIONS_FILE
+from llmflow.tasks.heldout_split import is_validation
 from llmflow.tasks.progress import StepProgress
 from llmflow.tasks.sft_data import (
     Conversation,
@@ -37,7 +38,6 @@ from llmflow.tasks.sft_data import (
     write_packed_rows,
 )
 from llmflow.tasks.stage import StageSpec
-from llmflow.tasks.tokenize import is_validation
 from llmflow.tasks.tokenizer import load_tokenizer
 from llmflow.tasks.train_config import SftConfig, TrainJob
 

@@ -6,10 +6,10 @@ encoded with the trained tokenizer, ``<|eos|>`` after each, and written as two t
 unit's kept table is a per-document index (id, split, where its tokens start, how many, how many
 bytes of text) so any token can be traced back to its document.
 
-Which split a document is in depends only on its id (:func:`is_validation`): the held-out set never
-leaks into training, and stays the same as the corpus grows. A unit is keyed by its input shard's
-content AND the tokenizer's hash, so a new tokenizer re-encodes everything while an unchanged one
-skips finished shards.
+Which split a document is in depends only on its id (:mod:`~llmflow.tasks.heldout_split`): the
+held-out set never leaks into training, and stays the same as the corpus grows. A unit is keyed
+by its input shard's content AND the tokenizer's hash, so a new tokenizer re-encodes everything
+while an unchanged one skips finished shards.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from llmflow.tasks import datasets
+from llmflow.tasks.heldout_split import is_validation
 from llmflow.tasks.stage import (
     ShardResult,
     StageConfig,
@@ -46,11 +47,10 @@ from llmflow.tasks.stage import (
     with_reason,
 )
 from llmflow.tasks.token_shards import TOKEN_SHARD_SUFFIX, encode_token_shard, token_dtype
+from llmflow.tasks.tokenizer import EOS, TOKENIZER_FILE
 
 STAGE = StageSpec("tokenize", "1", ("tokenizers",))
 SPLITS = ("train", "val")
-EOS = "<|eos|>"  # the tokenizer stage's SPECIAL_TOKENS[1]; that module imports this one
-TOKENIZER_FILE = "tokenizer.json"
 # The unit's token shards (path, tokens, bytes, sha256 per split), its dtype and tokenizer travel
 # in the index shard's schema metadata: the index and the shards it describes cannot drift apart.
 SHARDS_METADATA = b"llmflow.token_shards"
@@ -89,20 +89,6 @@ class TokenizeConfig(StageConfig):
     )
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size"})
-
-
-def is_validation(ids: Sequence[str], fraction: float) -> list[bool]:
-    """Whether each document id is in the validation split.
-
-    sha256 of the id, first 8 bytes as a big-endian integer, over 2**64: a uniform number in
-    [0, 1) that depends on nothing but the id, so adding documents never moves old ones.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"validation fraction must be in [0, 1], got {fraction}")
-    return [
-        int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "big") / 2**64 < fraction
-        for i in ids
-    ]
 
 
 def _tokenizer_bytes(tokenizer_dir: str) -> bytes:

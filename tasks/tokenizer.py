@@ -27,9 +27,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from llmflow.tasks import datasets
 from llmflow.tasks.chat_format import chat_template_config
+from llmflow.tasks.heldout_split import is_validation
 from llmflow.tasks.progress import StepProgress
 from llmflow.tasks.stage import StageConfig, StageSpec, manifest_sha256
-from llmflow.tasks.tokenize import is_validation
 
 # Version 2: tokenizer_config.json carries the chat template.
 STAGE = StageSpec("tokenizer", "2", ("tokenizers",))

@@ -13,6 +13,7 @@ from document_datasets import WHEN, write_texts
 from pydantic import ValidationError
 
 from llmflow.tasks.documents import Document
+from llmflow.tasks.heldout_split import is_validation
 from llmflow.tasks.token_shards import (
     TokenShardError,
     TokenStream,
@@ -23,7 +24,6 @@ from llmflow.tasks.token_shards import (
 )
 from llmflow.tasks.tokenize import (
     TokenizeConfig,
-    is_validation,
     plan_tokenize_units,
     token_shard_paths,
     tokenize,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from llmflow.tasks.documents import Document
-from llmflow.tasks.tokenize import is_validation
+from llmflow.tasks.heldout_split import is_validation
 from llmflow.tasks.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerConfig,
