@@ -623,6 +623,25 @@ def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[st
     return model_path, config.stage_dir("tokenizer"), val_shards, digest
 
 
+def _register_sft_model(
+    config: PipelineConfig,
+    tracker: PipelineTracker,
+    outcome: dict[str, Any],
+    metrics: dict[str, float],
+) -> str | None:
+    """Register the evaluated SFT model (the export its training run logged) with its scores as
+    tags; returns ``name/version``, or None when that run's export is not in MLflow."""
+    name = config.evaluate.registered_model
+    trained = datasets.read_json(datasets.join(config.stage_dir("sft"), datasets.MANIFEST_NAME))
+    source_run = trained.get("mlflow_run_id")
+    if not name or not source_run:
+        return None
+    tags = {k: f"{v:.6g}" for k, v in metrics.items() if not k.endswith("_stderr")}
+    tags |= {"llmflow.sft_key": trained["key"], "llmflow.eval_tasks": ",".join(outcome["results"])}
+    version = tracker.register_model(name, source_run, "hf_model", tags, outcome["key"])
+    return f"{name}/{version}"
+
+
 def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
     """Score the instruction-tuned model: benchmarks, held-out bits per byte, chat samples."""
     settings = config.evaluate
@@ -682,6 +701,10 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     tracker.log(run_id, metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
     tracker.log_table(run_id, evaluate.results_rows(outcome), "eval_results.json")
     tracker.log_dict(run_id, outcome, "eval_outcome.json")
+    if settings.registered_model and settings.model is None:
+        version = _register_sft_model(config, tracker, outcome, metrics)
+        if version is not None:
+            tracker.log(run_id, tags={"llmflow.registered_model": version})
     tracker.finish(run_id, ok=True)
     create_markdown_artifact(
         key="evaluate-results",
@@ -719,6 +742,19 @@ STEPS: dict[str, StepRunner] = {
 assert set(WIRING) | set(STEPS) == set(STAGES), "every stage in STAGES needs its wiring"
 
 
+def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str) -> None:
+    """Labels on the Prefect flow run naming its MLflow parent run (and the run's page when
+    MLflow is a server): the other half of the MLflow run's ``prefect.flow_run_*`` tags."""
+    from prefect.client.orchestration import get_client
+
+    labels = {"mlflow.run_id": run_id, "mlflow.experiment_id": tracker.experiment_id}
+    url = tracker.run_url(run_id)
+    if url is not None:
+        labels["mlflow.run_url"] = url
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(flow_run.id, labels)
+
+
 @flow(name="llmflow-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline's stages in order on ``config``; ``stages`` picks a subset."""
@@ -733,6 +769,7 @@ def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[st
         tags=tags,
         params=flatten(config.model_dump(mode="json")) | {"stages": ",".join(selected)},
     )
+    _link_flow_run_to_mlflow(tracker, parent)
     reports: list[StageReport] = []
     try:
         for name in selected:

@@ -134,5 +134,35 @@ class PipelineTracker:
             run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])]
         )
 
+    def register_model(
+        self, name: str, source_run_id: str, artifact_path: str, tags: dict[str, str], key: str
+    ) -> str:
+        """A version of ``name`` in the model registry for the model a run logged, once per
+        ``key`` (a re-run that evaluates the same model finds its version instead of adding
+        one). Returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for version in self.client.search_model_versions(f"name = '{name}'"):
+            if version.tags.get("llmflow.key") == key:
+                return version.version
+        version = self.client.create_model_version(
+            name=name,
+            source=f"runs:/{source_run_id}/{artifact_path}",
+            run_id=source_run_id,
+            tags=tags | {"llmflow.key": key},
+        )
+        return version.version
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page when MLflow is a server (``http(s)://`` tracking URI), else None."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

@@ -18,7 +18,7 @@ from llmflow.tasks.stage import StageConfig
 class EvaluateConfig(StageConfig):
     """Benchmarks, held-out bits per byte and chat samples for the pipeline's final model."""
 
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "registered_model"})
 
     model: str | None = Field(
         None,
@@ -61,6 +61,13 @@ class EvaluateConfig(StageConfig):
         description="User messages whose greedy replies (in the chat template) are recorded.",
     )
     max_new_tokens: int = Field(48, ge=1, description="Longest reply generated per prompt.")
+    registered_model: str | None = Field(
+        "llmflow-sft",
+        description=(
+            "Name in MLflow's model registry under which the evaluated SFT model is registered,"
+            " with its scores as tags. None: do not register."
+        ),
+    )
 
     @field_validator("tasks")
     @classmethod

@@ -199,6 +199,7 @@ def write_manifest(
         "stage": spec.name,
         "code_version": spec.code_version(),
         "key": key,
+        "mlflow_run_id": job.mlflow_run_id,  # the run that holds the checkpoint and the export
         "config": job.config.model_dump(mode="json"),
         "config_hash": job.config.output_hash(),
         "decoder": job.decoder.model_dump(mode="json"),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -254,11 +255,19 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert 0 <= eval_run.data.metrics["eval/hellaswag/acc_norm"] <= 1
     assert "eval_results.json" in {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "evaluate" in first.stdout and "hellaswag acc_norm" in first.stdout
+    # the evaluated model is in the registry: the SFT run's export, with its scores as tags
+    (version,) = client.search_model_versions("name = 'llmflow-sft'")
+    assert version.run_id == sft_run.info.run_id == tuned["mlflow_run_id"]
+    assert version.source.endswith("/hf_model")
+    piqa = evaluation["results"]["piqa"]["metrics"]["acc_norm"]
+    assert float(version.tags["eval/piqa/acc_norm"]) == pytest.approx(piqa, abs=1e-5)
+    assert eval_run.data.tags["llmflow.registered_model"] == f"llmflow-sft/{version.version}"
 
     # Prefect knows the flow run MLflow points at, and it completed.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     flow_run = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()
     assert flow_run["state"]["type"] == "COMPLETED"
+    assert flow_run["labels"]["mlflow.run_id"] == parent.info.run_id  # linked both ways
     found = httpx.post(
         f"{prefect_api}/artifacts/filter",
         json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
@@ -283,3 +292,5 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == newest_parent.info.run_id
     ):
         assert child.data.metrics["units_skipped"] == child.data.metrics["units"]
+    # the same model evaluated again is the same registered version, not a new one
+    assert len(client.search_model_versions("name = 'llmflow-sft'")) == 1
