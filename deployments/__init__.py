@@ -1,1 +1,1 @@
-"""x"""
+"""The deployments llmflow serves (see pipeline_deployments)."""

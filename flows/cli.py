@@ -129,6 +129,58 @@ def run(
 
 
 @app.command()
+def serve(
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML file of the config the deployments start with."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one field of that config: KEY=VALUE."),
+    ] = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(
+            help="The deployments' workdir (datasets, MLflow store). [default: ./llmflow-work]"
+        ),
+    ] = None,
+    refresh_cron: Annotated[
+        str, typer.Option(help="When the data-refresh deployment runs (cron, server time zone).")
+    ] = "0 3 * * *",
+) -> None:
+    """Serve the deployments (pipeline, data-refresh, train, evaluate) to the Prefect server in
+    $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving."""
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print(
+            "[bold red]Error:[/] llmflow serve needs a Prefect server: set PREFECT_API_URL"
+            " (e.g. http://127.0.0.1:4200/api, the server `prefect server start` runs)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=2)
+    try:
+        config = load_config(config_file, overrides, workdir)
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=refresh_cron)
+        except ValidationError:
+            raise ConfigError(
+                f"--refresh-cron {refresh_cron!r}: not a valid cron expression"
+            ) from None
+    except ConfigError as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    config = config.model_copy(update={"workdir": str(Path(config.workdir).absolute())})
+    from prefect import serve as prefect_serve
+
+    from llmflow.deployments.pipeline_deployments import build_deployments
+
+    prefect_serve(*build_deployments(config, refresh_cron))
+
+
+@app.command()
 def evaluate(
     model: Annotated[
         Path,

@@ -755,7 +755,8 @@ def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str) -> None:
         client.update_flow_run_labels(flow_run.id, labels)
 
 
-@flow(name="llmflow-pipeline", log_prints=True)
+# Deployment runs get this bounded pool; `llmflow run` sizes it from config.max_workers.
+@flow(name="llmflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline's stages in order on ``config``; ``stages`` picks a subset."""
     selected = resolve_stages(",".join(stages) if stages else None)

@@ -1,0 +1,94 @@
+"""The deployments llmflow serves, and their parameter presets.
+
+One flow (:func:`llmflow.flows.pipeline.pipeline`), four ways to run it from the Prefect UI:
+
+- ``pipeline``: every stage, crawl to evaluation, on demand;
+- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default; one
+  at a time (a second refresh of the same deployment while one runs is cancelled, not run);
+- ``train``: the tokenizer, token shards, pretraining and SFT on the data already curated;
+- ``evaluate``: the evaluation of the SFT model (or of ``config.evaluate.model``).
+
+Each deployment's parameters are the typed :class:`~llmflow.flows.config.PipelineConfig` (so the
+Prefect UI shows a form with every field's default and description, and Prefect refuses a run
+whose values break the schema, naming the field) and the list of stages. ``llmflow serve`` serves
+them from this process; ``prefect.yaml`` declares the same for work pools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmflow.flows.config import STAGES, PipelineConfig
+
+DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00 (the server's time zone: UTC by default)
+DATA_STAGES: tuple[str, ...] = STAGES[: STAGES.index("tokenize") + 1]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a deployment runs: its stages (None: all), and whether it runs on a schedule."""
+
+    description: str
+    stages: tuple[str, ...] | None
+    scheduled: bool = False
+    one_at_a_time: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    "pipeline": Preset("Every stage: crawl to an instruction-tuned, evaluated model.", None),
+    "data-refresh": Preset(
+        "The data stages (crawl to token shards), on a schedule; one refresh at a time.",
+        DATA_STAGES,
+        scheduled=True,
+        one_at_a_time=True,
+    ),
+    "train": Preset(
+        "Tokenizer, token shards, pretraining and SFT on the curated documents.",
+        ("tokenizer", "tokenize", "pretrain", "sft"),
+    ),
+    "evaluate": Preset("Benchmarks, held-out bits per byte and chat samples.", ("evaluate",)),
+}
+
+
+def preset_parameters(name: str, config: PipelineConfig) -> dict[str, Any]:
+    """The flow parameters a deployment starts with (the UI's form shows them, editable)."""
+    preset = PRESETS[name]
+    return {
+        "config": config.model_dump(mode="json"),
+        "stages": list(preset.stages) if preset.stages is not None else None,
+    }
+
+
+def build_deployments(
+    config: PipelineConfig | None = None, refresh_cron: str = DEFAULT_REFRESH_CRON
+) -> list[Any]:
+    """The four deployments as Prefect ``RunnerDeployment`` objects, ready for ``prefect.serve``.
+
+    The flow is referenced by module path (``llmflow.flows.pipeline:pipeline``), so the runner's
+    flow-run processes import it from the installed package wherever they start.
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.deployments.runner import EntrypointType
+
+    from llmflow.flows.pipeline import pipeline
+
+    config = config or PipelineConfig()
+    deployments = []
+    for name, preset in PRESETS.items():
+        deployments.append(
+            pipeline.to_deployment(
+                name=name,
+                description=preset.description,
+                parameters=preset_parameters(name, config),
+                cron=refresh_cron if preset.scheduled else None,
+                concurrency_limit=(
+                    ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW")
+                    if preset.one_at_a_time
+                    else None
+                ),
+                tags=["llmflow"],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return deployments

@@ -1,0 +1,144 @@
+"""Deployments: `llmflow serve` against a real Prefect server, a run triggered through Prefect's
+API as the UI triggers one, its MLflow runs, and a bad value refused with the field named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from conftest import stop_process
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from test_pipeline_integration import NEAR_COPY, PROSE
+
+from llmflow.deployments.pipeline_deployments import (
+    DATA_STAGES,
+    PRESETS,
+    build_deployments,
+    preset_parameters,
+)
+from llmflow.flows.config import PipelineConfig
+
+LLMFLOW = str(Path(sys.executable).parent / "llmflow")
+
+
+def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
+    config = PipelineConfig(workdir="/data/llmflow")
+    deployments = {d.name: d for d in build_deployments(config, refresh_cron="30 2 * * 1")}
+    assert set(deployments) == {"pipeline", "data-refresh", "train", "evaluate"}
+    refresh = deployments["data-refresh"]
+    assert [s.schedule.cron for s in refresh.schedules] == ["30 2 * * 1"]
+    assert refresh.concurrency_limit == 1
+    assert not deployments["pipeline"].schedules
+    for name, deployment in deployments.items():
+        assert deployment.entrypoint == "llmflow.flows.pipeline.pipeline"
+        parameters = deployment.parameters
+        assert PipelineConfig.model_validate(parameters["config"]) == config
+        assert parameters["stages"] == (list(PRESETS[name].stages or []) or None)
+    assert deployments["data-refresh"].parameters["stages"] == list(DATA_STAGES)
+    # the UI's form: every field with its description, from the pydantic config
+    schema = json.dumps(deployments["pipeline"]._parameter_openapi_schema.model_dump())
+    assert "Stop after this many fetched pages." in schema  # crawl.max_pages's description
+    assert preset_parameters("evaluate", config)["stages"] == ["evaluate"]
+
+
+def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202 - a test helper
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_served_deployment_runs_when_triggered_through_prefect(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "work"
+    for name, text in (("harbour.txt", PROSE), ("harbour-copy.txt", NEAR_COPY)):
+        (tmp_path / name).write_text(text + "\n")
+    seeds = json.dumps([str(tmp_path / "harbour.txt"), str(tmp_path / "harbour-copy.txt")])
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [LLMFLOW, "serve", "--workdir", str(workdir), "--set", f"crawl.seeds={seeds}"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = httpx.Client(base_url=prefect_api, timeout=10)
+    try:
+
+        def deployments() -> dict[str, dict]:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            found = api.post("/deployments/filter", json={}).json()
+            return {d["name"]: d for d in found if "llmflow" in d.get("tags", [])}
+
+        served = _wait(lambda: len(deployments()) == 4 and deployments(), 120, "deployments")
+        refresh = served["data-refresh"]
+        assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+        # a bad value, as a user could type it in the UI's form: refused, the field named
+        bad = preset_parameters("data-refresh", PipelineConfig(workdir=str(workdir)))
+        bad["config"]["crawl"]["max_pages"] = -5
+        refused = api.post(
+            f"/deployments/{refresh['id']}/create_flow_run", json={"parameters": bad}
+        )
+        assert refused.status_code in (409, 422), refused.text
+        assert "max_pages" in refused.text, refused.text
+
+        created = api.post(f"/deployments/{refresh['id']}/create_flow_run", json={})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+
+        def finished() -> dict | None:
+            state = api.get(f"/flow_runs/{run_id}").json()["state"]
+            assert state["type"] not in ("FAILED", "CRASHED", "CANCELLED"), (
+                state,
+                (tmp_path / "serve.log").read_text()[-4000:],
+            )
+            return state if state["type"] == "COMPLETED" else None
+
+        _wait(finished, 300, "the triggered flow run")
+    finally:
+        stop_process(server)
+        log.close()
+        api.close()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmflow")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    assert parent.data.tags["prefect.flow_run_id"] == run_id
+    assert parent.data.params["stages"] == ",".join(DATA_STAGES)
+    children = {r.data.tags["llmflow.stage"] for r in runs if r is not parent}
+    assert children == set(DATA_STAGES)
+    assert (workdir / "data" / "tokenize" / "manifest.json").exists()
+
+
+def test_prefect_yaml_declares_the_same_deployments() -> None:
+    import yaml
+
+    declared = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in declared["deployments"]}
+    assert set(by_name) == set(PRESETS)
+    for name, preset in PRESETS.items():
+        deployment = by_name[name]
+        assert deployment["description"] == preset.description
+        assert deployment["parameters"]["stages"] == (
+            list(preset.stages) if preset.stages is not None else None
+        )
+        assert bool(deployment.get("schedules")) == preset.scheduled
+        assert bool(deployment.get("concurrency_limit")) == preset.one_at_a_time
+    assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
+    assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
