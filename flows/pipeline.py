@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from llmflow.flows import run_charts
 from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages, stage_inputs
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
 from llmflow.tasks import (
@@ -49,6 +50,7 @@ from llmflow.tasks.stage import (
     plan_shard_units,
 )
 from llmflow.tasks.train_config import TrainJob
+from llmflow.tasks.trainer import read_metrics
 
 _REJECTED_SAMPLE = 20
 _LIVE_INTERVAL_S = 3.0
@@ -465,6 +467,11 @@ def _run_training(
             for file in tokenizer.HF_TOKENIZER_FILES:
                 tracker.log_artifacts(run_id, Path(job.tokenizer_dir) / file, "tokenizer")
             tracker.log_artifacts(run_id, run_dir / "metrics.jsonl", "")
+            curves = run_charts.training_curves(
+                read_metrics(run_dir), f"{name}: {result['steps']} steps"
+            )
+            if curves is not None:
+                tracker.log_figure(run_id, curves, "charts/training_curves.png")
             manifest = pretrain.write_manifest(stage_dir, key, job, result, spec, extra)
     except BaseException:
         tracker.finish(run_id, ok=False)
@@ -779,6 +786,9 @@ def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[st
     except BaseException:
         tracker.finish(parent, ok=False)
         raise
+    funnel = run_charts.data_funnel([asdict(r) for r in reports if r.stage in WIRING])
+    if funnel is not None:
+        tracker.log_figure(parent, funnel, "charts/data_funnel.png")
     tracker.finish(parent, ok=True)
     create_markdown_artifact(
         key="pipeline-summary",

@@ -102,6 +102,15 @@ class PipelineTracker:
     def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, data, artifact_file)
 
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact (then closed: figures hold memory until)."""
+        from llmflow.flows.run_charts import close
+
+        try:
+            self.client.log_figure(run_id, figure, artifact_file)
+        finally:
+            close(figure)
+
     def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Rows of equal keys as an MLflow table artifact (the run page shows it as a table)."""
         columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}

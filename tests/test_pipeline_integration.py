@@ -216,6 +216,12 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {"lr", "grad_norm", "tokens_per_s", "unigram_entropy"} <= set(pretrain_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
     assert {"checkpoint", "hf_model", "tokenizer", "metrics.jsonl", "manifest.json"} <= artifacts
+    charts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "charts")}
+    assert charts == {"charts/training_curves.png"}
+    parent_charts = {a.path for a in client.list_artifacts(parent.info.run_id, "charts")}
+    assert parent_charts == {"charts/data_funnel.png"}
+    png = client.download_artifacts(parent.info.run_id, "charts/data_funnel.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     inputs = {
         d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags})
         for d in client.get_run(pretrain_run.info.run_id).inputs.dataset_inputs
