@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.figure import Figure  # noqa: E402
 
+_NAMED_REASONS = 9
+
 
 def data_funnel(stages: Sequence[dict[str, Any]]) -> Figure | None:
     """Documents in and kept per document stage (their ``docs_in``/``kept`` counts), with the
@@ -26,21 +28,28 @@ def data_funnel(stages: Sequence[dict[str, Any]]) -> Figure | None:
     if not rows:
         return None
     names = [s["stage"] for s in rows]
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.5))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)) + 3.0, 4.5))
     x = range(len(rows))
     axes.bar(x, [s["kept"] for s in rows], color="#2b7bb9", label="kept")
     bottoms = [float(s["kept"]) for s in rows]
-    reasons = sorted({r for s in rows for r in s.get("rejected_by_reason", {})})
+    # the most frequent reasons by name, the long tail (quality has twenty rules) as one bar
+    totals: dict[str, int] = {}
+    for stage in rows:
+        for reason, n in stage.get("rejected_by_reason", {}).items():
+            totals[reason] = totals.get(reason, 0) + n
+    named = sorted(totals, key=lambda r: -totals[r])[:_NAMED_REASONS]
+    groups = [(r, [r]) for r in named]
+    if len(totals) > len(named):
+        groups.append(("other reasons", [r for r in totals if r not in named]))
     palette = plt.get_cmap("tab20")
-    for i, reason in enumerate(reasons):
-        heights = [s.get("rejected_by_reason", {}).get(reason, 0) for s in rows]
-        axes.bar(x, heights, bottom=bottoms, color=palette(i % 20), label=f"removed: {reason}")
+    for i, (label, members) in enumerate(groups):
+        heights = [sum(s.get("rejected_by_reason", {}).get(r, 0) for r in members) for s in rows]
+        axes.bar(x, heights, bottom=bottoms, color=palette(i + 2), label=f"removed: {label}")
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     axes.set_xticks(list(x), names, rotation=30, ha="right")
     axes.set_ylabel("documents")
     axes.set_title("Data funnel: documents kept and removed per stage")
-    if len(reasons) <= 12:
-        axes.legend(fontsize=7, loc="upper right")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     return figure
 
