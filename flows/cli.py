@@ -28,6 +28,7 @@ from llmflow.flows.config import (
     resolve_stages,
     stage_inputs,
 )
+from llmflow.flows.ui_servers import ui
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -341,7 +342,11 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     else:
         mlflow_cmd = f"open {uri}"
     out.print(f"MLflow UI:   {mlflow_cmd}", highlight=False, soft_wrap=True)
+    workdir_arg = shlex.quote(str(workdir))
+    out.print(f"Both UIs:    {_tool('llmflow')} ui --workdir {workdir_arg}", highlight=False)
 
+
+app.command()(ui)
 
 if __name__ == "__main__":
     app()
