@@ -3,8 +3,9 @@
 One flow (:func:`llmflow.flows.pipeline.pipeline`), four ways to run it from the Prefect UI:
 
 - ``pipeline``: every stage, crawl to evaluation, on demand;
-- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default; one
-  at a time (a second refresh of the same deployment while one runs is cancelled, not run);
+- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default (a
+  refresh that finds the data still being written by another run fails at once, saying which:
+  :mod:`llmflow.tasks.dataset_lock`);
 - ``train``: the tokenizer, token shards, pretraining and SFT on the data already curated;
 - ``evaluate``: the evaluation of the SFT model (or of ``config.evaluate.model``).
 
@@ -32,16 +33,14 @@ class Preset:
     description: str
     stages: tuple[str, ...] | None
     scheduled: bool = False
-    one_at_a_time: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     "pipeline": Preset("Every stage: crawl to an instruction-tuned, evaluated model.", None),
     "data-refresh": Preset(
-        "The data stages (crawl to token shards), on a schedule; one refresh at a time.",
+        "The data stages (crawl to token shards), on a schedule.",
         DATA_STAGES,
         scheduled=True,
-        one_at_a_time=True,
     ),
     "train": Preset(
         "Tokenizer, token shards, pretraining and SFT on the curated documents.",
@@ -68,7 +67,6 @@ def build_deployments(
     The flow is referenced by module path (``llmflow.flows.pipeline:pipeline``), so the runner's
     flow-run processes import it from the installed package wherever they start.
     """
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
 
     from llmflow.flows.pipeline import pipeline
@@ -82,11 +80,6 @@ def build_deployments(
                 description=preset.description,
                 parameters=preset_parameters(name, config),
                 cron=refresh_cron if preset.scheduled else None,
-                concurrency_limit=(
-                    ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW")
-                    if preset.one_at_a_time
-                    else None
-                ),
                 tags=["llmflow"],
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )

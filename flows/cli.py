@@ -124,8 +124,13 @@ def run(
     workdir_path.mkdir(parents=True, exist_ok=True)
 
     from llmflow.flows.pipeline import run_pipeline
+    from llmflow.tasks.dataset_lock import DatasetBusyError
 
-    result = run_pipeline(config, selected)
+    try:
+        result = run_pipeline(config, selected)
+    except DatasetBusyError as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=3) from None
     _print_summary(result, workdir_path)
 
 

@@ -39,6 +39,7 @@ from llmflow.tasks import (
     tokenizer,
     toxicity,
 )
+from llmflow.tasks.dataset_lock import exclusive_writer
 from llmflow.tasks.progress import StepProgress, artifact_key
 from llmflow.tasks.stage import (
     StageConfig,
@@ -767,6 +768,12 @@ def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str) -> None:
 def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline's stages in order on ``config``; ``stages`` picks a subset."""
     selected = resolve_stages(",".join(stages) if stages else None)
+    # one writer per dataset root: refused here, before any run is recorded, if one is busy
+    with exclusive_writer(config.dataset_root(), f"flow run {flow_run.name} ({flow_run.id})"):
+        return _run_stages(config, selected)
+
+
+def _run_stages(config: PipelineConfig, selected: list[str]) -> dict[str, Any]:
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, config.workdir)
     tracker = PipelineTracker(tracking_uri, config.experiment, config.workdir)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}

@@ -43,12 +43,19 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(path)
 
 
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on the local (or a mounted) filesystem rather than an object store."""
+    fs, _ = filesystem(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
 def local_path(path: str, why: str) -> Path:
     """``path`` as a local filesystem path, or an error saying ``why`` it has to be one (the
     trainer memory-maps tokens and writes checkpoints with torch.save)."""
     fs, p = filesystem(path)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" not in protocols:
+    if not is_local(path):
         raise ValueError(
             f"{path} is not on a local filesystem ({protocols[0]}://): {why}; copy it to local"
             " (or mounted) storage, or set data_root to a local path"

@@ -33,7 +33,6 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
     assert set(deployments) == {"pipeline", "data-refresh", "train", "evaluate"}
     refresh = deployments["data-refresh"]
     assert [s.schedule.cron for s in refresh.schedules] == ["30 2 * * 1"]
-    assert refresh.concurrency_limit == 1
     assert not deployments["pipeline"].schedules
     for name, deployment in deployments.items():
         assert deployment.entrypoint == "llmflow.flows.pipeline.pipeline"
@@ -162,6 +161,5 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
             list(preset.stages) if preset.stages is not None else None
         )
         assert bool(deployment.get("schedules")) == preset.scheduled
-        assert bool(deployment.get("concurrency_limit")) == preset.one_at_a_time
     assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"

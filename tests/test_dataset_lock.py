@@ -1,0 +1,90 @@
+"""One writer per dataset root: a second run refuses at once, naming the first; a killed holder
+leaves no lock behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmflow.tasks.dataset_lock import LOCK_NAME, DatasetBusyError, exclusive_writer
+
+LLMFLOW = str(Path(sys.executable).parent / "llmflow")
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path: Path) -> None:
+    root = str(tmp_path / "data")
+    with exclusive_writer(root, "flow run first-run"):
+        with (
+            pytest.raises(DatasetBusyError, match=r"another llmflow run .*first-run"),
+            exclusive_writer(root, "flow run second-run"),
+        ):
+            pass
+        holder = json.loads((tmp_path / "data" / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid()
+    with exclusive_writer(root, "flow run third-run"):  # released at the end of the block
+        pass
+    with exclusive_writer("memory://no-lock-here", "object store"):  # no flock: not taken
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from llmflow.tasks.dataset_lock import exclusive_writer\n"
+            f"with exclusive_writer({str(root)!r}, 'doomed run'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(DatasetBusyError, match="doomed run"), exclusive_writer(str(root), "x"):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with exclusive_writer(str(root), "after the crash"):
+        pass
+
+
+def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "work"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    (tmp_path / "note.txt").write_text("A note.\n")
+    with exclusive_writer(str(workdir / "data"), "flow run busy-refresh"):
+        started = time.monotonic()
+        result = subprocess.run(
+            [
+                LLMFLOW,
+                "run",
+                "--workdir",
+                str(workdir),
+                "--stages",
+                "crawl",
+                "--set",
+                f"crawl.seeds={json.dumps([str(tmp_path / 'note.txt')])}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+    assert "being written by another llmflow run" in result.stderr
+    assert "busy-refresh" in result.stderr
+    assert not (workdir / "data" / "crawl").exists()  # refused before writing anything
+    assert time.monotonic() - started < 120
