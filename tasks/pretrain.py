@@ -121,14 +121,15 @@ def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None
     """
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # always written: it is what torchrun's workers read, here or started by hand on other nodes
+    job_path = run_dir / "job.json"
+    datasets.write_bytes_atomic(str(job_path), job.model_dump_json(indent=2).encode())
     if nproc == 1:
         from llmflow.tasks.trainer import train
 
         return train(job, on_step=on_step)
     from llmflow.tasks.trainer import PROGRESS_PREFIX, RESULT_FILE
 
-    job_path = run_dir / "job.json"
-    datasets.write_bytes_atomic(str(job_path), job.model_dump_json(indent=2).encode())
     command = [
         sys.executable,
         "-m",

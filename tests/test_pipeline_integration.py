@@ -210,6 +210,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "step-000004",
     ]
     assert (run_dir / "hf" / "model.safetensors").exists()
+    assert json.loads((run_dir / "job.json").read_text())["run_dir"] == str(run_dir)
     pretrain_run = children["pretrain"]
     history = client.get_metric_history(pretrain_run.info.run_id, "loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
