@@ -10,7 +10,7 @@ import difflib
 import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -85,6 +85,17 @@ class PipelineConfig(BaseModel):
     experiment: str = Field("llmflow", description="MLflow experiment the runs go to.")
     max_workers: int = Field(
         2, ge=1, description="Units of work (shards, files) a stage processes at once."
+    )
+    runner: Literal["threads", "processes", "dask"] = Field(
+        "threads",
+        description=(
+            "Where the data stages' units run: threads or processes on this machine, or a Dask"
+            " cluster (prefect-dask): a local one with max_workers worker processes, or the"
+            " scheduler at dask_address."
+        ),
+    )
+    dask_address: str | None = Field(
+        None, description="runner=dask: a running Dask scheduler (tcp://host:8786). None: local."
     )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)

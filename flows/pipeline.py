@@ -829,7 +829,32 @@ def _summary_markdown(reports: list[StageReport], run_id: str, tracking_uri: str
     )
 
 
+def task_runner(config: PipelineConfig) -> Any:
+    """The task runner the config asks for, sized by ``max_workers``."""
+    if config.runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=config.max_workers)
+    if config.runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as error:
+            raise ImportError(
+                "runner=dask needs prefect-dask: pip install 'llmflow[dask]'"
+            ) from error
+        if config.dask_address:
+            return DaskTaskRunner(address=config.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": config.max_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=config.max_workers)
+
+
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
-    """Run the flow with a task runner sized by the config (threads; Dask comes later)."""
-    runner = ThreadPoolTaskRunner(max_workers=config.max_workers)
-    return pipeline.with_options(task_runner=runner)(config=config, stages=stages)
+    """Run the flow on the task runner the config names."""
+    return pipeline.with_options(task_runner=task_runner(config))(config=config, stages=stages)
