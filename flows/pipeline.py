@@ -216,6 +216,29 @@ def _counts_table(name: str, metrics: dict[str, float], run_id: str, total_units
     )
 
 
+def _funnel_markdown(name: str, counts: dict[str, Any], run_id: str) -> str:
+    """The stage's data funnel as the Prefect UI shows it: in, kept, removed per reason."""
+    total = counts["docs_in"] or 1
+    lines = [
+        f"# {name}: data funnel",
+        "",
+        "| | documents | share |",
+        "|---|---:|---:|",
+        f"| in | {counts['docs_in']:,} | 100% |",
+        f"| kept | {counts['kept']:,} | {counts['kept'] / total:.1%} |",
+    ]
+    reasons = sorted(counts.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1])
+    lines += [f"| removed: {reason} | {n:,} | {n / total:.1%} |" for reason, n in reasons]
+    if counts.get("fetch_failures"):
+        lines.append(f"| fetch failures | {counts['fetch_failures']:,} | |")
+    lines += [
+        "",
+        f"Removed documents, with their reasons, are in the stage's `rejected/` set;"
+        f" MLflow run `{run_id}`.",
+    ]
+    return "\n".join(lines)
+
+
 def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     sample: list[dict[str, Any]] = []
     for shard in datasets.manifest_shards(manifest, "rejected_shards"):
@@ -299,6 +322,11 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
     tracker.finish(run_id, ok=True)
     _counts_table(name, metrics, run_id, len(units))
     counts = manifest["counts"]
+    create_markdown_artifact(
+        key=f"{name}-funnel",
+        markdown=_funnel_markdown(name, counts, run_id),
+        description=f"{name}: documents in, kept, and removed per reason",
+    )
     return StageReport(
         stage=name,
         docs_in=counts["docs_in"],

@@ -283,6 +283,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     keys = {a["key"] for a in found}
     assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
     assert {"sft-summary", "sft-steps", "evaluate-results"} <= keys
+    assert {f"{stage}-funnel" for stage in STAGES if stage not in STEPS} <= keys
+    funnel = next(a for a in found if a["key"] == "toxicity-funnel")["data"]
+    assert "| removed: toxic_profanity | 1 |" in funnel
 
     # Second run: nothing to do, identical manifests, shards untouched.
     manifests_before = {d: (Path(d) / "manifest.json").read_bytes() for d in stage_dirs.values()}
