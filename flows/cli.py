@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -238,8 +237,8 @@ def evaluate(
         raise typer.Exit(code=2)
     from llmflow.tasks.embedded_data import BENCHMARKS_DIR
     from llmflow.tasks.eval_models import load_causal_lm
-    from llmflow.tasks.evaluate import evaluate_model, find_benchmark
-    from llmflow.tasks.progress import StepProgress
+    from llmflow.tasks.evaluate import evaluate_model, find_benchmark, results_rows
+    from llmflow.tasks.progress import progress_per_task
 
     data_dir = data_dir or BENCHMARKS_DIR
     try:
@@ -250,38 +249,25 @@ def evaluate(
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
-    bars: list[StepProgress] = []
-
-    def on_task(task: str, items: int) -> Callable[[], None]:
-        for bar in bars:
-            bar.close()
-        bars.append(StepProgress(f"eval-{task}", f"evaluate: {task}", items))
-        return bars[-1].advance
-
-    try:
+    with progress_per_task("evaluate") as on_task:
         results = evaluate_model(
             lm, tokenizer, wanted, data_dir, limit, num_fewshot, on_task, batch_size=batch_size
         )
-    finally:
-        for bar in bars:
-            bar.close()
     results["config"]["model"] = str(model)
     output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     table = Table(title=f"llmflow evaluate: {model}")
     for column in ("task", "metric", "value", "± stderr", "items", "shots", "time"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
-    for task, result in results["results"].items():
-        for metric, value in result["metrics"].items():
-            stderr = result["stderr"].get(metric)
-            table.add_row(
-                task,
-                metric,
-                f"{value:.4f}",
-                "" if stderr is None or stderr != stderr else f"{stderr:.4f}",
-                str(result["items"]),
-                str(result["num_fewshot"]),
-                f"{result['seconds']:.1f} s",
-            )
+    for row in results_rows(results):
+        table.add_row(
+            row["task"],
+            row["metric"],
+            f"{row['value']:.4f}",
+            "" if row["stderr"] is None else f"{row['stderr']:.4f}",
+            str(row["items"]),
+            str(row["shots"]),
+            f"{results['results'][row['task']]['seconds']:.1f} s",
+        )
     out.print(table)
     out.print(f"results: {output}", highlight=False, soft_wrap=True)
 

@@ -40,7 +40,7 @@ from llmflow.tasks import (
     toxicity,
 )
 from llmflow.tasks.dataset_lock import exclusive_writer
-from llmflow.tasks.progress import StepProgress, artifact_key
+from llmflow.tasks.progress import StepProgress, artifact_key, progress_per_task
 from llmflow.tasks.stage import (
     StageConfig,
     StageSpec,
@@ -49,6 +49,7 @@ from llmflow.tasks.stage import (
     finalize_stage,
     manifest_sha256,
     plan_shard_units,
+    unit_key,
 )
 from llmflow.tasks.train_config import TrainJob
 from llmflow.tasks.trainer import read_metrics
@@ -642,9 +643,6 @@ def run_sft(name: str, config: PipelineConfig, tracker: PipelineTracker) -> Stag
 def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[str], str]:
     """(model path, our tokenizer dir or None, held-out token shards, digest of both)."""
     settings = config.evaluate
-    tokens_dir = config.stage_dir("tokenize")
-    val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
-    heldout_sha = manifest_sha256(tokens_dir)
     if settings.model is not None:  # someone else's model: its own tokenizer, no bits per byte
         # the files' names, sizes and times stand for the model: re-hashing GBs of weights on
         # every run to decide whether to skip would cost more than most evaluations
@@ -652,10 +650,12 @@ def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[st
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
         return settings.model, None, [], hashlib.sha256(repr(stamp).encode()).hexdigest()
+    tokens_dir = config.stage_dir("tokenize")
+    val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
     sft_dir = config.stage_dir("sft")
     base = datasets.read_json(datasets.join(sft_dir, datasets.MANIFEST_NAME))
     model_path = str(pretrain.local_dir(sft_dir) / base["run_dir"] / pretrain.HF_DIR)
-    digest = manifest_sha256(sft_dir) + heldout_sha
+    digest = manifest_sha256(sft_dir) + manifest_sha256(tokens_dir)
     return model_path, config.stage_dir("tokenizer"), val_shards, digest
 
 
@@ -683,7 +683,7 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     settings = config.evaluate
     stage_dir = config.stage_dir(name)
     model_path, tokenizer_dir, val_shards, inputs_sha = _evaluation_inputs(config)
-    key = evaluate.evaluation_key(settings, inputs_sha)
+    key = unit_key(evaluate.STAGE, settings, inputs_sha)
     run_id = tracker.start_child(
         name,
         params=flatten(settings.model_dump(mode="json")) | {"model_path": model_path},
@@ -699,21 +699,10 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
         if skipped:
             outcome = previous
         else:
-            bars: list[StepProgress] = []
-
-            def on_task(task: str, items: int) -> Callable[[], None]:
-                for bar in bars:
-                    bar.close()
-                bars.append(StepProgress(f"evaluate-{task}", f"evaluate: {task}", items))
-                return bars[-1].advance
-
-            try:
+            with progress_per_task("evaluate") as on_task:
                 outcome = evaluate.run_evaluation(
                     settings, model_path, tokenizer_dir, val_shards, on_task
                 )
-            finally:
-                for bar in bars:
-                    bar.close()
             outcome |= {
                 "format": datasets.MANIFEST_FORMAT,
                 "stage": name,
@@ -724,18 +713,18 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
+    rows = evaluate.results_rows(outcome)
     metrics: dict[str, float] = {}
-    for task, result in outcome["results"].items():
-        for metric, value in result["metrics"].items():
-            metrics[f"eval/{task}/{metric}"] = value
-            stderr = result["stderr"].get(metric)
-            if stderr is not None and stderr == stderr:
-                metrics[f"eval/{task}/{metric}_stderr"] = stderr
+    for row in rows:
+        metric_name = f"eval/{row['task']}/{row['metric']}"
+        metrics[metric_name] = row["value"]
+        if row["stderr"] is not None:
+            metrics[f"{metric_name}_stderr"] = row["stderr"]
     heldout = outcome.get("heldout")
     if heldout:
         metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}
     tracker.log(run_id, metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
-    tracker.log_table(run_id, evaluate.results_rows(outcome), "eval_results.json")
+    tracker.log_table(run_id, rows, "eval_results.json")
     tracker.log_dict(run_id, outcome, "eval_outcome.json")
     if settings.registered_model and settings.model is None:
         version = _register_sft_model(config, tracker, outcome, metrics)

@@ -103,7 +103,7 @@ class PipelineTracker:
         self.client.log_dict(run_id, data, artifact_file)
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
-        """A matplotlib figure as a PNG artifact (then closed: figures hold memory until)."""
+        """A matplotlib figure as a PNG artifact, then closed (pyplot keeps every open figure)."""
         from llmflow.flows.run_charts import close
 
         try:

@@ -9,8 +9,6 @@ document that the CLI writes and the pipeline logs to MLflow.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -248,20 +246,6 @@ def chat_samples(
     return samples
 
 
-def evaluation_key(config: EvaluateConfig, inputs_sha256: str) -> str:
-    """What decides the stage's output: code, config, and the model and held-out data."""
-    material = json.dumps(
-        {
-            "stage": STAGE.name,
-            "code": STAGE.code_version(),
-            "config": config.output_hash(),
-            "inputs": inputs_sha256,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
 def run_evaluation(
     config: EvaluateConfig,
     model_path: str,
@@ -293,7 +277,8 @@ def run_evaluation(
 
 
 def results_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task and metric (the MLflow table and the Prefect markdown)."""
+    """One row per task and metric (the CLI's table, MLflow's metrics and table, the Prefect
+    markdown); ``stderr`` is None where there is none (a single item gives NaN)."""
     rows = []
     for task, result in outcome["results"].items():
         for metric, value in result["metrics"].items():
@@ -302,8 +287,8 @@ def results_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "task": task,
                     "metric": metric,
-                    "value": round(value, 4),
-                    "stderr": None if stderr is None or stderr != stderr else round(stderr, 4),
+                    "value": value,
+                    "stderr": None if stderr is None or math.isnan(stderr) else stderr,
                     "items": result["items"],
                     "shots": result["num_fewshot"],
                 }

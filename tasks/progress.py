@@ -11,6 +11,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
 from uuid import UUID
@@ -134,3 +136,23 @@ class StepProgress:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextmanager
+def progress_per_task(prefix: str) -> Iterator[Callable[[str, int], Callable[[], None]]]:
+    """An ``on_task(task, items)`` callback for work done task after task (benchmarks): each
+    call closes the previous task's bar and opens one for the new task, whose ``advance`` it
+    returns; leaving the block closes the last one, whatever happened."""
+    bars: list[StepProgress] = []
+
+    def on_task(task: str, items: int) -> Callable[[], None]:
+        for bar in bars:
+            bar.close()
+        bars.append(StepProgress(f"{prefix}-{task}", f"{prefix}: {task}", items))
+        return bars[-1].advance
+
+    try:
+        yield on_task
+    finally:
+        for bar in bars:
+            bar.close()

@@ -37,7 +37,7 @@ from llmflow.tasks.sft_data import (
     read_conversations,
     write_packed_rows,
 )
-from llmflow.tasks.stage import StageSpec
+from llmflow.tasks.stage import StageSpec, unit_key
 from llmflow.tasks.tokenizer import load_tokenizer
 from llmflow.tasks.train_config import SftConfig, TrainJob
 
@@ -96,18 +96,10 @@ def read_data(config: SftConfig) -> tuple[list[Conversation], list[bool], SftDat
 
 
 def run_key(config: SftConfig, data_sha256: str, base_key: str, tokenizer_sha256: str) -> str:
-    material = json.dumps(
-        {
-            "stage": STAGE.name,
-            "code": STAGE.code_version(),
-            "config": config.output_hash(),
-            "data": data_sha256,
-            "pretrain": base_key,
-            "tokenizer": tokenizer_sha256,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
+    """The run's key: the stage's unit key over the conversations, the pretraining run and the
+    tokenizer."""
+    inputs = json.dumps({"data": data_sha256, "pretrain": base_key, "tokenizer": tokenizer_sha256})
+    return unit_key(STAGE, config, inputs)
 
 
 def pack_data(

@@ -275,12 +275,6 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value = value / self.world
-        return value
-
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
