@@ -3,9 +3,10 @@
 One flow (:func:`llmflow.flows.pipeline.pipeline`), four ways to run it from the Prefect UI:
 
 - ``pipeline``: every stage, crawl to evaluation, on demand;
-- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default (a
-  refresh that finds the data still being written by another run fails at once, saying which:
-  :mod:`llmflow.tasks.dataset_lock`);
+- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default; each
+  run is an incremental refresh that adds a new version of the documents
+  (:mod:`llmflow.tasks.document_versions`), and one that finds the data still being written by
+  another run fails at once, saying which (:mod:`llmflow.tasks.dataset_lock`);
 - ``train``: the tokenizer, token shards, pretraining and SFT on the data already curated;
 - ``evaluate``: the evaluation of the SFT model (or of ``config.evaluate.model``).
 
@@ -28,19 +29,22 @@ DATA_STAGES: tuple[str, ...] = STAGES[: STAGES.index("tokenize") + 1]
 
 @dataclass(frozen=True)
 class Preset:
-    """What a deployment runs: its stages (None: all), and whether it runs on a schedule."""
+    """What a deployment runs: its stages (None: all), whether it runs on a schedule, and whether
+    each run is an incremental refresh of the documents."""
 
     description: str
     stages: tuple[str, ...] | None
     scheduled: bool = False
+    refresh: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     "pipeline": Preset("Every stage: crawl to an instruction-tuned, evaluated model.", None),
     "data-refresh": Preset(
-        "The data stages (crawl to token shards), on a schedule.",
+        "A new version of the documents from what changed on the web, then token shards.",
         DATA_STAGES,
         scheduled=True,
+        refresh=True,
     ),
     "train": Preset(
         "Tokenizer, token shards, pretraining and SFT on the curated documents.",
@@ -56,6 +60,7 @@ def preset_parameters(name: str, config: PipelineConfig) -> dict[str, Any]:
     return {
         "config": config.model_dump(mode="json"),
         "stages": list(preset.stages) if preset.stages is not None else None,
+        "refresh": preset.refresh,
     }
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmflow.flows.config import (
+    DOCUMENT_STAGES,
     STAGES,
     ConfigError,
     PipelineConfig,
@@ -28,6 +29,7 @@ from llmflow.flows.config import (
     stage_inputs,
 )
 from llmflow.flows.ui_servers import ui
+from llmflow.tasks.document_versions import DOCUMENTS
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -69,13 +71,14 @@ def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
 
     for stage in stages:
         for previous in stage_inputs(stage):
-            if previous in stages:
+            if previous in stages or (previous == DOCUMENTS and DOCUMENT_STAGES[-1] in stages):
                 continue
             manifest = datasets.join(config.stage_dir(previous), datasets.MANIFEST_NAME)
             if not datasets.exists(manifest):
+                first = ",".join(DOCUMENT_STAGES) if previous == DOCUMENTS else previous
                 raise ConfigError(
                     f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r}"
-                    f" output, but {manifest} does not exist; run --stages {previous} first"
+                    f" output, but {manifest} does not exist; run --stages {first} first"
                 )
 
 
@@ -108,11 +111,21 @@ def run(
             " [default: ./llmflow-work]"
         ),
     ] = None,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh",
+            help="Make a new version of the documents from what is new or changed since the"
+            " last: conditional re-crawl, only new documents processed, the dedup index kept.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the pipeline (crawl to a pretrained model) and print what each stage did."""
+    """Run the pipeline (crawl to an evaluated model) and print what each stage did."""
     try:
         config = load_config(config_file, overrides, workdir)
         selected = resolve_stages(stages)
+        if refresh and "crawl" not in selected:
+            raise ConfigError(f"--refresh starts with a new crawl; --stages {stages} has none")
         _check_inputs(config, selected)
     except ConfigError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
@@ -126,7 +139,7 @@ def run(
     from llmflow.tasks.dataset_lock import DatasetBusyError
 
     try:
-        result = run_pipeline(config, selected)
+        result = run_pipeline(config, selected, refresh)
     except DatasetBusyError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=3) from None
@@ -316,6 +329,18 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
             out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)
+    documents = result.get("documents")
+    if documents is not None:
+        refresh = documents["refresh"]
+        removed = ", ".join(f"{k} {v}" for k, v in refresh["removed_by_reason"].items())
+        out.print(
+            f"documents v{documents['version']:04d}: {documents['kept']} documents;"
+            f" this version fetched {refresh['fetched']}, unchanged {refresh['unchanged']},"
+            f" added {refresh['added']}, removed {refresh['removed']}"
+            + (f" ({removed})" if removed else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if all(s["units_skipped"] == s["units"] for s in result["stages"]):
         out.print("Nothing to do: every unit of work was already complete.")
     uri = result["mlflow_tracking_uri"]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmflow.tasks.crawl_config import CrawlConfig
 from llmflow.tasks.dedup import DedupConfig
+from llmflow.tasks.document_versions import DOCUMENTS, version_name, working_version
 from llmflow.tasks.evaluate_config import EvaluateConfig
 from llmflow.tasks.normalize import NormalizeConfig
 from llmflow.tasks.pii import PiiConfig
@@ -40,13 +41,16 @@ STAGES: tuple[str, ...] = (
     "sft",
     "evaluate",
 )
+# The stages that make the curated documents; each refresh runs them over what is new, and their
+# final output joins the versioned documents dataset (llmflow.tasks.document_versions).
+DOCUMENT_STAGES: tuple[str, ...] = STAGES[: STAGES.index("pii") + 1]
 # The datasets a stage reads, where that is not just the stage before it: the tokenizer and the
-# token shards are both made from the final documents; training reads the tokens and tokenizer;
-# SFT starts from the pretrained model; evaluation scores the SFT model (its held-out bits per
-# byte on the token shards' validation split).
+# token shards are both made from the documents' newest version; training reads the tokens and
+# tokenizer; SFT starts from the pretrained model; evaluation scores the SFT model (its held-out
+# bits per byte on the token shards' validation split).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("pii",),
-    "tokenize": ("pii", "tokenizer"),
+    "tokenizer": (DOCUMENTS,),
+    "tokenize": (DOCUMENTS, "tokenizer"),
     "pretrain": ("tokenize", "tokenizer"),
     "sft": ("pretrain", "tokenizer"),
     "evaluate": ("sft", "tokenize", "tokenizer"),
@@ -113,7 +117,18 @@ class PipelineConfig(BaseModel):
         return self.data_root or str(Path(self.workdir).absolute() / "data")
 
     def stage_dir(self, stage: str) -> str:
-        return f"{self.dataset_root().rstrip('/')}/{stage}"
+        """Where a stage's dataset lives; ``documents`` is the versioned curated documents.
+
+        The document stages write into the version being made (the newest one begun), so a
+        refresh never touches an older version's files.
+        """
+        root = self.dataset_root().rstrip("/")
+        if stage == DOCUMENTS:
+            return f"{root}/{DOCUMENTS}"
+        if stage in DOCUMENT_STAGES:
+            documents = f"{root}/{DOCUMENTS}"
+            return f"{documents}/{version_name(working_version(documents))}/{stage}"
+        return f"{root}/{stage}"
 
 
 class ConfigError(ValueError):

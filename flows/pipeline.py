@@ -23,12 +23,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from llmflow.flows import run_charts
-from llmflow.flows.config import STAGES, PipelineConfig, resolve_stages, stage_inputs
+from llmflow.flows.config import (
+    DOCUMENT_STAGES,
+    STAGES,
+    PipelineConfig,
+    resolve_stages,
+    stage_inputs,
+)
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
 from llmflow.tasks import (
     crawl,
     datasets,
     dedup,
+    document_versions,
     evaluate,
     normalize,
     pii,
@@ -82,9 +89,39 @@ def _previous(stage: str) -> str:
 
 
 def _plan_tokenize(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
-    """Token shards are cut from the final documents with the tokenizer trained on them."""
+    """Token shards are cut from the documents' newest version with the tokenizer trained on it."""
     return tokenize.plan_tokenize_units(
-        config.tokenize, config.stage_dir("pii"), config.stage_dir("tokenizer")
+        config.tokenize,
+        config.stage_dir(document_versions.DOCUMENTS),
+        config.stage_dir("tokenizer"),
+    )
+
+
+def _stage_config(config: PipelineConfig, name: str) -> Any:
+    """A stage's config as the pipeline runs it: dedup's index defaults to one folder shared by
+    every version of the documents, so each refresh is checked against all that was kept."""
+    stage_config = getattr(config, name)
+    if name == "dedup" and stage_config.index_dir is None:
+        index_dir = datasets.join(
+            config.stage_dir(document_versions.DOCUMENTS), document_versions.INDEX_DIR
+        )
+        stage_config = stage_config.model_copy(update={"index_dir": index_dir})
+    return stage_config
+
+
+def _plan_crawl(config: PipelineConfig) -> tuple[list[WorkUnit], None]:
+    """A refresh plans only what may be new: the web again, files that changed."""
+    previous = crawl.previous_crawl(config.stage_dir("crawl"))
+    return crawl.plan_crawl_units(config.crawl, previous), None
+
+
+def _plan_dedup(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
+    """Checked against the shared index, less the documents this version withdraws."""
+    return dedup.plan_dedup_units(
+        _stage_config(config, "dedup"),
+        config.stage_dir(_previous("dedup")),
+        config.stage_dir("dedup"),
+        withdrawn=datasets.join(config.stage_dir("crawl"), document_versions.WITHDRAWN_NAME),
     )
 
 
@@ -114,17 +151,13 @@ def _plan_toxicity(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
 
 
 WIRING: dict[str, StageWiring] = {
-    "crawl": StageWiring(
-        crawl.STAGE, crawl.crawl_unit, lambda c: (crawl.plan_crawl_units(c.crawl), None)
-    ),
+    "crawl": StageWiring(crawl.STAGE, crawl.crawl_unit, _plan_crawl, finish=crawl.finish),
     "normalize": StageWiring(normalize.STAGE, normalize.normalize_shard, _plan_after("normalize")),
     "quality": StageWiring(quality.STAGE, quality.quality_shard, _plan_after("quality")),
     "dedup": StageWiring(
         dedup.STAGE,
         dedup.dedup_shard,
-        lambda c: dedup.plan_dedup_units(
-            c.dedup, c.stage_dir(_previous("dedup")), c.stage_dir("dedup")
-        ),
+        _plan_dedup,
         prepare=_prepare_dedup,
         finish=dedup.finish,
     ),
@@ -252,17 +285,40 @@ def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str,
 
 
 def _log_inputs(name: str, config: PipelineConfig, tracker: PipelineTracker, run_id: str) -> None:
-    """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256)."""
+    """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256),
+    and the version of the documents its output comes from (tag ``llmflow.documents_version``)."""
     context = "training" if name in ("pretrain", "sft") else "input"
     for source in stage_inputs(name):
         source_dir = config.stage_dir(source)
         tracker.log_input(run_id, source, source_dir, manifest_sha256(source_dir), context)
+    version = _documents_version(config, name)
+    if version is not None:
+        tag = document_versions.version_name(version)
+        tracker.log(run_id, tags={"llmflow.documents_version": tag})
+
+
+def _documents_version(config: PipelineConfig, name: str) -> int | None:
+    """Which version of the documents a stage works from: the one being made for the document
+    stages, the newest for the tokenizer and token shards, and for training and evaluation the
+    one the token shards were cut from (a model trained before a refresh names the older one)."""
+    documents_dir = config.stage_dir(document_versions.DOCUMENTS)
+    if name in DOCUMENT_STAGES:
+        return document_versions.working_version(documents_dir)
+    digest = None
+    if name in ("tokenizer", "tokenize"):
+        if datasets.exists(datasets.join(documents_dir, datasets.MANIFEST_NAME)):
+            digest = manifest_sha256(documents_dir)
+    else:
+        tokenize_manifest = datasets.join(config.stage_dir("tokenize"), datasets.MANIFEST_NAME)
+        if datasets.exists(tokenize_manifest):
+            digest = datasets.read_json(tokenize_manifest)["input_manifest_sha256"]
+    return document_versions.version_with_digest(documents_dir, digest) if digest else None
 
 
 def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:
     """Plan, run and record one stage."""
     wiring = WIRING[name]
-    stage_config: StageConfig = getattr(config, name)
+    stage_config: StageConfig = _stage_config(config, name)
     stage_dir = config.stage_dir(name)
     units, input_digest = wiring.plan(config)
     run_id = tracker.start_child(
@@ -394,7 +450,10 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
     _log_inputs(name, config, tracker, run_id)
     try:
         manifest, skipped = tokenizer.tokenizer_train(
-            config.stage_dir("pii"), stage_dir, config.tokenizer, config.tokenize.val_fraction
+            config.stage_dir(document_versions.DOCUMENTS),
+            stage_dir,
+            config.tokenizer,
+            config.tokenize.val_fraction,
         )
     except BaseException:
         tracker.finish(run_id, ok=False)
@@ -782,15 +841,67 @@ def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str) -> None:
 
 # Deployment runs get this bounded pool; `llmflow run` sizes it from config.max_workers.
 @flow(name="llmflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
-def pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
-    """Run the pipeline's stages in order on ``config``; ``stages`` picks a subset."""
+def pipeline(
+    config: PipelineConfig, stages: list[str] | None = None, refresh: bool = False
+) -> dict[str, Any]:
+    """Run the pipeline's stages in order on ``config``; ``stages`` picks a subset.
+
+    ``refresh``: the document stages make a new version of the documents from what is new since
+    the last one (an unfinished version is finished first); otherwise they re-run the newest.
+    """
     selected = resolve_stages(",".join(stages) if stages else None)
     # one writer per dataset root: refused here, before any run is recorded, if one is busy
     with exclusive_writer(config.dataset_root(), f"flow run {flow_run.name} ({flow_run.id})"):
-        return _run_stages(config, selected)
+        return _run_stages(config, selected, refresh)
 
 
-def _run_stages(config: PipelineConfig, selected: list[str]) -> dict[str, Any]:
+def _publish_documents(config: PipelineConfig, tracker: PipelineTracker, parent: str) -> dict:
+    """Publish the version the document stages just made and record the refresh in MLflow."""
+    documents_dir = config.stage_dir(document_versions.DOCUMENTS)
+    number = document_versions.working_version(documents_dir)
+    manifest = document_versions.publish(documents_dir, number)
+    refresh = manifest["refresh"]
+    metrics = {"documents/version": number, "documents/kept": manifest["counts"]["kept"]}
+    for key, value in refresh.items():
+        if isinstance(value, dict):
+            metrics |= {f"refresh/{key}/{k}": v for k, v in value.items()}
+        else:
+            metrics[f"refresh/{key}"] = value
+    tracker.log(
+        parent,
+        metrics=metrics,
+        tags={
+            "llmflow.documents_version": document_versions.version_name(number),
+            "llmflow.documents_sha256": manifest_sha256(documents_dir),
+        },
+    )
+    tracker.log_dict(parent, manifest, f"documents/{document_versions.version_name(number)}.json")
+    removed = ", ".join(f"{k} {v}" for k, v in refresh["removed_by_reason"].items()) or "none"
+    create_markdown_artifact(
+        key="documents-version",
+        markdown="\n".join(
+            [
+                f"# documents {document_versions.version_name(number)}",
+                "",
+                "| fetched | unchanged | new or changed | added | removed |",
+                "|---|---|---|---|---|",
+                f"| {refresh['fetched']} | {refresh['unchanged']} | {refresh['new_or_changed']}"
+                f" | {refresh['added']} | {refresh['removed']} |",
+                "",
+                f"Removed: {removed}. {manifest['counts']['kept']} documents in this version.",
+            ]
+        ),
+        description="The documents version this run published: what the refresh found",
+    )
+    return {"version": number, "kept": manifest["counts"]["kept"], "refresh": refresh}
+
+
+def _run_stages(config: PipelineConfig, selected: list[str], refresh: bool) -> dict[str, Any]:
+    if refresh and "crawl" not in selected:
+        raise ValueError(
+            f"refresh: a new documents version starts with a new crawl, but the stages"
+            f" {','.join(selected)} do not include crawl"
+        )
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, config.workdir)
     tracker = PipelineTracker(tracking_uri, config.experiment, config.workdir)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
@@ -802,11 +913,16 @@ def _run_stages(config: PipelineConfig, selected: list[str]) -> dict[str, Any]:
         params=flatten(config.model_dump(mode="json")) | {"stages": ",".join(selected)},
     )
     _link_flow_run_to_mlflow(tracker, parent)
+    if any(name in DOCUMENT_STAGES for name in selected):
+        document_versions.begin(config.stage_dir(document_versions.DOCUMENTS), refresh)
     reports: list[StageReport] = []
+    documents: dict[str, Any] | None = None
     try:
         for name in selected:
             run = STEPS.get(name, run_stage)
             reports.append(run(name, config, tracker))
+            if name == DOCUMENT_STAGES[-1]:
+                documents = _publish_documents(config, tracker, parent)
     except BaseException:
         tracker.finish(parent, ok=False)
         raise
@@ -824,6 +940,7 @@ def _run_stages(config: PipelineConfig, selected: list[str]) -> dict[str, Any]:
         "mlflow_tracking_uri": tracking_uri,
         "prefect_flow_run_id": str(flow_run.id),
         "stages": [asdict(r) for r in reports],
+        "documents": documents,
     }
 
 
@@ -872,6 +989,9 @@ def task_runner(config: PipelineConfig) -> Any:
     return ThreadPoolTaskRunner(max_workers=config.max_workers)
 
 
-def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: PipelineConfig, stages: list[str] | None = None, refresh: bool = False
+) -> dict[str, Any]:
     """Run the flow on the task runner the config names."""
-    return pipeline.with_options(task_runner=task_runner(config))(config=config, stages=stages)
+    flow_with_runner = pipeline.with_options(task_runner=task_runner(config))
+    return flow_with_runner(config=config, stages=stages, refresh=refresh)

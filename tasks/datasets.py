@@ -127,16 +127,22 @@ class ShardFile:
         return cls(path=d["path"], rows=int(d["rows"]), bytes=int(d["bytes"]), sha256=d["sha256"])
 
 
-def write_shard(stage_dir: str, relative_path: str, table: pa.Table) -> ShardFile:
+def write_shard(
+    stage_dir: str, relative_path: str, table: pa.Table, keep_identical: bool = False
+) -> ShardFile:
     """Write one table as a Parquet shard, atomically, and describe it for the manifest.
 
     The file is built in memory first: its hash is then known before it lands, and a shard is a
-    few tens of MB at most (the stage decides how much goes into one).
+    few tens of MB at most (the stage decides how much goes into one). ``keep_identical`` leaves
+    a file that already holds these bytes untouched (for files rewritten on every run, so that a
+    run with nothing to do touches nothing).
     """
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", row_group_size=10_000)
     data = buffer.getvalue()
-    write_bytes_atomic(join(stage_dir, relative_path), data)
+    path = join(stage_dir, relative_path)
+    if not (keep_identical and exists(path) and read_bytes(path) == data):
+        write_bytes_atomic(path, data)
     return ShardFile(
         path=relative_path,
         rows=table.num_rows,
@@ -147,6 +153,13 @@ def write_shard(stage_dir: str, relative_path: str, table: pa.Table) -> ShardFil
 
 def read_shard(stage_dir: str, shard: ShardFile, columns: list[str] | None = None) -> pa.Table:
     fs, p = filesystem(join(stage_dir, shard.path))
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file by its full path (a derived table that no manifest lists)."""
+    fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
         return pq.read_table(f, columns=columns)
 

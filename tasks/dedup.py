@@ -399,23 +399,30 @@ def batch_name(input_digest: str) -> str:
 
 
 def plan_dedup_units(
-    config: DedupConfig, input_dir: str, stage_dir: str
+    config: DedupConfig, input_dir: str, stage_dir: str, withdrawn: str | None = None
 ) -> tuple[list[WorkUnit], str]:
     """One apply-unit per input shard, keyed by the shard AND everything it is compared with.
 
     A shard's outcome depends on the whole input dataset and on the index batches it is checked
     against, so both go into every unit's key: any change redoes the (cheap) resolve and apply
-    steps, while unchanged shards keep their signatures.
+    steps, while unchanged shards keep their signatures. ``withdrawn`` is a Parquet file of
+    document ids that have left the dataset (a refresh's changed and gone pages): the index's
+    copies of them are no longer "already kept", so a page's new text is never removed as a
+    duplicate of its own old text.
     """
     input_digest = manifest_sha256(input_dir)
     against: dict[str, Any] = {}
     if config.incremental:
         batches = index_for(config, stage_dir).batches_except(config, batch_name(input_digest))
         against = {k: v["file"]["sha256"] for k, v in batches.items()}
+    if withdrawn is not None and datasets.exists(withdrawn):
+        against["withdrawn"] = hashlib.sha256(datasets.read_bytes(withdrawn)).hexdigest()
+    else:
+        withdrawn = None
     context = hashlib.sha256(
         json.dumps({"input": input_digest, "index": against}, sort_keys=True).encode()
     ).hexdigest()
-    source = {"context": context, "input_digest": input_digest}
+    source = {"context": context, "input_digest": input_digest, "withdrawn": withdrawn}
     return plan_shard_units(STAGE, config, input_dir, context=context, source=source)
 
 
@@ -470,7 +477,7 @@ def resolve_duplicates(
     stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
     context = units[0].source["context"] if units else ""
     sig_paths = [signatures_path(stage_dir, u.name) for u in units]
-    tables = [_read_columns(p, ["order", "exact"]) for p in sig_paths]
+    tables = [datasets.read_parquet(p, ["order", "exact"]) for p in sig_paths]
     sizes = [t.num_rows for t in tables]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n_run = int(offsets[-1])
@@ -486,11 +493,13 @@ def resolve_duplicates(
     n_nodes = len(order)
     is_index = np.zeros(n_nodes, dtype=bool)
     is_index[n_run:] = True
+    gone = _withdrawn_nodes(units, index, list(batches), n_run, n_nodes)
+    stats["index_documents_withdrawn"] = int(gone.sum())
     # Documents kept by an earlier run come first (they are already in the corpus), then the
     # lowest order key; node number breaks ties between copies of the same id.
-    previously_kept = is_index.copy()
+    previously_kept = is_index & ~gone
     if n_nodes > n_run:
-        previously_kept[:n_run] = np.isin(order[:n_run], order[n_run:])
+        previously_kept[:n_run] = np.isin(order[:n_run], order[n_run:][~gone[n_run:]])
     rank = np.empty(n_nodes, dtype=np.int64)
     rank[np.lexsort((np.arange(n_nodes), order, ~previously_kept))] = np.arange(n_nodes)
     stats["index_documents"] = n_nodes - n_run
@@ -506,7 +515,7 @@ def resolve_duplicates(
             for b in range(config.bands):
                 column = band_column(b)
                 keys = _concat_np(
-                    [_read_columns(p, [column]).column(0) for p in sig_paths]
+                    [datasets.read_parquet(p, [column]).column(0) for p in sig_paths]
                     + [index.read_batch(name, [column]).column(0) for name in batches],
                     np.uint64,
                 )
@@ -515,6 +524,7 @@ def resolve_duplicates(
     candidates = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
     candidates = np.sort(candidates, axis=1)
     candidates = candidates[~(is_index[candidates[:, 0]] & is_index[candidates[:, 1]])]
+    candidates = candidates[~(gone[candidates[:, 0]] | gone[candidates[:, 1]])]
     candidates = np.unique(candidates, axis=0)
     stats["candidate_pairs"] = len(candidates)
 
@@ -581,6 +591,24 @@ def resolve_duplicates(
     return stats
 
 
+def _withdrawn_nodes(
+    units: Sequence[WorkUnit], index: DedupIndex, batches: list[str], n_run: int, n_nodes: int
+) -> np.ndarray:
+    """Which nodes are index documents that have since left the dataset (never a keeper)."""
+    gone = np.zeros(n_nodes, dtype=bool)
+    path = units[0].source.get("withdrawn") if units else None
+    if path is None or not batches:
+        return gone
+    withdrawn_ids = datasets.read_parquet(path, ["id"]).column("id")
+    if len(withdrawn_ids):
+        ids = pa.concat_arrays(
+            [index.read_batch(b, ["id"]).column("id").combine_chunks() for b in batches]
+        )
+        member = pc.is_in(ids, value_set=withdrawn_ids.combine_chunks())
+        gone[n_run:] = member.to_numpy(zero_copy_only=False)
+    return gone
+
+
 def resolve_stats(units: Sequence[WorkUnit], stage_dir: str) -> dict[str, int]:
     """The counts of the resolve step that made the current decisions (for the manifest)."""
     path = datasets.join(stage_dir, DECISIONS_DIR, RESOLVE_STATS)
@@ -594,11 +622,6 @@ def resolve_stats(units: Sequence[WorkUnit], stage_dir: str) -> dict[str, int]:
 
 def _select(values: list[str], mask: np.ndarray) -> list[str]:
     return [v for v, m in zip(values, mask.tolist(), strict=True) if m]
-
-
-def _read_columns(path: str, columns: list[str]) -> pa.Table:
-    directory, _, name = path.rpartition("/")
-    return datasets.read_shard(directory, datasets.ShardFile(name, 0, 0, ""), columns)
 
 
 def _concat_np(arrays: Iterable[pa.ChunkedArray | pa.Array], dtype: type) -> np.ndarray:
@@ -669,7 +692,7 @@ class _NodeStore:
         def run(u: int) -> pa.Table:
             if column == "id":
                 return read_unit_input(self.units[u], ["id"])
-            return _read_columns(self.sig_paths[u], [column])
+            return datasets.read_parquet(self.sig_paths[u], [column])
 
         def indexed(b: int) -> pa.Table:
             return self.index.read_batch(self.batch_names[b], [column])
@@ -711,7 +734,9 @@ def apply_decisions(table: pa.Table, decisions: pa.Table) -> ShardResult:
 
 
 def read_decisions(unit: WorkUnit, stage_dir: str) -> pa.Table:
-    table = _read_columns(datasets.join(stage_dir, DECISIONS_DIR, f"{unit.name}.parquet"), None)
+    table = datasets.read_parquet(
+        datasets.join(stage_dir, DECISIONS_DIR, f"{unit.name}.parquet"), None
+    )
     context = (table.schema.metadata or {}).get(b"llmflow.context", b"").decode()
     if context != unit.source["context"]:
         raise RuntimeError(
@@ -756,7 +781,7 @@ def update_index(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str)
     for unit in units:
         decisions = read_decisions(unit, stage_dir)
         kept = pc.invert(pc.is_valid(decisions.column("reason")))
-        signatures = _read_columns(signatures_path(stage_dir, unit.name), None)
+        signatures = datasets.read_parquet(signatures_path(stage_dir, unit.name), None)
         ids = read_unit_input(unit, ["id"]).column("id")
         rows = signatures.append_column("id", ids).filter(kept).drop_columns(["row"])
         parts.append(rows.replace_schema_metadata(None))

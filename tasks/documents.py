@@ -4,7 +4,8 @@ Documents keep one schema that stages extend and never rename: ``id``, ``text``,
 ``source``, ``fetched_at``, then the columns each stage adds. Removed documents carry the same
 columns plus ``reason`` (a short machine-readable label that is counted) and ``detail`` (free text
 for a human). Fetch failures (no document at all: a 404, a refused robots.txt, a timeout) are not
-documents; they are reported as :class:`FetchFailure` rows in the stage manifest.
+documents; they are reported as :class:`FetchFailure` rows in the stage manifest. A refresh that
+finds a page as it was (:class:`Unchanged`) counts it and adds no document.
 """
 
 from __future__ import annotations
@@ -90,3 +91,14 @@ class FetchFailure:
             "detail": self.detail,
             "status": self.status,
         }
+
+
+@dataclass(slots=True)
+class Unchanged:
+    """A page a refresh found as an earlier crawl left it: a 304 answer to a conditional request
+    (``not_modified``) or the same extracted text (``same_content``). Its document is already in
+    the dataset, so none is added; the crawl counts it."""
+
+    url: str
+    reason: str
+    doc_id: str | None

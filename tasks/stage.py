@@ -33,7 +33,13 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from llmflow.tasks import datasets
-from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document, FetchFailure, rejected_schema
+from llmflow.tasks.documents import (
+    DOCUMENT_SCHEMA,
+    Document,
+    FetchFailure,
+    Unchanged,
+    rejected_schema,
+)
 
 SHARD_SUFFIX = ".parquet"
 
@@ -220,9 +226,9 @@ def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult])
 
 
 CACHE_KEY_METADATA = b"llmflow.cache_key"
-# Folders of per-unit derived tables (quality signals, dedup signatures and decisions): files of
-# units that no longer exist are removed with the units' outputs.
-UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions")
+# Folders of per-unit derived tables (quality signals, dedup signatures and decisions, the crawl's
+# page states and withdrawals): files of units that no longer exist go with the units' outputs.
+UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions", "_state", "_withdrawn")
 
 
 def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[pa.Table, bool]:
@@ -343,7 +349,8 @@ def plan_shard_units(
     manifest = datasets.read_manifest(input_dir)
     units = []
     for shard in datasets.manifest_shards(manifest):
-        name = shard.path.removesuffix(SHARD_SUFFIX)
+        # a versioned dataset's shards sit in folders (v0002/pii/web.parquet): one flat name
+        name = shard.path.removesuffix(SHARD_SUFFIX).replace("/", "-")
         digest = f"{shard.sha256}:{context}" if context else shard.sha256
         units.append(
             WorkUnit(
@@ -396,13 +403,14 @@ def with_reason(table: pa.Table, reasons: list[str], details: list[str]) -> pa.T
 
 
 def documents_result(
-    outcomes: Iterable[Document | FetchFailure], docs_in: int | None = None
+    outcomes: Iterable[Document | FetchFailure | Unchanged], docs_in: int | None = None
 ) -> ShardResult:
     """Route a reader's outcomes: documents kept, rejections with reasons, fetch failures listed.
 
     Used by source stages (crawl), whose input is not a table: every document read counts as one
     in, so nothing is dropped without a trace. Kept documents with an id already seen in the unit
-    are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason.
+    are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason; pages a
+    refresh found unchanged are counted under ``stats['unchanged_<why>']``.
     """
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -410,6 +418,9 @@ def documents_result(
     seen: set[str] = set()
     stats: Counter[str] = Counter()
     for outcome in outcomes:
+        if isinstance(outcome, Unchanged):
+            stats[f"unchanged_{outcome.reason}"] += 1
+            continue
         if isinstance(outcome, FetchFailure):
             failures.append(outcome.row())
             continue

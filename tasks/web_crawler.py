@@ -9,6 +9,12 @@ Politeness is per host name: one request start per ``politeness_delay_s`` (or ro
 Crawl-delay when longer), whatever the global concurrency. robots.txt follows RFC 9309.
 Redirects are followed by hand so that every hop passes the same scope, exclusion and robots
 checks as a link would.
+
+A refresh passes what the last crawl saw of each page (:class:`PageState`): its ETag and
+Last-Modified go out as If-None-Match / If-Modified-Since, a 304 answer reuses the page's stored
+links (so the crawl still reaches what it links to), and a page whose extracted text is unchanged
+gives :class:`Unchanged` instead of a document. Pages the last crawl saw that no link reaches any
+more are asked for after the breadth-first crawl, so a page that is gone is noticed.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import re
 import string
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.robotparser import RobotFileParser
@@ -29,7 +35,7 @@ from urllib.robotparser import RobotFileParser
 import httpx
 
 from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.documents import Document, FetchFailure, utc_now
+from llmflow.tasks.documents import Document, FetchFailure, Unchanged, document_id, utc_now
 from llmflow.tasks.html_text import (
     BoundedExtractor,
     DecodeError,
@@ -39,7 +45,9 @@ from llmflow.tasks.html_text import (
 )
 from llmflow.tasks.warc_writer import WarcRecorder
 
-__all__ = ["crawl_web", "normalize_url"]
+__all__ = ["PageState", "crawl_web", "normalize_url"]
+
+Outcome = Document | FetchFailure | Unchanged
 
 SOURCE = "http"
 
@@ -217,6 +225,18 @@ class _Response:
     fetched_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class PageState:
+    """What a crawl remembers of a page for the next refresh: the validators its server sent,
+    the document it gave (None when it gave none that was kept) and the in-scope links on it."""
+
+    url: str
+    etag: str | None = None
+    last_modified: str | None = None
+    doc_id: str | None = None
+    links: tuple[str, ...] = field(default=())
+
+
 @dataclass(slots=True)
 class _Failed:
     reason: str
@@ -293,8 +313,12 @@ class _Crawler:
         extractor: BoundedExtractor,
         warc: WarcRecorder | None,
         on_page: Callable[[], None] | None,
+        previous: Mapping[str, PageState],
+        states: dict[str, PageState],
     ) -> None:
         self.config = config
+        self.previous = previous
+        self.states = states
         self.extractor = extractor
         self.warc = warc
         self.on_page = on_page
@@ -310,8 +334,8 @@ class _Crawler:
         self.slots: asyncio.Semaphore
         self.client: httpx.AsyncClient
 
-    async def run(self, seeds: list[str]) -> list[Document | FetchFailure]:
-        results: list[Document | FetchFailure] = []
+    async def run(self, seeds: list[str]) -> list[Outcome]:
+        results: list[Outcome] = []
         level: list[str] = []
         for seed in seeds:
             try:
@@ -327,29 +351,39 @@ class _Crawler:
         async with self._client() as self.client:
             depth = 0
             while level and self.pages < self.config.max_pages:
-                found: list[str] = []
-                start = 0
-                while start < len(level) and self.pages < self.config.max_pages:
-                    # Never more URLs in flight than pages left, so max_pages is exact.
-                    batch = level[start : start + self.config.max_pages - self.pages]
-                    start += len(batch)
-                    try:
-                        async with asyncio.TaskGroup() as group:
-                            tasks = [group.create_task(self._visit(url, depth)) for url in batch]
-                    except ExceptionGroup as group_error:
-                        # A bug or a failing on_page: the caller sees that error, not a group.
-                        raise group_error.exceptions[0] from group_error
-                    for task in tasks:
-                        outcome, links = task.result()
-                        results.append(outcome)
-                        found.extend(links)
+                found = await self._crawl_level(level, depth, results)
                 level = []
                 for link in found:
                     if link not in self.seen:
                         self.seen.add(link)
                         level.append(link)
                 depth += 1
+            # Pages the last crawl saw that nothing links to now: asked again (their links not
+            # followed), so one that is gone leaves the dataset and one that is not stays.
+            orphans = [url for url in sorted(self.previous) if url not in self.seen]
+            self.seen.update(orphans)
+            await self._crawl_level(orphans, self.config.max_depth, results)
         return results
+
+    async def _crawl_level(self, level: list[str], depth: int, results: list[Outcome]) -> list[str]:
+        """Visit one level's URLs while pages are left; the links found, in order."""
+        found: list[str] = []
+        start = 0
+        while start < len(level) and self.pages < self.config.max_pages:
+            # Never more URLs in flight than pages left, so max_pages is exact.
+            batch = level[start : start + self.config.max_pages - self.pages]
+            start += len(batch)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._visit(url, depth)) for url in batch]
+            except ExceptionGroup as group_error:
+                # A bug or a failing on_page: the caller sees that error, not a group.
+                raise group_error.exceptions[0] from group_error
+            for task in tasks:
+                outcome, links = task.result()
+                results.append(outcome)
+                found.extend(links)
+        return found
 
     def _client(self) -> httpx.AsyncClient:
         c = self.config
@@ -382,7 +416,7 @@ class _Crawler:
         """Whether a link found on a page joins the frontier (never requested otherwise)."""
         return self._refusal(url) is None
 
-    async def _visit(self, url: str, depth: int) -> tuple[Document | FetchFailure, list[str]]:
+    async def _visit(self, url: str, depth: int) -> tuple[Outcome, list[str]]:
         outcome, links, requested = await self._follow(url, depth)
         if requested:
             self.pages += 1
@@ -390,9 +424,7 @@ class _Crawler:
                 self.on_page()
         return outcome, links
 
-    async def _follow(
-        self, origin: str, depth: int
-    ) -> tuple[Document | FetchFailure, list[str], bool]:
+    async def _follow(self, origin: str, depth: int) -> tuple[Outcome, list[str], bool]:
         """Fetch ``origin`` and its redirect hops; (outcome, links found, whether it requested)."""
         chain = [origin]
         current = origin
@@ -411,7 +443,9 @@ class _Crawler:
                 robots = await self._robots_for(current)
                 if not robots.allows(current, self.config.user_agent):
                     return failure("robots_disallowed", robots.detail), [], requested
-            response = await self._fetch(current, self.config.max_page_bytes, self._read_body)
+            response = await self._fetch(
+                current, self.config.max_page_bytes, self._read_body, self._validators(current)
+            )
             requested = True
             if isinstance(response, _Failed):
                 return failure(response.reason, response.detail, response.status), [], True
@@ -441,15 +475,47 @@ class _Crawler:
             outcome = failure(outcome.reason, outcome.detail, outcome.status)
         return outcome, links, True
 
+    def _validators(self, url: str) -> dict[str, str]:
+        """The conditional-request headers for a page the last crawl saw (RFC 9110 §13.1)."""
+        state = self.previous.get(url)
+        headers: dict[str, str] = {}
+        if state is not None and state.etag:
+            headers["If-None-Match"] = state.etag
+        if state is not None and state.last_modified:
+            headers["If-Modified-Since"] = state.last_modified
+        return headers
+
     def _read_body(self, status: int, headers: httpx.Headers) -> bool:
         """Skip the body of a page whose type is refused: an image is never downloaded."""
         if 200 <= status < 300:
             return _media_type(headers.get("content-type")) in self.content_types
         return True
 
-    async def _outcome(
-        self, response: _Response, depth: int
-    ) -> tuple[Document | FetchFailure, list[str]]:
+    async def _outcome(self, response: _Response, depth: int) -> tuple[Outcome, list[str]]:
+        """The page's outcome, remembered for the next refresh; Unchanged when it has not."""
+        previous = self.previous.get(response.url)
+        etag, modified = response.headers.get("etag"), response.headers.get("last-modified")
+        if response.status == 304 and previous is not None:
+            self.states[response.url] = replace(
+                previous,
+                etag=etag or previous.etag,
+                last_modified=modified or previous.last_modified,
+            )
+            links = self._frontier_links(list(previous.links))
+            unchanged = Unchanged(response.url, "not_modified", previous.doc_id)
+            return unchanged, links if depth < self.config.max_depth else []
+        outcome, links = await self._page(response)
+        if not isinstance(outcome, Document):
+            return outcome, []
+        doc_id = None if outcome.reject_reason else document_id(outcome.url, outcome.text)
+        self.states[response.url] = PageState(response.url, etag, modified, doc_id, tuple(links))
+        links = links if depth < self.config.max_depth else []
+        if previous is not None and doc_id is not None and doc_id == previous.doc_id:
+            return Unchanged(response.url, "same_content", doc_id), links
+        return outcome, links
+
+    async def _page(self, response: _Response) -> tuple[Document | FetchFailure, list[str]]:
+        """A fetched page's document (or why it gave none) and every in-scope link on it."""
         status = response.status
         if not 200 <= status < 300:
             return FetchFailure(response.url, f"http_{status // 100}xx", "", status), []
@@ -480,12 +546,10 @@ class _Crawler:
             return document("", e.reason, str(e)), []
         if "html" not in media:
             return (document(text) if text.strip() else document("", "empty")), []
-        links: list[str] = []
-        if depth < self.config.max_depth:
-            # Found even when the page's own text is rejected: a hub page with no prose still
-            # leads to pages that have some.
-            found = await asyncio.to_thread(extract_links, text, response.url)
-            links = self._frontier_links(found)
+        # Found even when the page's own text is rejected: a hub page with no prose still leads
+        # to pages that have some. Kept at any depth: a refresh may reach the page from higher up.
+        found = await asyncio.to_thread(extract_links, text, response.url)
+        links = self._frontier_links(found)
         try:
             extracted = await asyncio.to_thread(self.extractor.extract, text, response.url)
         except ExtractionError as e:
@@ -565,7 +629,11 @@ class _Crawler:
             self.slots.release()
 
     async def _fetch(
-        self, url: str, limit: int, read_body: Callable[[int, httpx.Headers], bool]
+        self,
+        url: str,
+        limit: int,
+        read_body: Callable[[int, httpx.Headers], bool],
+        headers: dict[str, str] | None = None,
     ) -> _Response | _Failed:
         """One URL, retried with exponential backoff after a 5xx, a timeout or a lost connection."""
         failed = _Failed("connection_error", "not attempted")
@@ -573,7 +641,7 @@ class _Crawler:
             if attempt:
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
             try:
-                response = await self._request(url, limit, read_body)
+                response = await self._request(url, limit, read_body, headers)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
                 return _Failed("invalid_url", _error_text(e))
             except (httpx.TimeoutException, TimeoutError) as e:
@@ -590,13 +658,17 @@ class _Crawler:
         return _Failed(failed.reason, f"{failed.detail} ({attempts} attempts)", failed.status)
 
     async def _request(
-        self, url: str, limit: int, read_body: Callable[[int, httpx.Headers], bool]
+        self,
+        url: str,
+        limit: int,
+        read_body: Callable[[int, httpx.Headers], bool],
+        headers: dict[str, str] | None = None,
     ) -> _Response:
         async with self._slot(url):
             fetched_at = utc_now()
             async with (
                 asyncio.timeout(self.deadline_s),
-                self.client.stream("GET", url) as stream,
+                self.client.stream("GET", url, headers=headers) as stream,
             ):
                 raw = bytearray()
                 body = bytearray()
@@ -666,15 +738,23 @@ def crawl_web(
     extractor: BoundedExtractor,
     warc: WarcRecorder | None = None,
     on_page: Callable[[], None] | None = None,
-) -> list[Document | FetchFailure]:
+    previous: Mapping[str, PageState] | None = None,
+    states: dict[str, PageState] | None = None,
+) -> list[Outcome]:
     """Crawl from ``seeds`` and return one outcome per URL tried, sorted by URL.
+
+    ``previous`` (a refresh: what the last crawl saw, by URL) turns on conditional requests and
+    :class:`Unchanged` outcomes; ``states``, when given, receives what this crawl saw of every
+    page it fetched, for the next refresh.
 
     Documents carry their final URL (after redirects); failures the URL that was tried.
     ``on_page`` is called once per URL that cost at least one request (what ``max_pages``
     counts); robots.txt fetches are not counted, but they are spaced like any request and kept in
     the WARC. Runs its own event loop, in a helper thread when the caller is inside one already.
     """
-    crawler = _Crawler(config, extractor, warc, on_page)
+    crawler = _Crawler(
+        config, extractor, warc, on_page, previous or {}, states if states is not None else {}
+    )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -682,4 +762,4 @@ def crawl_web(
     else:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crawl_web") as pool:
             results = pool.submit(asyncio.run, crawler.run(seeds)).result()
-    return sorted(results, key=lambda r: (r.url or "", isinstance(r, FetchFailure)))
+    return sorted(results, key=lambda r: (r.url or "", not isinstance(r, Document)))

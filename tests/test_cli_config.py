@@ -28,7 +28,8 @@ def test_set_overrides_parse_json_else_string(tmp_path: Path) -> None:
     assert config.experiment == "my-exp"
     assert config.crawl.respect_robots_txt is False
     assert config.workdir == str(tmp_path)
-    assert config.stage_dir("crawl") == f"{tmp_path.absolute()}/data/crawl"
+    assert config.stage_dir("crawl") == f"{tmp_path.absolute()}/data/documents/v0001/crawl"
+    assert config.stage_dir("tokenize") == f"{tmp_path.absolute()}/data/tokenize"
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -54,7 +55,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["--set", "crawl.max_pages"], "expected KEY=VALUE"),
         (["--stages", "crawl,train"], "unknown stage(s) train"),
         (["--stages", "normalize"], "reads the 'crawl' output"),
-        (["--stages", "tokenize"], "reads the 'pii' output"),
+        (["--stages", "tokenize"], "reads the 'documents' output"),
         (["--stages", "pretrain"], "'pretrain' reads the 'tokenize' output"),
         (["--set", "pretrain.model.hidden_sise=64"], "hidden_sise"),
         (["--set", "tokenizer.vocab_size=100"], "tokenizer.vocab_size"),

@@ -213,14 +213,15 @@ def test_sigkill_in_a_data_stage_and_in_pretraining_then_resume(
 
     crashed = tmp_path / "crashed"
     args = arguments(crashed, seeds)
-    done = crashed / "data" / "normalize" / "_done"
+    normalize = crashed / "data" / "documents" / "v0001" / "normalize"
+    done = normalize / "_done"
 
     def mid_normalize() -> bool:  # some of normalize's units are complete, not all
         return done.is_dir() and 3 <= len(list(done.glob("*.json"))) < len(seeds) - 3
 
     log = tmp_path / "crashed-1.log"
     kill_when(start(args, prefect_api, log), mid_normalize, log)
-    assert not (crashed / "data" / "normalize" / "manifest.json").exists()
+    assert not (normalize / "manifest.json").exists()
 
     runs = crashed / "data" / "pretrain" / "runs"
 

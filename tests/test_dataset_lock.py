@@ -86,5 +86,5 @@ def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
     assert result.returncode == 3, result.stdout + result.stderr[-3000:]
     assert "being written by another llmflow run" in result.stderr
     assert "busy-refresh" in result.stderr
-    assert not (workdir / "data" / "crawl").exists()  # refused before writing anything
+    assert not (workdir / "data" / "documents").exists()  # refused before writing anything
     assert time.monotonic() - started < 120

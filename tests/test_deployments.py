@@ -161,5 +161,6 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
             list(preset.stages) if preset.stages is not None else None
         )
         assert bool(deployment.get("schedules")) == preset.scheduled
+        assert deployment["parameters"]["refresh"] == preset.refresh
     assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"

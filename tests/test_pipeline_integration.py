@@ -118,7 +118,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     ]
     first = run_llmflow(args, prefect_api, tmp_path)
 
-    crawl_dir, normalize_dir = str(workdir / "data" / "crawl"), str(workdir / "data" / "normalize")
+    layout = PipelineConfig(workdir=str(workdir))
+    crawl_dir, normalize_dir = layout.stage_dir("crawl"), layout.stage_dir("normalize")
+    assert crawl_dir == str(workdir / "data" / "documents" / "v0001" / "crawl")
     crawl_manifest = datasets.read_manifest(crawl_dir)
     normalize_manifest = datasets.read_manifest(normalize_dir)
     crawl_counts = crawl_manifest["counts"]
@@ -136,7 +138,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert web_urls and all(u.startswith("http://127.0.0.1:") for u in web_urls)
     assert not any("antigravity" in u or "/this.html" in u for u in web_urls)
     assert any("Python" in d["text"] or "module" in d["text"] for d in docs)
-    assert (workdir / "data" / "crawl" / "warc" / "web.warc.gz").stat().st_size > 0
+    assert (Path(crawl_dir) / "warc" / "web.warc.gz").stat().st_size > 0
 
     assert normalize_manifest["counts"]["docs_in"] == crawl_counts["kept"]
     normalized = {d["id"]: d["text"] for d in datasets.iter_documents(normalize_dir)}
@@ -146,7 +148,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
 
     # The curation stages: each removal is in its stage's rejected set with its reason.
     def rejected(stage: str) -> list[dict]:
-        stage_dir = str(workdir / "data" / stage)
+        stage_dir = layout.stage_dir(stage)
         manifest = datasets.read_manifest(stage_dir)
         return [
             row
@@ -164,7 +166,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {r["id"] for r in near} & {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
     toxic = {r["id"]: r["reason"] for r in rejected("toxicity")}
     assert toxic.get(by_name["rant.txt"]) == "toxic_profanity"
-    pii_docs = list(datasets.iter_documents(str(workdir / "data" / "pii")))
+    pii_docs = list(datasets.iter_documents(layout.stage_dir("pii")))
+    # the first version of the documents is the pii stage's output
+    assert {d["id"] for d in datasets.iter_documents(layout.stage_dir("documents"))} == {
+        d["id"] for d in pii_docs
+    }
     harbour = {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
     (kept,) = [d for d in pii_docs if d["id"] in harbour]  # dedup kept one of the two
     assert "jane.doe@example.org" not in kept["text"] and "<EMAIL>" in kept["text"]
@@ -183,7 +189,10 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert parent.data.params["crawl.max_pages"] == str(MAX_PAGES)
     children = {r.data.tags["llmflow.stage"]: r for r in runs if r not in parents}
     assert set(children) == set(STAGES)
-    stage_dirs = {stage: str(workdir / "data" / stage) for stage in STAGES}
+    # every stage names the documents version it worked from; the models through the token shards
+    assert {r.data.tags["llmflow.documents_version"] for r in children.values()} == {"v0001"}
+    assert parent.data.tags["llmflow.documents_version"] == "v0001"
+    stage_dirs = {stage: layout.stage_dir(stage) for stage in STAGES}
     for stage, stage_dir in stage_dirs.items():
         if stage in STEPS:
             continue  # one step over the whole input, no document counts: checked below

@@ -1,0 +1,212 @@
+"""Versions of the curated documents: each refresh adds a version, none rewrites an older one.
+
+Layout under ``<data_root>/documents``::
+
+    manifest.json                  the newest version (the pointer: replaced atomically, last)
+    versions/v0002.json            every published version, never changed once a newer one exists
+    versions/v0002.withdrawn.parquet   every document withdrawn up to that version, and why
+    v0001/crawl … v0001/pii        the first run's stages, over everything it read
+    v0002/crawl … v0002/pii        a refresh's stages, over only what was new or changed
+    v0002/withdrawn/*.parquet      older shards with the refresh's withdrawn documents taken out
+    dedup-index/                   the persistent MinHash index every version is checked against
+
+A version is a stage-style manifest (the same reader serves it) whose shards are the previous
+version's, less the documents the refresh withdrew (a page that changed or is gone; a file that
+changed or left the seeds), plus the refresh's own final shards. Shards are shared between
+versions and never rewritten: a shard that loses documents is copied without them into the new
+version's folder (copy-on-write, as Iceberg and Delta do). The pointer moves only when a version
+is complete, so a reader never sees a half-made one, and a refresh that is interrupted resumes
+its version instead of starting another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmflow.tasks import datasets
+
+DOCUMENTS = "documents"
+VERSIONS_DIR = "versions"
+STARTED_NAME = "version.json"
+# the crawl's record of a version (beside its units' files, never taken for one of them)
+WITHDRAWN_NAME = "refresh/withdrawn.parquet"
+SOURCES_NAME = "refresh/sources.json"
+INDEX_DIR = "dedup-index"
+WITHDRAWN_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),
+    ]
+)
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def _numbers(directory: str, suffix: str = "") -> list[int]:
+    names = [n.removesuffix(suffix) for n in datasets.list_names(directory, suffix)]
+    return sorted(int(m.group(1)) for n in names if (m := _VERSION.match(n)))
+
+
+def published(documents_dir: str) -> list[int]:
+    """The published versions, oldest first."""
+    return _numbers(datasets.join(documents_dir, VERSIONS_DIR), ".json")
+
+
+def started(documents_dir: str) -> list[int]:
+    """Versions whose stages have begun (published or not)."""
+    return [
+        n
+        for n in _numbers(documents_dir)
+        if datasets.exists(datasets.join(documents_dir, version_name(n), STARTED_NAME))
+    ]
+
+
+def working_version(documents_dir: str) -> int:
+    """The version the document stages write: the newest one begun (1 before any)."""
+    return max(started(documents_dir), default=1)
+
+
+def previous_version(documents_dir: str, number: int) -> int | None:
+    """The newest published version before ``number``: what a refresh builds on."""
+    return max((n for n in published(documents_dir) if n < number), default=None)
+
+
+def begin(documents_dir: str, refresh: bool) -> int:
+    """The version this run's document stages write, begun if it is new.
+
+    An unpublished version is always resumed (an interrupted refresh finishes, it is not
+    abandoned); otherwise ``refresh`` starts the next version and a plain run re-runs the newest
+    one (skipping what is done, redoing what a changed config changes).
+    """
+    begun, done = started(documents_dir), set(published(documents_dir))
+    if not begun:
+        number = 1
+    elif begun[-1] not in done or not refresh:
+        number = begun[-1]
+    else:
+        number = begun[-1] + 1
+    marker = datasets.join(documents_dir, version_name(number), STARTED_NAME)
+    if not datasets.exists(marker):
+        previous = previous_version(documents_dir, number)
+        datasets.write_json_atomic(marker, {"version": number, "previous": previous})
+    return number
+
+
+def read_version(documents_dir: str, number: int) -> dict[str, Any]:
+    """A published version's manifest; its shard paths are relative to ``documents_dir``."""
+    path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+    if not datasets.exists(path):
+        have = ", ".join(version_name(n) for n in published(documents_dir)) or "none"
+        raise FileNotFoundError(f"{documents_dir}: no version {number} (published: {have})")
+    return datasets.read_json(path)
+
+
+def version_with_digest(documents_dir: str, digest: str) -> int | None:
+    """The published version whose manifest has this sha256 (what a dataset records as its input
+    digest), so a model's run can name the documents version it was trained on."""
+    for number in reversed(published(documents_dir)):
+        path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+        if hashlib.sha256(datasets.read_bytes(path)).hexdigest() == digest:
+            return number
+    return None
+
+
+def withdrawn_table(documents_dir: str, number: int | None) -> pa.Table:
+    """Every document withdrawn up to published version ``number`` (empty for None)."""
+    if number is None:
+        return WITHDRAWN_SCHEMA.empty_table()
+    manifest = read_version(documents_dir, number)
+    shard = datasets.ShardFile.from_dict(manifest["withdrawn"])
+    return datasets.read_shard(documents_dir, shard)
+
+
+def publish(documents_dir: str, number: int) -> dict[str, Any]:
+    """Make version ``number`` from its stages' outputs, then move the pointer to it.
+
+    Idempotent: the same inputs write the same bytes, so re-running a finished version changes
+    nothing. Returns the version's manifest.
+    """
+    delta = datasets.join(documents_dir, version_name(number))
+    previous = previous_version(documents_dir, number)
+    crawl_dir = datasets.join(delta, "crawl")
+    pii = datasets.read_manifest(datasets.join(delta, "pii"))
+    crawl = datasets.read_manifest(crawl_dir)
+    withdrawn = datasets.read_parquet(datasets.join(crawl_dir, WITHDRAWN_NAME))
+    mine = withdrawn.filter(pc.equal(withdrawn.column("version"), number)).to_pylist()
+    reason_of = {row["id"]: row["reason"] for row in mine}
+
+    shards: list[datasets.ShardFile] = []
+    removed: dict[str, int] = {}
+    if previous is not None:
+        for shard in datasets.manifest_shards(read_version(documents_dir, previous)):
+            ids = datasets.read_shard(documents_dir, shard, ["id"]).column("id")
+            gone = pc.is_in(ids, value_set=pa.array(list(reason_of), pa.string()))
+            if not pc.any(gone).as_py():
+                shards.append(shard)
+                continue
+            for doc_id in ids.filter(gone).to_pylist():
+                removed[reason_of[doc_id]] = removed.get(reason_of[doc_id], 0) + 1
+            table = datasets.read_shard(documents_dir, shard).filter(pc.invert(gone))
+            name = shard.path.removesuffix(".parquet").replace("/", "-")
+            path = f"{version_name(number)}/withdrawn/{name}.parquet"
+            shards.append(datasets.write_shard(documents_dir, path, table, keep_identical=True))
+    prefix = f"{version_name(number)}/pii/"
+    added = [
+        datasets.ShardFile(prefix + s.path, s.rows, s.bytes, s.sha256)
+        for s in datasets.manifest_shards(pii)
+        if s.rows
+    ]
+    shards.extend(added)
+    withdrawn_path = f"{VERSIONS_DIR}/{version_name(number)}.withdrawn.parquet"
+    withdrawn_file = datasets.write_shard(
+        documents_dir, withdrawn_path, withdrawn, keep_identical=True
+    )
+    stats = crawl["stats"]
+    unchanged = {k: v for k, v in stats.items() if k.startswith("unchanged_")}
+    refresh = {
+        "fetched": crawl["counts"]["docs_in"]
+        + crawl["counts"]["fetch_failures"]
+        + sum(unchanged.values()),
+        "new_or_changed": crawl["counts"]["docs_in"],
+        "unchanged": sum(unchanged.values()),
+        **unchanged,
+        "fetch_failures": crawl["counts"]["fetch_failures"],
+        "added": sum(s.rows for s in added),
+        "rejected_by_stages": crawl["counts"]["docs_in"] - sum(s.rows for s in added),
+        "removed": sum(removed.values()),
+        "removed_by_reason": dict(sorted(removed.items())),
+    }
+    manifest = {
+        "format": datasets.MANIFEST_FORMAT,
+        "stage": DOCUMENTS,
+        "version": number,
+        "previous": previous,
+        "schema": pii["schema"],
+        "shards": [s.to_dict() for s in shards],
+        "rejected_shards": [],
+        "counts": {
+            "docs_in": sum(s.rows for s in shards) + sum(removed.values()),
+            "kept": sum(s.rows for s in shards),
+            "rejected": sum(removed.values()),
+            "bytes": sum(s.bytes for s in shards),
+            "rejected_by_reason": dict(sorted(removed.items())),
+            "fetch_failures": 0,
+        },
+        "refresh": refresh,
+        "sources": datasets.read_json(datasets.join(crawl_dir, SOURCES_NAME)),
+        "withdrawn": withdrawn_file.to_dict(),
+    }
+    version_path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+    datasets.write_json_atomic(version_path, manifest)
+    datasets.write_json_atomic(datasets.join(documents_dir, datasets.MANIFEST_NAME), manifest)
+    return manifest
