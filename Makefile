@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmflow-installed
 
-.PHONY: setup run test lint bench-extractors clean
+.PHONY: setup run test lint browser-check bench-extractors clean
 
 # torch first, pinned to the CPU wheel on this disk: any looser requirement with no torch present
 # pulls a multi-GB CUDA build. The constraint keeps every later install (detoxify's torch
@@ -25,6 +25,12 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
+# The browser check alone: Chromium (installed with apt-get when root), then screenshots of the
+# Prefect and MLflow UIs of a deployment run, in screenshots/.
+browser-check: setup
+	.ci/install_chromium
+	LLMFLOW_SCREENSHOTS=$(CURDIR)/screenshots $(BIN)/pytest tests/test_browser_ui.py -rs
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -32,4 +38,4 @@ bench-extractors: setup
 	$(BIN)/python bench/html_extractors.py
 
 clean:
-	rm -rf $(VENV) llmflow-work
+	rm -rf $(VENV) llmflow-work screenshots

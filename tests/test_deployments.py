@@ -67,44 +67,66 @@ def post_retrying(api: httpx.Client, path: str, body: dict) -> httpx.Response:
     return response
 
 
+def served_deployments(api: httpx.Client, server: subprocess.Popen, log: Path) -> dict[str, dict]:
+    """The llmflow deployments by name, once ``llmflow serve`` has registered all of them."""
+
+    def deployments() -> dict[str, dict]:
+        assert server.poll() is None, log.read_text()[-3000:]
+        found = post_retrying(api, "/deployments/filter", {}).json()
+        return {d["name"]: d for d in found if "llmflow" in d.get("tags", [])}
+
+    return _wait(lambda: len(deployments()) == len(PRESETS) and deployments(), 120, "deployments")
+
+
+def wait_completed(api: httpx.Client, run_id: str, log: Path) -> dict:
+    """The flow run once it is COMPLETED; a failed or crashed one fails with the serve log."""
+
+    def finished() -> dict | None:
+        response = api.get(f"/flow_runs/{run_id}")
+        if response.status_code == 503:  # the database is busy: ask again
+            return None
+        run = response.json()
+        state = run["state"]
+        assert state["type"] not in ("FAILED", "CRASHED", "CANCELLED"), (
+            state,
+            log.read_text()[-4000:],
+        )
+        return run if state["type"] == "COMPLETED" else None
+
+    return _wait(finished, 300, "the triggered flow run")
+
+
+def start_serve(workdir: Path, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``llmflow serve`` on six small local documents (the tokenizer keeps some whatever the
+    held-out split), its output in ``tmp_path/serve.log``."""
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"doc-{i}.txt")
+        paths[-1].write_text(prose(i) + "\n")
+    seeds = json.dumps([str(p) for p in paths])
+    with (tmp_path / "serve.log").open("wb") as log:
+        return subprocess.Popen(
+            [LLMFLOW, "serve", "--workdir", str(workdir), "--set", f"crawl.seeds={seeds}"]
+            + QUALITY_OFF,
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
 def test_a_served_deployment_runs_when_triggered_through_prefect(
     prefect_api: str, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "work"
-    paths = []
-    for i in range(6):  # six documents: the tokenizer keeps some whatever the held-out split
-        paths.append(tmp_path / f"doc-{i}.txt")
-        paths[-1].write_text(prose(i) + "\n")
-    seeds = json.dumps([str(p) for p in paths])
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [
-            LLMFLOW,
-            "serve",
-            "--workdir",
-            str(workdir),
-            "--set",
-            f"crawl.seeds={seeds}",
-            *QUALITY_OFF,
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    server = start_serve(workdir, tmp_path, env)
     api = httpx.Client(base_url=prefect_api, timeout=10)
     try:
-
-        def deployments() -> dict[str, dict]:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            found = post_retrying(api, "/deployments/filter", {}).json()
-            return {d["name"]: d for d in found if "llmflow" in d.get("tags", [])}
-
-        served = _wait(lambda: len(deployments()) == 4 and deployments(), 120, "deployments")
+        served = served_deployments(api, server, tmp_path / "serve.log")
         refresh = served["data-refresh"]
         assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
@@ -119,22 +141,9 @@ def test_a_served_deployment_runs_when_triggered_through_prefect(
         created = post_retrying(api, create, {})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
-
-        def finished() -> dict | None:
-            response = api.get(f"/flow_runs/{run_id}")
-            if response.status_code == 503:  # the database is busy: ask again
-                return None
-            state = response.json()["state"]
-            assert state["type"] not in ("FAILED", "CRASHED", "CANCELLED"), (
-                state,
-                (tmp_path / "serve.log").read_text()[-4000:],
-            )
-            return state if state["type"] == "COMPLETED" else None
-
-        _wait(finished, 300, "the triggered flow run")
+        wait_completed(api, run_id, tmp_path / "serve.log")
     finally:
         stop_process(server)
-        log.close()
         api.close()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")

@@ -75,6 +75,25 @@ def _kill_leftovers(process: subprocess.Popen[str], pids: set[int]) -> None:
     process.wait(timeout=30)
 
 
+def read_urls(
+    lines: queue.Queue[str | None],
+    urls: dict[str, str],
+    pids: dict[str, int],
+    output: list[str],
+    timeout: float,
+) -> None:
+    """Read ``llmflow ui``'s output until both servers' URLs are printed, filling ``urls`` and
+    ``pids`` as they come (so the caller's cleanup knows what started, even on a failure)."""
+    deadline = time.monotonic() + timeout
+    while len(urls) < 2:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "command ended early:\n" + "\n".join(output)
+        output.append(line)
+        if match := URL_LINE.match(line):
+            urls[match[1]] = match[2]
+            pids[match[1]] = int(match[3])
+
+
 def test_ui_serves_the_workdirs_stores_and_stops_both_on_sigint(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -95,14 +114,7 @@ def test_ui_serves_the_workdirs_stores_and_stops_both_on_sigint(tmp_path: Path) 
     pids: dict[str, int] = {}
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while len(urls) < 2:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "command ended early:\n" + "\n".join(output)
-            output.append(line)
-            if match := URL_LINE.match(line):
-                urls[match[1]] = match[2]
-                pids[match[1]] = int(match[3])
+        read_urls(lines, urls, pids, output, 120)
         assert urls == {
             "Prefect": f"http://127.0.0.1:{prefect_port}",
             "MLflow": f"http://127.0.0.1:{mlflow_port}",
