@@ -305,6 +305,20 @@ def _tool(name: str) -> str:
         return str(candidate)
 
 
+def _print_documents_version(documents: dict[str, Any]) -> None:
+    """The version of the documents the run published, and what its refresh found."""
+    refresh = documents["refresh"]
+    removed = ", ".join(f"{k} {v}" for k, v in refresh["removed_by_reason"].items())
+    out.print(
+        f"documents v{documents['version']:04d}: {documents['kept']} documents;"
+        f" this version fetched {refresh['fetched']}, unchanged {refresh['unchanged']},"
+        f" added {refresh['added']}, removed {refresh['removed']}"
+        + (f" ({removed})" if removed else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     table = Table(title="llmflow pipeline")
     columns = ("stage", "in", "kept", "rejected", "fetch failures", "size", "time", "units run")
@@ -329,18 +343,8 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
             out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)
-    documents = result.get("documents")
-    if documents is not None:
-        refresh = documents["refresh"]
-        removed = ", ".join(f"{k} {v}" for k, v in refresh["removed_by_reason"].items())
-        out.print(
-            f"documents v{documents['version']:04d}: {documents['kept']} documents;"
-            f" this version fetched {refresh['fetched']}, unchanged {refresh['unchanged']},"
-            f" added {refresh['added']}, removed {refresh['removed']}"
-            + (f" ({removed})" if removed else ""),
-            highlight=False,
-            soft_wrap=True,
-        )
+        if s["stage"] == DOCUMENT_STAGES[-1] and result.get("documents"):
+            _print_documents_version(result["documents"])
     if all(s["units_skipped"] == s["units"] for s in result["stages"]):
         out.print("Nothing to do: every unit of work was already complete.")
     uri = result["mlflow_tracking_uri"]

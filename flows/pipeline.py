@@ -517,10 +517,12 @@ def _run_training(
     dataset: str,
     extra: dict[str, Any] | None = None,
     data_input: tuple[str, str, str] | None = None,
+    data_record: tuple[dict[str, float], dict[str, str]] | None = None,
 ) -> tuple[dict[str, Any], str, bool, float]:
     """Train (or resume, or skip) one run; record its curves, checkpoint and export in MLflow.
 
     Pretraining and SFT differ in their job (data, starting weights), not in this bookkeeping.
+    ``data_record`` (metrics, tags) describes the training data, logged before training starts.
     ``data_input`` (name, URI, digest) is a training input that is no pipeline stage (SFT's
     conversations). Returns the run's manifest, the MLflow run id, whether it was skipped and
     the seconds taken.
@@ -540,6 +542,8 @@ def _run_training(
     _log_inputs(name, config, tracker, run_id)
     if data_input is not None:
         tracker.log_input(run_id, *data_input, "training")
+    if data_record is not None:
+        tracker.log(run_id, metrics=data_record[0], tags=data_record[1])
     try:
         manifest = pretrain.completed(stage_dir, key)
         skipped = manifest is not None
@@ -648,20 +652,19 @@ def run_sft(name: str, config: PipelineConfig, tracker: PipelineTracker) -> Stag
         data.source,
         {"data": asdict(data)},
         ("instructions", data.source, data.sha256),
-    )
-    tracker.log(
-        run_id,
-        metrics={
-            "conversations": data.conversations,
-            "conversations_skipped": sum(data.skipped.values()),
-            "train_conversations": data.train_conversations,
-            "val_conversations": data.val_conversations,
-            "train_rows": data.train_rows,
-            "padding_fraction": data.padding_fraction,
-            "truncated": data.truncated,
-            "dropped": data.dropped,
-        },
-        tags={"llmflow.sft_data": data.source, "llmflow.sft_data_sha256": data.sha256},
+        (
+            {
+                "conversations": data.conversations,
+                "conversations_skipped": sum(data.skipped.values()),
+                "train_conversations": data.train_conversations,
+                "val_conversations": data.val_conversations,
+                "train_rows": data.train_rows,
+                "padding_fraction": data.padding_fraction,
+                "truncated": data.truncated,
+                "dropped": data.dropped,
+            },
+            {"llmflow.sft_data": data.source, "llmflow.sft_data_sha256": data.sha256},
+        ),
     )
     result = manifest["result"]
     _step_table(

@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -90,7 +90,6 @@ class PreviousCrawl:
     """What a refresh builds on: the last published version and the crawl units it holds."""
 
     documents_dir: str
-    number: int
     version: int
     sources: dict[str, dict[str, Any]]
 
@@ -102,16 +101,15 @@ class PreviousCrawl:
 
 def previous_crawl(stage_dir: str) -> PreviousCrawl | None:
     """The version a crawl into ``stage_dir`` (``<documents>/vNNNN/crawl``) refreshes, if any."""
-    documents_dir, version_dir, _ = stage_dir.rstrip("/").rsplit("/", 2)
-    match = re.fullmatch(r"v(\d{4,})", version_dir)
-    if match is None:
+    located = document_versions.stage_version(stage_dir)
+    if located is None:
         return None
-    number = int(match.group(1))
+    documents_dir, number = located
     previous = document_versions.previous_version(documents_dir, number)
     if previous is None:
         return None
     sources = document_versions.read_version(documents_dir, previous)["sources"]
-    return PreviousCrawl(documents_dir, number, previous, sources)
+    return PreviousCrawl(documents_dir, previous, sources)
 
 
 def _is_web_seed(seed: str) -> bool:
@@ -268,6 +266,22 @@ def _account_refresh(
     return withdrawn, stats
 
 
+def _respell(url: str, old: str, new: str) -> str:
+    return new + url.removeprefix(old) if url.startswith(old) else url
+
+
+def _respell_states(states: dict[str, PageState], old: str, new: str) -> dict[str, PageState]:
+    """Page states with URLs under ``old`` moved under ``new`` (pydoc's port, and back)."""
+    return {
+        _respell(url, old, new): replace(
+            state,
+            url=_respell(state.url, old, new),
+            links=tuple(_respell(link, old, new) for link in state.links),
+        )
+        for url, state in states.items()
+    }
+
+
 def _write_states(stage_dir: str, unit: WorkUnit, states: dict[str, PageState]) -> None:
     rows = [
         {
@@ -306,18 +320,14 @@ def crawl_documents(
             result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
             return result
         seeds = list(unit.source["seeds"])
+        site = ""
         if any(s.startswith(PYDOC_SEED) for s in seeds):
-            site = stack.enter_context(pydoc_site())
+            site = stack.enter_context(pydoc_site()).rstrip("/") + "/"
             if all(s.startswith(PYDOC_SEED) for s in seeds):
                 # Our own server on localhost, started for this crawl: politeness protects
                 # other people's servers, and here it would only make the default run slow.
                 config = config.model_copy(update={"politeness_delay_s": 0.0})
-            seeds = [
-                site.rstrip("/") + "/" + s.removeprefix(PYDOC_SEED)
-                if s.startswith(PYDOC_SEED)
-                else s
-                for s in seeds
-            ]
+            seeds = [_respell(s, PYDOC_SEED, site) for s in seeds]
         warc = None
         if config.write_warc:
             warc_path = datasets.join(stage_dir, WARC_DIR, f"{unit.name}.warc.gz")
@@ -330,9 +340,17 @@ def crawl_documents(
             extractor,
             warc=warc,
             on_page=on_document,
-            previous=previous,
+            previous=_respell_states(previous, PYDOC_SEED, site) if site else previous,
             states=states,
+            kept_as=lambda url: _respell(url, site, PYDOC_SEED) if site else url,
         )
+        if site:
+            # pydoc's server listens on a new port every run: its pages are kept as pydoc:<path>,
+            # so their ids and the next refresh's page states do not depend on the port.
+            for outcome in outcomes_list:
+                if outcome.url:
+                    outcome.url = _respell(outcome.url, site, PYDOC_SEED)
+            states = _respell_states(states, site, PYDOC_SEED)
         withdrawn, stats = _account_refresh(previous, states, outcomes_list)
         _write_states(stage_dir, unit, states)
         _write_withdrawn(stage_dir, unit, withdrawn)
@@ -366,7 +384,8 @@ def finish(
     """
     manifest = finalize_stage(stage_dir, STAGE, config, records, input_digest)
     previous = previous_crawl(stage_dir)
-    number = previous.number if previous is not None else _version_of(stage_dir)
+    located = document_versions.stage_version(stage_dir)
+    number = located[1] if located is not None else 1
     ran = {u.name for u in units}
     sources = {
         u.name: {
@@ -377,7 +396,11 @@ def finish(
         }
         for u in _all_units(config, previous)
     }
-    parts = [document_versions.withdrawn_table(*_previous_args(previous))]
+    parts = [
+        document_versions.withdrawn_table(previous.documents_dir, previous.version)
+        if previous is not None
+        else WITHDRAWN_SCHEMA.empty_table()
+    ]
     rows: list[dict[str, Any]] = []
     withdrawn_dir = datasets.join(stage_dir, WITHDRAWN_DIR)
     for name in datasets.list_names(withdrawn_dir, ".parquet"):
@@ -397,17 +420,6 @@ def finish(
     datasets.write_shard(stage_dir, WITHDRAWN_NAME, pa.concat_tables(parts), keep_identical=True)
     datasets.write_json_atomic(datasets.join(stage_dir, SOURCES_NAME), sources)
     return manifest
-
-
-def _version_of(stage_dir: str) -> int:
-    match = re.fullmatch(r"v(\d{4,})", stage_dir.rstrip("/").rsplit("/", 2)[-2])
-    return int(match.group(1)) if match else 1
-
-
-def _previous_args(previous: PreviousCrawl | None) -> tuple[str, int | None]:
-    if previous is None:
-        return "", None
-    return previous.documents_dir, previous.version
 
 
 @task(name="crawl-unit", cache_policy=NO_CACHE, persist_result=False)

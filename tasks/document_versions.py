@@ -52,9 +52,23 @@ def version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
+def version_number(name: str) -> int | None:
+    """``v0002`` → 2; None for a name that is not a version's."""
+    match = _VERSION.match(name)
+    return int(match.group(1)) if match else None
+
+
+def stage_version(stage_dir: str) -> tuple[str, int] | None:
+    """``<documents>/v0002/<stage>`` → (``<documents>``, 2); None for a stage dir outside the
+    versioned documents (a stage run on its own, in tests or benchmarks)."""
+    documents_dir, version_dir, _ = stage_dir.rstrip("/").rsplit("/", 2)
+    number = version_number(version_dir)
+    return None if number is None else (documents_dir, number)
+
+
 def _numbers(directory: str, suffix: str = "") -> list[int]:
     names = [n.removesuffix(suffix) for n in datasets.list_names(directory, suffix)]
-    return sorted(int(m.group(1)) for n in names if (m := _VERSION.match(n)))
+    return sorted(n for n in map(version_number, names) if n is not None)
 
 
 def published(documents_dir: str) -> list[int]:
@@ -121,10 +135,8 @@ def version_with_digest(documents_dir: str, digest: str) -> int | None:
     return None
 
 
-def withdrawn_table(documents_dir: str, number: int | None) -> pa.Table:
-    """Every document withdrawn up to published version ``number`` (empty for None)."""
-    if number is None:
-        return WITHDRAWN_SCHEMA.empty_table()
+def withdrawn_table(documents_dir: str, number: int) -> pa.Table:
+    """Every document withdrawn up to published version ``number``."""
     manifest = read_version(documents_dir, number)
     shard = datasets.ShardFile.from_dict(manifest["withdrawn"])
     return datasets.read_shard(documents_dir, shard)

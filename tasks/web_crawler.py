@@ -315,8 +315,10 @@ class _Crawler:
         on_page: Callable[[], None] | None,
         previous: Mapping[str, PageState],
         states: dict[str, PageState],
+        kept_as: Callable[[str], str],
     ) -> None:
         self.config = config
+        self.kept_as = kept_as
         self.previous = previous
         self.states = states
         self.extractor = extractor
@@ -507,7 +509,8 @@ class _Crawler:
         outcome, links = await self._page(response)
         if not isinstance(outcome, Document):
             return outcome, []
-        doc_id = None if outcome.reject_reason else document_id(outcome.url, outcome.text)
+        kept_url = self.kept_as(response.url)
+        doc_id = None if outcome.reject_reason else document_id(kept_url, outcome.text)
         self.states[response.url] = PageState(response.url, etag, modified, doc_id, tuple(links))
         links = links if depth < self.config.max_depth else []
         if previous is not None and doc_id is not None and doc_id == previous.doc_id:
@@ -740,12 +743,14 @@ def crawl_web(
     on_page: Callable[[], None] | None = None,
     previous: Mapping[str, PageState] | None = None,
     states: dict[str, PageState] | None = None,
+    kept_as: Callable[[str], str] | None = None,
 ) -> list[Outcome]:
     """Crawl from ``seeds`` and return one outcome per URL tried, sorted by URL.
 
     ``previous`` (a refresh: what the last crawl saw, by URL) turns on conditional requests and
     :class:`Unchanged` outcomes; ``states``, when given, receives what this crawl saw of every
-    page it fetched, for the next refresh.
+    page it fetched, for the next refresh. ``kept_as`` gives the URL a page's document will be
+    kept under, when the caller renames URLs (its id, and so "same content", depends on it).
 
     Documents carry their final URL (after redirects); failures the URL that was tried.
     ``on_page`` is called once per URL that cost at least one request (what ``max_pages``
@@ -753,7 +758,13 @@ def crawl_web(
     the WARC. Runs its own event loop, in a helper thread when the caller is inside one already.
     """
     crawler = _Crawler(
-        config, extractor, warc, on_page, previous or {}, states if states is not None else {}
+        config,
+        extractor,
+        warc,
+        on_page,
+        previous or {},
+        states if states is not None else {},
+        kept_as or (lambda url: url),
     )
     try:
         asyncio.get_running_loop()

@@ -135,7 +135,8 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     }
     docs = list(datasets.iter_documents(crawl_dir))
     web_urls = [d["url"] for d in docs if d["source"] == "http"]
-    assert web_urls and all(u.startswith("http://127.0.0.1:") for u in web_urls)
+    # pydoc's pages are kept as pydoc:<path>, whatever port its server had this run
+    assert web_urls and all(u.startswith("pydoc:") for u in web_urls)
     assert not any("antigravity" in u or "/this.html" in u for u in web_urls)
     assert any("Python" in d["text"] or "module" in d["text"] for d in docs)
     assert (Path(crawl_dir) / "warc" / "web.warc.gz").stat().st_size > 0

@@ -8,6 +8,7 @@ asked for and what it was told.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -189,3 +190,38 @@ def test_an_interrupted_refresh_is_resumed_not_abandoned(tmp_path: Path) -> None
     assert document_versions.previous_version(documents, 2) == 1
     with pytest.raises(FileNotFoundError, match="no version 3"):
         document_versions.read_version(documents, 3)
+
+
+def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"doc-{i}.txt").write_text(prose(i) + "\n")
+    workdir = tmp_path / "work"
+    args = ["run", "--workdir", str(workdir), "--stages", ",".join(DOCUMENT_STAGES)]
+    args += ["--set", f"crawl.seeds={json.dumps([str(folder)])}", *QUALITY_OFF]
+    finish(args, prefect_api, tmp_path / "first.log")
+    layout = PipelineConfig(workdir=str(workdir))
+    documents = layout.stage_dir("documents")
+    old = {Path(d["url"]).name: d["id"] for d in datasets.iter_documents(documents)}
+    assert set(old) == {"doc-0.txt", "doc-1.txt", "doc-2.txt"}
+
+    (folder / "doc-1.txt").write_text(prose(11) + "\n")  # changed (a new size and time)
+    os.utime(folder / "doc-1.txt", (time.time() + 5, time.time() + 5))
+    (folder / "doc-2.txt").unlink()  # gone from the seeds
+    (folder / "doc-3.txt").write_text(prose(3) + "\n")  # new
+    finish([*args, "--refresh"], prefect_api, tmp_path / "refresh.log")
+
+    crawl_dir = layout.stage_dir("crawl")
+    read_again = {Path(d["url"]).name for d in datasets.iter_documents(crawl_dir)}
+    assert read_again == {"doc-1.txt", "doc-3.txt"}  # doc-0 is unchanged: not read again
+    second = datasets.read_manifest(documents)
+    docs = {Path(d["url"]).name: d["id"] for d in datasets.iter_documents(documents)}
+    assert set(docs) == {"doc-0.txt", "doc-1.txt", "doc-3.txt"}
+    assert docs["doc-0.txt"] == old["doc-0.txt"] and docs["doc-1.txt"] != old["doc-1.txt"]
+    assert second["refresh"]["removed_by_reason"] == {"source_changed": 1, "source_removed": 1}
+    sources = second["sources"]
+    versions = {name.split("-")[1]: entry["version"] for name, entry in sources.items()}
+    assert versions == {"0": 1, "1": 2, "3": 2}  # where each file's current read lives
