@@ -196,6 +196,14 @@ class Page:
         if not found:
             raise AssertionError(f"nothing to click: {expression}")
 
+    def click_when_shown(self, expression: str, what: str, timeout: float = 90.0) -> None:
+        """Click the element ``expression`` returns once the page shows it, enabled; else fail
+        as :meth:`wait_for` fails, naming ``what``. SPAs draw buttons and menus a moment after
+        the click or navigation that asks for them: clicking at once would find nothing."""
+        shown = f"(() => {{ const e = {expression}; return !!e && !e.disabled; }})()"
+        self.wait_for(lambda: [] if self.evaluate(shown) else [what], timeout)
+        self.click(expression)
+
     def settle(self, quiet_s: float = 1.0, cap_s: float = 10.0) -> bool:
         """Wait until the page stops changing: no DOM change for ``quiet_s`` and no finite CSS
         animation running (rows fading in, charts drawing), at most ``cap_s``. The text being

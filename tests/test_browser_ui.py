@@ -1,20 +1,26 @@
-"""The browser check: what a person sees in the Prefect and MLflow UIs after a deployment run.
+"""The browser check: a deployment run started from the Prefect UI, as README's walk-through
+starts one, and what a person then sees in the Prefect and MLflow UIs.
 
 ``llmflow ui`` starts a Prefect server and an MLflow server over one workdir; ``llmflow serve``
-serves the four deployments to that Prefect server; a ``data-refresh`` run is created through
-Prefect's REST API, as the UI's "Run" button creates one, and waited to completion. Then Debian's
-Chromium, headless, opens three pages and the test asserts on what they render and saves a
-screenshot of each (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary folder):
+serves the four deployments to that Prefect server. Then Debian's Chromium, headless, does what
+the walk-through tells a user to do, the test asserting on what each page renders and saving a
+screenshot of it (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary folder):
 
 - Prefect's deployments page: the four deployments, the refresh with its schedule;
-- Prefect's page of the triggered flow run: Completed, its task runs by name, all completed;
+- the ``data-refresh`` deployment's page, reached by its link there, just before Run is clicked;
+- Run → Quick run (which opens the "Run Deployment" form, the preset filled in) → the form's Run →
+  the toast's "View run": the new flow run's id is read from the address the UI goes to, and the
+  run is waited to completion through the API;
+- Prefect's page of that flow run: Completed, its task runs by name, all completed;
 - MLflow's runs table of the ``llmflow`` experiment: the run's parent run with one nested child
   run per stage, shown only once the parent row is expanded (so they really are nested).
 
-The servers are ``llmflow ui``'s, not the session's ``prefect_api`` fixture: the UI of a Prefect
-server started without PREFECT_UI_API_URL asks its API at the default port 4200, not at its own,
-and shows nothing; ``llmflow ui`` sets it (flows/ui_servers.py), which is also what a user runs.
-Skipped, never failed, where no Chromium is installed (``.ci/install_chromium`` installs it).
+tests/test_deployments.py triggers the same deployment through the REST API instead, without a
+browser. The servers here are ``llmflow ui``'s, not the session's ``prefect_api`` fixture: the
+UI of a Prefect server started without PREFECT_UI_API_URL asks its API at the default port 4200,
+not at its own, and shows nothing; ``llmflow ui`` sets it (flows/ui_servers.py), which is also
+what a user runs. Skipped, never failed, where no Chromium is installed (``.ci/install_chromium``
+installs it).
 """
 
 from __future__ import annotations
@@ -110,13 +116,73 @@ def _serve(workdir: Path, tmp_path: Path, api_url: str) -> subprocess.Popen[byte
     return start_serve(workdir, tmp_path, env)
 
 
-def _run_refresh(api: httpx.Client, serve: subprocess.Popen[bytes], log: Path) -> dict:
-    """Create a data-refresh run through the API once the four deployments are served; its
-    flow-run document once it is COMPLETED."""
-    served = served_deployments(api, serve, log)
-    created = post_retrying(api, f"/deployments/{served['data-refresh']['id']}/create_flow_run", {})
-    assert created.status_code == 201, created.text
-    return wait_completed(api, created.json()["id"], log)
+# The steps from the deployments page to a flow run, each a JavaScript expression for the one
+# element a user clicks there, and the name a failure gives it. Classes are the UI's own
+# component names (Prefect 3.8's prefect-ui-library), kept to one per step.
+STEPS = (
+    (
+        # The deployment's name in the deployments list links to its page.
+        """[...document.querySelectorAll('a[href*="/deployments/deployment/"]')]"""
+        ".find(a => a.textContent.trim() === 'data-refresh')",
+        "the data-refresh link on the deployments page",
+    ),
+    (
+        # The deployment page's "Run" button (RunMenu) opens a menu: Quick run, Custom run.
+        "document.querySelector('button.run-menu__run-button')",
+        "the deployment page's Run button",
+    ),
+    (
+        "[...document.querySelectorAll('button.p-overflow-menu-item')]"
+        ".find(b => b.innerText.trim() === 'Quick run')",
+        "Quick run in the Run menu",
+    ),
+    (
+        # The flow's parameters are required (a default lives in the deployment, not the flow's
+        # signature), so Quick run opens the "Run Deployment" form with the preset filled in
+        # (QuickRunParametersModal); its "Run" submits the form.
+        "document.querySelector('.quick-run-parameters-modal-v2 button[type=submit]')",
+        "the Run button of the Run Deployment form",
+    ),
+    (
+        # Submitted: a toast "<run name> scheduled to start now" with "View run", which opens the
+        # new flow run's page (ToastFlowRunCreate).
+        "document.querySelector('.toast-flow-run-create__button')",
+        "View run in the toast of the created flow run",
+    ),
+)
+FLOW_RUN_PATH = re.compile(r"/runs/flow-run/([0-9a-f-]{36})$")
+
+
+def _run_from_ui(page: Page, shots: Path) -> tuple[str, Path]:
+    """From the deployments page, data-refresh → Run → Quick run → the form's Run → View run, as
+    README's walk-through does; the new flow run's id (from the address the UI goes to) and the
+    screenshot of the deployment's page taken just before Run is clicked."""
+    (link, link_what), (run_button, run_what), *rest = STEPS
+    page.click_when_shown(link, link_what)
+
+    def deployment_missing() -> list[str]:
+        # On the deployment's page (not the list still showing): its Run button, served, and
+        # the schedule in the side panel.
+        if not page.evaluate(f"!!{run_button}"):
+            return [run_what]
+        lines = _lines(page)
+        expected = ["data-refresh", "Ready", "At 03:00 AM every day"]
+        return [e for e in expected if e not in lines]
+
+    page.wait_for(deployment_missing)
+    shot = page.screenshot(shots / "prefect-run-deployment.png")
+    page.click_when_shown(run_button, run_what)
+    for expression, what in rest:
+        page.click_when_shown(expression, what)
+
+    def flow_run_id() -> str | None:
+        found = FLOW_RUN_PATH.search(page.evaluate("location.pathname"))
+        return found[1] if found else None
+
+    page.wait_for(lambda: [] if flow_run_id() else ["the new flow run's page"])
+    run_id = flow_run_id()
+    assert run_id is not None
+    return run_id, shot
 
 
 def _lines(page: Page) -> list[str]:
@@ -216,32 +282,44 @@ def _check_mlflow(
     return page.screenshot(shots / "mlflow-nested-runs.png")
 
 
-def test_the_uis_show_the_deployments_the_run_and_its_nested_mlflow_runs(tmp_path: Path) -> None:
+def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> None:
     assert CHROMIUM is not None
     shots = _screenshots(tmp_path)
     workdir = tmp_path / "work"
+    log = tmp_path / "serve.log"
     ui, urls, pids = _start_ui(workdir)
     try:
         api_url = f"{urls['Prefect']}/api"
         # Served throughout: when `llmflow serve` stops, Prefect pauses its deployments and the
-        # UI greys them out; the picture is of deployments being served.
+        # UI greys them out; the pictures are of deployments being served.
         serve = _serve(workdir, tmp_path, api_url)
         try:
-            with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as api:
-                run = _run_refresh(api, serve, tmp_path / "serve.log")
-                filters = {"flow_runs": {"id": {"any_": [run["id"]]}}}
+            with (
+                httpx.Client(base_url=api_url, timeout=10, trust_env=False) as api,
+                Page(CHROMIUM, tmp_path / "chromium") as page,
+            ):
+                refresh = served_deployments(api, serve, log)["data-refresh"]
+                taken = [_check_deployments(page, urls["Prefect"], shots)]
+                run_id, shot = _run_from_ui(page, shots)
+                taken.append(shot)
+                run = wait_completed(api, run_id, log)
+                # Created by the UI's form for this deployment, with the preset unchanged.
+                assert run["deployment_id"] == refresh["id"], run
+                assert run["parameters"] == refresh["parameters"], run["parameters"]
+                states = api.get("/flow_run_states/", params={"flow_run_id": run_id}).json()
+                first = min(states, key=lambda state: state["timestamp"])
+                assert (first["message"] or "").startswith("Run from the Prefect UI"), first
+                filters = {"flow_runs": {"id": {"any_": [run_id]}}}
                 task_runs = post_retrying(api, "/task_runs/count", filters).json()
-            assert task_runs >= len(STAGE_TASKS)
+                assert task_runs >= len(STAGE_TASKS)
 
-            client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-            experiment = client.get_experiment_by_name("llmflow")
-            runs = client.search_runs([experiment.experiment_id])
-            (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
-            assert parent.data.tags["prefect.flow_run_id"] == run["id"]
+                client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+                experiment = client.get_experiment_by_name("llmflow")
+                runs = client.search_runs([experiment.experiment_id])
+                (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+                assert parent.data.tags["prefect.flow_run_id"] == run_id
 
-            with Page(CHROMIUM, tmp_path / "chromium") as page:
-                taken = [
-                    _check_deployments(page, urls["Prefect"], shots),
+                taken += [
                     _check_flow_run(page, urls["Prefect"], run, task_runs, shots),
                     _check_mlflow(
                         page, urls["MLflow"], experiment.experiment_id, parent.info.run_name, shots
