@@ -185,14 +185,18 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def _key(config: TokenizerConfig, val_fraction: float, input_manifest_sha256: str) -> str:
+def _key(config: TokenizerConfig, val_fraction: float, input_dir: str) -> str:
+    """The run's key over what training reads: the input's shards (their hashes, in order), not
+    its manifest, so a new version of the documents with the same shards (a refresh that found
+    nothing new) does not retrain."""
+    shards = [s.sha256 for s in datasets.manifest_shards(datasets.read_manifest(input_dir))]
     material = json.dumps(
         {
             "stage": STAGE.name,
             "code": STAGE.code_version(),
             "config": config.output_hash(),
             "val_fraction": val_fraction,
-            "input": input_manifest_sha256,
+            "input_shards": shards,
         },
         sort_keys=True,
     )
@@ -333,14 +337,14 @@ def train_tokenizer(
     """Train on the training split of ``input_dir`` into ``stage_dir``; returns (manifest, skipped).
 
     ``val_fraction`` is the tokenize stage's split: the same documents held out there are held
-    out here. Skipped when the last run had the same key (code, config, split, input manifest)
+    out here. Skipped when the last run had the same key (code, config, split, input shards)
     and its tokenizer.json is intact.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     corpus = _Corpus(input_dir, config, val_fraction)  # raises clearly if there is no dataset
     input_sha = manifest_sha256(input_dir)
-    key = _key(config, val_fraction, input_sha)
+    key = _key(config, val_fraction, input_dir)
     done = _completed(stage_dir, key)
     if done is not None:
         return done, True

@@ -150,6 +150,12 @@ def test_rerun_skips_and_changes_retrain(tmp_path: Path) -> None:
     again, skipped = tokenizer_train.fn(corpus, stage, SMALL, 0.1)
     assert skipped and again == first
     assert (tmp_path / "tok" / "manifest.json").read_bytes() == before
+    # A new version of the documents with the same shards (a refresh that found nothing new):
+    # its manifest differs, what training reads does not.
+    manifest_path = tmp_path / "pii" / "manifest.json"
+    manifest_path.write_text(json.dumps(json.loads(manifest_path.read_text()) | {"version": 2}))
+    _, skipped = train_tokenizer(corpus, stage, SMALL, 0.1)
+    assert skipped
     changed, skipped = train_tokenizer(
         corpus, stage, SMALL.model_copy(update={"vocab_size": 400}), 0.1
     )
