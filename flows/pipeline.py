@@ -286,33 +286,40 @@ def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str,
 
 def _log_inputs(name: str, config: PipelineConfig, tracker: PipelineTracker, run_id: str) -> None:
     """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256),
-    and the version of the documents its output comes from (tag ``llmflow.documents_version``)."""
+    and the version of the documents its output comes from (tag ``llmflow.documents_version``;
+    for a model, also an input: the version's manifest, with that version's digest)."""
     context = "training" if name in ("pretrain", "sft") else "input"
-    for source in stage_inputs(name):
+    sources = stage_inputs(name)
+    for source in sources:
         source_dir = config.stage_dir(source)
         tracker.log_input(run_id, source, source_dir, manifest_sha256(source_dir), context)
-    version = _documents_version(config, name)
+    documents_dir = config.stage_dir(document_versions.DOCUMENTS)
+    if name in DOCUMENT_STAGES:
+        version = document_versions.working_version(documents_dir)
+    else:
+        digest = _documents_digest(config, name)
+        version = document_versions.version_with_digest(documents_dir, digest) if digest else None
+        if version is not None and document_versions.DOCUMENTS not in sources:
+            path = document_versions.version_path(documents_dir, version)
+            tracker.log_input(run_id, document_versions.DOCUMENTS, path, digest, context)
     if version is not None:
         tag = document_versions.version_name(version)
         tracker.log(run_id, tags={"llmflow.documents_version": tag})
 
 
-def _documents_version(config: PipelineConfig, name: str) -> int | None:
-    """Which version of the documents a stage works from: the one being made for the document
-    stages, the newest for the tokenizer and token shards, and for training and evaluation the
-    one the token shards were cut from (a model trained before a refresh names the older one)."""
+def _documents_digest(config: PipelineConfig, name: str) -> str | None:
+    """The digest of the documents a later stage works from: the newest version for the
+    tokenizer and token shards; for training and evaluation the one the token shards were cut
+    from (a model trained before a refresh names the older version)."""
     documents_dir = config.stage_dir(document_versions.DOCUMENTS)
-    if name in DOCUMENT_STAGES:
-        return document_versions.working_version(documents_dir)
-    digest = None
     if name in ("tokenizer", "tokenize"):
         if datasets.exists(datasets.join(documents_dir, datasets.MANIFEST_NAME)):
-            digest = manifest_sha256(documents_dir)
-    else:
-        tokenize_manifest = datasets.join(config.stage_dir("tokenize"), datasets.MANIFEST_NAME)
-        if datasets.exists(tokenize_manifest):
-            digest = datasets.read_json(tokenize_manifest)["input_manifest_sha256"]
-    return document_versions.version_with_digest(documents_dir, digest) if digest else None
+            return manifest_sha256(documents_dir)
+        return None
+    tokenize_manifest = datasets.join(config.stage_dir("tokenize"), datasets.MANIFEST_NAME)
+    if datasets.exists(tokenize_manifest):
+        return datasets.read_json(tokenize_manifest)["input_manifest_sha256"]
+    return None
 
 
 def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> StageReport:

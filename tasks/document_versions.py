@@ -116,9 +116,13 @@ def begin(documents_dir: str, refresh: bool) -> int:
     return number
 
 
+def version_path(documents_dir: str, number: int) -> str:
+    return datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+
+
 def read_version(documents_dir: str, number: int) -> dict[str, Any]:
     """A published version's manifest; its shard paths are relative to ``documents_dir``."""
-    path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+    path = version_path(documents_dir, number)
     if not datasets.exists(path):
         have = ", ".join(version_name(n) for n in published(documents_dir)) or "none"
         raise FileNotFoundError(f"{documents_dir}: no version {number} (published: {have})")
@@ -129,7 +133,7 @@ def version_with_digest(documents_dir: str, digest: str) -> int | None:
     """The published version whose manifest has this sha256 (what a dataset records as its input
     digest), so a model's run can name the documents version it was trained on."""
     for number in reversed(published(documents_dir)):
-        path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
+        path = version_path(documents_dir, number)
         if hashlib.sha256(datasets.read_bytes(path)).hexdigest() == digest:
             return number
     return None
@@ -218,7 +222,6 @@ def publish(documents_dir: str, number: int) -> dict[str, Any]:
         "sources": datasets.read_json(datasets.join(crawl_dir, SOURCES_NAME)),
         "withdrawn": withdrawn_file.to_dict(),
     }
-    version_path = datasets.join(documents_dir, VERSIONS_DIR, f"{version_name(number)}.json")
-    datasets.write_json_atomic(version_path, manifest)
+    datasets.write_json_atomic(version_path(documents_dir, number), manifest)
     datasets.write_json_atomic(datasets.join(documents_dir, datasets.MANIFEST_NAME), manifest)
     return manifest

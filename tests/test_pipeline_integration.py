@@ -7,6 +7,7 @@ unit complete, do no work, and leave the manifests byte-identical.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -237,8 +238,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags})
         for d in client.get_run(pretrain_run.info.run_id).inputs.dataset_inputs
     }
-    assert set(inputs) == {"tokenize", "tokenizer"}
+    assert set(inputs) == {"tokenize", "tokenizer", "documents"}
     assert inputs["tokenize"][0] == manifest_sha256(stage_dirs["tokenize"])[:36]
+    # the documents version the token shards were cut from, by its manifest's digest
+    version_file = workdir / "data" / "documents" / "versions" / "v0001.json"
+    assert inputs["documents"][0] == hashlib.sha256(version_file.read_bytes()).hexdigest()[:36]
     assert inputs["tokenize"][1]["mlflow.data.context"] == "training"
     exported = {a.path for a in client.list_artifacts(pretrain_run.info.run_id, "hf_model")}
     assert {"hf_model/config.json", "hf_model/tokenizer.json"} <= exported
@@ -254,7 +258,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {"val_loss", "train_rows", "conversations"} <= set(sft_run.data.metrics)
     assert sft_run.data.tags["llmflow.init_checkpoint"].startswith(str(run_dir))
     sft_inputs = {d.dataset.name for d in client.get_run(sft_run.info.run_id).inputs.dataset_inputs}
-    assert sft_inputs == {"pretrain", "tokenizer", "instructions"}
+    assert sft_inputs == {"pretrain", "tokenizer", "instructions", "documents"}
 
     # Evaluation of the SFT model: every shipped task, as MLflow metrics and a table artifact.
     evaluation = json.loads((workdir / "data" / "evaluate" / "manifest.json").read_text())
