@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -61,9 +62,9 @@ def version_number(name: str) -> int | None:
 def stage_version(stage_dir: str) -> tuple[str, int] | None:
     """``<documents>/v0002/<stage>`` → (``<documents>``, 2); None for a stage dir outside the
     versioned documents (a stage run on its own, in tests or benchmarks)."""
-    documents_dir, version_dir, _ = stage_dir.rstrip("/").rsplit("/", 2)
-    number = version_number(version_dir)
-    return None if number is None else (documents_dir, number)
+    parts = stage_dir.rstrip("/").rsplit("/", 2)
+    number = version_number(parts[-2]) if len(parts) == 3 else None
+    return None if number is None else (parts[0], number)
 
 
 def _numbers(directory: str, suffix: str = "") -> list[int]:
@@ -162,20 +163,23 @@ def publish(documents_dir: str, number: int) -> dict[str, Any]:
     reason_of = {row["id"]: row["reason"] for row in mine}
 
     shards: list[datasets.ShardFile] = []
-    removed: dict[str, int] = {}
-    if previous is not None:
-        for shard in datasets.manifest_shards(read_version(documents_dir, previous)):
-            ids = datasets.read_shard(documents_dir, shard, ["id"]).column("id")
-            gone = pc.is_in(ids, value_set=pa.array(list(reason_of), pa.string()))
-            if not pc.any(gone).as_py():
-                shards.append(shard)
-                continue
-            for doc_id in ids.filter(gone).to_pylist():
-                removed[reason_of[doc_id]] = removed.get(reason_of[doc_id], 0) + 1
-            table = datasets.read_shard(documents_dir, shard).filter(pc.invert(gone))
-            name = shard.path.removesuffix(".parquet").replace("/", "-")
-            path = f"{version_name(number)}/withdrawn/{name}.parquet"
-            shards.append(datasets.write_shard(documents_dir, path, table, keep_identical=True))
+    removed: Counter[str] = Counter()
+    earlier = read_version(documents_dir, previous) if previous is not None else {"shards": []}
+    withdrawn_ids = pa.array(list(reason_of), pa.string())
+    for shard in datasets.manifest_shards(earlier):
+        if not reason_of:  # a refresh that withdrew nothing reuses every shard unread
+            shards.append(shard)
+            continue
+        ids = datasets.read_shard(documents_dir, shard, ["id"]).column("id")
+        gone = pc.is_in(ids, value_set=withdrawn_ids)
+        if not pc.any(gone).as_py():
+            shards.append(shard)
+            continue
+        removed.update(reason_of[doc_id] for doc_id in ids.filter(gone).to_pylist())
+        table = datasets.read_shard(documents_dir, shard).filter(pc.invert(gone))
+        name = shard.path.removesuffix(".parquet").replace("/", "-")
+        path = f"{version_name(number)}/withdrawn/{name}.parquet"
+        shards.append(datasets.write_shard(documents_dir, path, table, keep_identical=True))
     prefix = f"{version_name(number)}/pii/"
     added = [
         datasets.ShardFile(prefix + s.path, s.rows, s.bytes, s.sha256)

@@ -14,6 +14,15 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LLMFLOW = str(Path(sys.executable).parent / "llmflow")
+
+
+def llmflow_env(prefect_api: str, **extra: str) -> dict[str, str]:
+    """The environment an ``llmflow`` command runs in under test: the session's Prefect server,
+    and MLflow on the workdir's own store (never a tracking URI set outside the test)."""
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
 
 
 def shared_data_dir() -> Path:

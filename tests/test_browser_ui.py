@@ -31,7 +31,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -45,7 +44,6 @@ from test_ui_servers import _gone, _kill_leftovers, _launch, _reader, read_urls
 
 from llmflow.deployments.pipeline_deployments import DATA_STAGES, PRESETS
 
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 CHROMIUM = find_chromium()
 # The Prefect task of each data stage, by the name its @task gives it (tasks/*.py): the UI lists
 # each task run as that name plus a short suffix.

@@ -8,12 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
+from conftest import LLMFLOW, llmflow_env
+
 STAGES = "crawl,normalize,quality,dedup,toxicity,pii,tokenizer,tokenize,pretrain"
 DATA_FILES = ("*.parquet", "*.bin", "tokenizer.json")
 
@@ -158,8 +158,7 @@ def arguments(workdir: Path, seeds: list[str]) -> list[str]:
 
 
 def start(args: list[str], prefect_api: str, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = llmflow_env(prefect_api)
     return subprocess.Popen(
         [LLMFLOW, *args],
         env=env,

@@ -3,24 +3,21 @@ prefect-dask) give the same shards, byte for byte, as the local thread runner.""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import LLMFLOW, llmflow_env
 from test_crash_resume import QUALITY_OFF, data_files, write_inputs
 
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 DATA_STAGES = "crawl,normalize,quality,dedup,toxicity,pii"
 
 
 def run(workdir: Path, seeds: list[str], runner: str, prefect_api: str) -> str:
     import json
 
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = llmflow_env(prefect_api)
     result = subprocess.run(
         [
             LLMFLOW,

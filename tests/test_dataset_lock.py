@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LLMFLOW, llmflow_env
 
 from llmflow.tasks.dataset_lock import LOCK_NAME, DatasetBusyError, exclusive_writer
-
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 
 
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path: Path) -> None:
@@ -62,8 +61,7 @@ def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
     prefect_api: str, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "work"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = llmflow_env(prefect_api)
     (tmp_path / "note.txt").write_text("A note.\n")
     with exclusive_writer(str(workdir / "data"), "flow run busy-refresh"):
         started = time.monotonic()

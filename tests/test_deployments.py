@@ -4,14 +4,12 @@ API as the UI triggers one, its MLflow runs, and a bad value refused with the fi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from conftest import stop_process
+from conftest import LLMFLOW, llmflow_env, stop_process
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from test_crash_resume import QUALITY_OFF, prose
@@ -23,8 +21,6 @@ from llmflow.deployments.pipeline_deployments import (
     preset_parameters,
 )
 from llmflow.flows.config import PipelineConfig
-
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 
 
 def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
@@ -121,8 +117,7 @@ def test_a_served_deployment_runs_when_triggered_through_prefect(
     prefect_api: str, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "work"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = llmflow_env(prefect_api)
     server = start_serve(workdir, tmp_path, env)
     api = httpx.Client(base_url=prefect_api, timeout=10)
     try:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import LLMFLOW, llmflow_env
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -24,7 +23,6 @@ from llmflow.flows.pipeline import STEPS
 from llmflow.tasks import datasets
 from llmflow.tasks.stage import manifest_sha256
 
-LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 MAX_PAGES = 12
 # Prose that passes the quality rules, in two near-identical copies, one with an e-mail address;
 # and a rant that passes them too but not the toxicity filter.
@@ -49,8 +47,7 @@ RANT = (
 
 
 def run_llmflow(args: list[str], prefect_api: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, COLUMNS="200")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = llmflow_env(prefect_api, COLUMNS="200")
     result = subprocess.run(
         [LLMFLOW, "run", *args],
         env=env,
