@@ -25,6 +25,30 @@ def llmflow_env(prefect_api: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_llmflow(
+    args: list[str],
+    prefect_api: str,
+    *,
+    cwd: Path | None = None,
+    returncode: int = 0,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``llmflow run ARGS`` to the end, output captured; fails the test unless it exits with
+    ``returncode`` (wide COLUMNS, so Rich does not wrap the lines tests search)."""
+    result = subprocess.run(
+        [LLMFLOW, "run", *args],
+        env=llmflow_env(prefect_api, COLUMNS="200"),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    output = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    assert result.returncode == returncode, f"exit {result.returncode}\n{output}"
+    return result
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the repo (LLMFLOW_SHARED_DATA overrides); may be absent."""
     return Path(os.environ.get("LLMFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))

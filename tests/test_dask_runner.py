@@ -3,43 +3,26 @@ prefect-dask) give the same shards, byte for byte, as the local thread runner.""
 
 from __future__ import annotations
 
+import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import LLMFLOW, llmflow_env
+from conftest import run_llmflow
 from test_crash_resume import QUALITY_OFF, data_files, write_inputs
 
 DATA_STAGES = "crawl,normalize,quality,dedup,toxicity,pii"
 
 
 def run(workdir: Path, seeds: list[str], runner: str, prefect_api: str) -> str:
-    import json
-
-    env = llmflow_env(prefect_api)
-    result = subprocess.run(
-        [
-            LLMFLOW,
-            "run",
-            "--workdir",
-            str(workdir),
-            "--stages",
-            DATA_STAGES,
-            "--set",
-            f"crawl.seeds={json.dumps(seeds)}",
-            "--set",
-            f"runner={runner}",
-            "--set",
-            "max_workers=2",
-            *QUALITY_OFF,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    args = ["--workdir", str(workdir), "--stages", DATA_STAGES, *QUALITY_OFF]
+    for key, value in (
+        ("crawl.seeds", json.dumps(seeds)),
+        ("runner", runner),
+        ("max_workers", "2"),
+    ):
+        args += ["--set", f"{key}={value}"]
+    result = run_llmflow(args, prefect_api)
     return result.stdout + result.stderr
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLMFLOW, llmflow_env
+from conftest import run_llmflow
 
 from llmflow.tasks.dataset_lock import LOCK_NAME, DatasetBusyError, exclusive_writer
 
@@ -61,27 +61,12 @@ def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
     prefect_api: str, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "work"
-    env = llmflow_env(prefect_api)
     (tmp_path / "note.txt").write_text("A note.\n")
     with exclusive_writer(str(workdir / "data"), "flow run busy-refresh"):
         started = time.monotonic()
-        result = subprocess.run(
-            [
-                LLMFLOW,
-                "run",
-                "--workdir",
-                str(workdir),
-                "--stages",
-                "crawl",
-                "--set",
-                f"crawl.seeds={json.dumps([str(tmp_path / 'note.txt')])}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+        seeds = json.dumps([str(tmp_path / "note.txt")])
+        args = ["--workdir", str(workdir), "--stages", "crawl", "--set", f"crawl.seeds={seeds}"]
+        result = run_llmflow(args, prefect_api, returncode=3, timeout=300)
     assert "being written by another llmflow run" in result.stderr
     assert "busy-refresh" in result.stderr
     assert not (workdir / "data" / "documents").exists()  # refused before writing anything

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LLMFLOW, llmflow_env
+from conftest import run_llmflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -44,21 +43,6 @@ RANT = (
     " The fucking bastards took our money and then they shouted at my mother in the street."
     " Nobody should ever buy a single damn thing from those lying pricks again, not ever."
 )
-
-
-def run_llmflow(args: list[str], prefect_api: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = llmflow_env(prefect_api, COLUMNS="200")
-    result = subprocess.run(
-        [LLMFLOW, "run", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
-    return result
 
 
 def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
@@ -114,7 +98,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "--set",
         "evaluate.max_new_tokens=4",
     ]
-    first = run_llmflow(args, prefect_api, tmp_path)
+    first = run_llmflow(args, prefect_api, cwd=tmp_path)
 
     layout = PipelineConfig(workdir=str(workdir))
     crawl_dir, normalize_dir = layout.stage_dir("crawl"), layout.stage_dir("normalize")
@@ -301,7 +285,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     # Second run: nothing to do, identical manifests, shards untouched.
     manifests_before = {d: (Path(d) / "manifest.json").read_bytes() for d in stage_dirs.values()}
     shard_times = {p: p.stat().st_mtime_ns for p in (workdir / "data").rglob("*.parquet")}
-    second = run_llmflow(args, prefect_api, tmp_path)
+    second = run_llmflow(args, prefect_api, cwd=tmp_path)
     assert "Nothing to do" in second.stdout
     for d, before in manifests_before.items():
         assert (Path(d) / "manifest.json").read_bytes() == before
