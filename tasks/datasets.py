@@ -85,6 +85,16 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def file_sha256(path: str, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 of a file of any size, read in chunks (token shards can be many GB)."""
+    fs, p = filesystem(path)
+    digest = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Sorted keys and a trailing newline, so equal content gives equal bytes."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
@@ -151,17 +161,44 @@ def write_shard(
     )
 
 
+class CorruptShardError(ValueError):
+    """A shard whose bytes are not the ones its manifest or marker recorded (a flipped bit, a
+    truncated copy, a file replaced by hand), or that does not decode; the message names the
+    file and what to do."""
+
+
 def read_shard(stage_dir: str, shard: ShardFile, columns: list[str] | None = None) -> pa.Table:
-    fs, p = filesystem(join(stage_dir, shard.path))
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    """A shard a manifest lists, after checking its bytes against the recorded size and sha256.
+
+    Whole shards are read anyway (a few tens of MB; see :func:`write_shard`), so hashing them
+    costs one pass over bytes already in memory and catches corruption before its text travels
+    on into later stages, instead of a decoder error naming no file (or no error at all).
+    """
+    path = join(stage_dir, shard.path)
+    data = read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != shard.bytes or digest != shard.sha256:
+        raise CorruptShardError(
+            f"{path} is corrupt: {len(data)} bytes with sha256 {digest[:16]}…, but its manifest"
+            f" recorded {shard.bytes} bytes with sha256 {shard.sha256[:16]}…. Delete the file"
+            " and run the stage that wrote it again: that stage redoes the missing shard"
+        )
+    return _decode_parquet(path, data, columns)
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file by its full path (a derived table that no manifest lists)."""
-    fs, p = filesystem(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    return _decode_parquet(path, read_bytes(path), columns)
+
+
+def _decode_parquet(path: str, data: bytes, columns: list[str] | None) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise CorruptShardError(
+            f"{path} is not a readable Parquet file ({error}). Delete it and run the stage that"
+            " wrote it again"
+        ) from error
 
 
 def schema_description(schema: pa.Schema) -> list[dict[str, str]]:

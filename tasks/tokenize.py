@@ -46,7 +46,12 @@ from llmflow.tasks.stage import (
     run_unit,
     with_reason,
 )
-from llmflow.tasks.token_shards import TOKEN_SHARD_SUFFIX, encode_token_shard, token_dtype
+from llmflow.tasks.token_shards import (
+    TOKEN_SHARD_SUFFIX,
+    TokenShardError,
+    encode_token_shard,
+    token_dtype,
+)
 from llmflow.tasks.tokenizer import EOS, TOKENIZER_FILE
 
 STAGE = StageSpec("tokenize", "1", ("tokenizers",))
@@ -226,18 +231,23 @@ def unit_shards(stage_dir: str, record: UnitRecord) -> dict[str, Any]:
 
 
 def _shards_intact(stage_dir: str, shards: dict[str, Any]) -> bool:
+    """Whether a unit's token shards hold exactly the bytes it wrote (size, then sha256)."""
     for split in SPLITS:
-        fs, path = datasets.filesystem(datasets.join(stage_dir, shards["shards"][split]["path"]))
-        if not fs.exists(path) or fs.size(path) != shards["shards"][split]["bytes"]:
+        shard = shards["shards"][split]
+        path = datasets.join(stage_dir, shard["path"])
+        fs, local = datasets.filesystem(path)
+        if not fs.exists(local) or fs.size(local) != shard["bytes"]:
+            return False
+        if datasets.file_sha256(path) != shard["sha256"]:
             return False
     return True
 
 
 def tokenize_unit(unit: WorkUnit, config: TokenizeConfig, stage_dir: str) -> UnitRecord:
-    """run_unit, after dropping the marker of a unit whose token shards were lost or cut short.
+    """run_unit, after dropping the marker of a unit whose token shards were lost or damaged.
 
     run_unit checks the Parquet outputs a marker names; the token shards are checked here, so a
-    deleted or truncated .bin is re-encoded instead of being trusted.
+    deleted, truncated or corrupted .bin is re-encoded instead of being trusted.
     """
     done = completed_record(stage_dir, unit)
     if done is not None and not _shards_intact(stage_dir, unit_shards(stage_dir, done)):
@@ -320,11 +330,26 @@ def tokenize(
 
 
 def token_shard_paths(stage_dir: str, split: str) -> list[Path]:
-    """Local paths of a split's token shards, in manifest order, for the trainer to memory-map."""
+    """Local paths of a split's token shards, in manifest order, for the trainer to memory-map.
+
+    Each is checked against the sha256 tokenize recorded before anything maps it: a flipped bit
+    in a token file would otherwise train silently on a wrong token."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = datasets.local_path(stage_dir, "the trainer memory-maps token shards")
     manifest = datasets.read_manifest(stage_dir)
     if "token_shards" not in manifest:
         raise ValueError(f"{stage_dir} is not a tokenize stage output (no token_shards)")
-    return [root / entry["path"] for entry in manifest["token_shards"][split]]
+    paths = []
+    for entry in manifest["token_shards"][split]:
+        path = root / entry["path"]
+        digest = datasets.file_sha256(str(path)) if path.exists() else "missing"
+        if digest != entry["sha256"]:
+            raise TokenShardError(
+                f"token shard {path} is {'missing' if digest == 'missing' else 'corrupt'}:"
+                f" its sha256 is not the {entry['sha256'][:16]}… the tokenize manifest recorded."
+                " Run the tokenize stage again (llmflow run --stages tokenize): it re-encodes"
+                " that unit"
+            )
+        paths.append(path)
+    return paths

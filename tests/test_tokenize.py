@@ -167,6 +167,22 @@ def test_truncated_shard_is_named_and_re_encoded(setup: dict, tmp_path: Path) ->
     assert victim.read_bytes() == data
 
 
+def test_flipped_bit_in_a_token_shard_is_refused_then_re_encoded(
+    setup: dict, tmp_path: Path
+) -> None:
+    """Same size, so the header check passes: only the recorded sha256 can tell."""
+    stage = str(tmp_path / "tokenize")
+    first = tokenize(setup["corpus"], setup["tok"], stage, CONFIG)
+    victim = token_shard_paths(stage, "val")[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(TokenShardError, match=rf"{victim} is corrupt.*--stages tokenize"):
+        token_shard_paths(stage, "val")
+    assert tokenize(setup["corpus"], setup["tok"], stage, CONFIG) == first
+    assert token_shard_paths(stage, "val")[0].read_bytes() != bytes(data)
+
+
 def test_vanished_units_lose_their_shards(setup: dict, tmp_path: Path) -> None:
     stage = tmp_path / "tokenize"
     tokenize(setup["corpus"], setup["tok"], str(stage), CONFIG)
