@@ -66,10 +66,11 @@ def stage_inputs(stage: str) -> tuple[str, ...]:
 class PipelineConfig(BaseModel):
     """Everything one run of the pipeline needs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workdir: str = Field(
         "llmflow-work",
+        min_length=1,
         description="Holds the datasets, the default MLflow store and the Prefect database.",
     )
     data_root: str | None = Field(
@@ -86,7 +87,9 @@ class PipelineConfig(BaseModel):
             " <workdir>/mlflow.db with artifacts in <workdir>/mlartifacts."
         ),
     )
-    experiment: str = Field("llmflow", description="MLflow experiment the runs go to.")
+    experiment: str = Field(
+        "llmflow", min_length=1, description="MLflow experiment the runs go to."
+    )
     max_workers: int = Field(
         2, ge=1, description="Units of work (shards, files) a stage processes at once."
     )
@@ -203,6 +206,11 @@ def load_config(
             loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
         except OSError as error:
             raise ConfigError(f"config file {config_file}: cannot read it ({error})") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config file {config_file}: not UTF-8 text (byte {error.start}:"
+                f" {error.reason}); save it as UTF-8"
+            ) from error
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {config_file}: not valid YAML ({error})") from error
         if loaded is None:

@@ -222,6 +222,7 @@ def _stage_metrics(
         "units": len(records),
     }
     metrics |= {f"stats.{k}": v for k, v in manifest["stats"].items()}
+    metrics |= {f"stats.{k}": v for k, v in manifest.get("work", {}).items()}
     return metrics
 
 

@@ -37,6 +37,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import re
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -111,19 +112,27 @@ def expand_file_seed(seed: str) -> list[str]:
                 f"file seed {seed!r}: {root!r} is not a supported file type;"
                 f" supported suffixes: {', '.join(FILE_SUFFIXES)}"
             )
+        if supported_suffix(root) in PARQUET_SUFFIXES:
+            _check_parquet_schema(fs, root)
         return [_as_url(fs, root)]
 
     if fs.exists(root):
         found = sorted(_walk(fs, root))
+        base = root
     elif _GLOB_CHARS.search(root):
         found = []
         for match in sorted(fs.glob(root)):
             found.extend(sorted(_walk(fs, match)) if fs.isdir(match) else [match])
+        base = _GLOB_CHARS.split(root, maxsplit=1)[0].rsplit("/", 1)[0] or "/"
     else:
         raise FileNotFoundError(f"file seed {seed!r} matches no file or directory")
 
     supported = sorted({p for p in found if supported_suffix(p) is not None})
     if supported:
+        for path in supported:
+            _check_inside(fs, seed, base, path)
+            if supported_suffix(path) in PARQUET_SUFFIXES:
+                _check_parquet_schema(fs, path)
         return [_as_url(fs, p) for p in supported]
     if not found:
         raise FileNotFoundError(f"file seed {seed!r} matches no file")
@@ -132,6 +141,39 @@ def expand_file_seed(seed: str) -> list[str]:
         f"file seed {seed!r} matches no supported file (found {shown});"
         f" supported suffixes: {', '.join(FILE_SUFFIXES)}"
     )
+
+
+def _check_inside(fs: fsspec.AbstractFileSystem, seed: str, base: str, path: str) -> None:
+    """Refuse a file a seed directory reaches through a symbolic link that leads out of it.
+
+    A link in a shared or downloaded folder (``notes -> ~/.ssh/id_rsa``) would otherwise put a
+    file the user never named into the shards and MLflow. A file named as a seed of its own is
+    the user's explicit choice and is not checked.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return  # object stores have no symbolic links
+    real_base = os.path.realpath(base)
+    target = os.path.realpath(path)
+    if os.path.commonpath([real_base, target]) != real_base:
+        raise ValueError(
+            f"file seed {seed!r}: {path} is a symbolic link to {target}, outside {base};"
+            " llmflow does not follow links out of a seed directory (copy the file in, or name"
+            " it as a seed of its own)"
+        )
+
+
+def _check_parquet_schema(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """A Parquet seed needs a string ``text`` column: checked from its footer when the crawl is
+    planned, so a wrong file is refused before any unit runs rather than failing mid-run."""
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"Parquet seed {path}: not a readable Parquet file ({error})") from error
+    text_field = schema.field("text") if "text" in schema.names else None
+    if text_field is None or not _is_string_type(text_field.type):
+        found = ", ".join(f"{field.name}: {field.type}" for field in schema)
+        raise ValueError(f"Parquet seed {path}: needs a string column 'text'; its columns: {found}")
 
 
 def _walk(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -49,10 +50,11 @@ class StageConfig(BaseModel):
 
     ``RUNTIME_FIELDS`` names fields that change how fast or how politely work is done but not what
     it produces (concurrency, for instance); they are left out of the unit key so that changing
-    them does not redo finished work.
+    them does not redo finished work. NaN and infinities are refused: a threshold or learning
+    rate of ``Infinity`` (valid JSON to ``--set``) is a typo, never a setting.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def output_hash(self) -> str:
@@ -226,6 +228,8 @@ def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult])
 
 
 CACHE_KEY_METADATA = b"llmflow.cache_key"
+# Counters that say how much work was reused rather than what the data is (see finalize_stage).
+WORK_COUNTER_SUFFIXES = ("_reused", "_computed")
 # Folders of per-unit derived tables (quality signals, dedup signatures and decisions, the crawl's
 # page states and withdrawals): files of units that no longer exist go with the units' outputs.
 UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions", "_state", "_withdrawn")
@@ -272,6 +276,11 @@ def finalize_stage(
     Units are listed by name so the manifest does not depend on the order in which workers
     finished; nothing time-dependent goes in, so a re-run that skipped every unit rewrites the
     same bytes. ``extra_stats`` are counts of the stage as a whole (dedup's resolve step).
+
+    Counters of reused or recomputed work (names ending in ``_reused`` or ``_computed``) depend
+    on what earlier, perhaps interrupted, runs left behind rather than on the data, so they stay
+    out of the file, whose hash keys every later stage; the returned manifest carries them under
+    ``work`` for the run's report.
     """
     records = sorted(records, key=lambda r: r.name)
     live = {r.name for r in records}
@@ -290,6 +299,7 @@ def finalize_stage(
         reasons.update(r.reasons)
         stats.update(r.stats)
     stats.update(extra_stats or {})
+    work = {k: v for k, v in stats.items() if k.endswith(WORK_COUNTER_SUFFIXES)}
     shards = [r.shard for r in records]
     rejected = [r.rejected for r in records if r.rejected]
     schema = _first_schema(stage_dir, shards)
@@ -311,11 +321,11 @@ def finalize_stage(
             "rejected_by_reason": dict(sorted(reasons.items())),
             "fetch_failures": sum(len(r.failures) for r in records),
         },
-        "stats": dict(sorted(stats.items())),
+        "stats": {k: v for k, v in sorted(stats.items()) if k not in work},
         "failures": [f for r in records for f in r.failures],
     }
     datasets.write_json_atomic(datasets.join(stage_dir, datasets.MANIFEST_NAME), manifest)
-    return manifest
+    return manifest | {"work": dict(sorted(work.items()))}
 
 
 def manifest_sha256(stage_dir: str) -> str:
@@ -410,7 +420,9 @@ def documents_result(
     Used by source stages (crawl), whose input is not a table: every document read counts as one
     in, so nothing is dropped without a trace. Kept documents with an id already seen in the unit
     are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason; pages a
-    refresh found unchanged are counted under ``stats['unchanged_<why>']``.
+    refresh found unchanged are counted under ``stats['unchanged_<why>']``; documents whose text
+    held a lone UTF-16 surrogate are kept with U+FFFD in its place and counted under
+    ``stats['lone_surrogates_replaced']``.
     """
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -424,6 +436,8 @@ def documents_result(
         if isinstance(outcome, FetchFailure):
             failures.append(outcome.row())
             continue
+        if _replace_lone_surrogates(outcome):
+            stats["lone_surrogates_replaced"] += 1
         row = outcome.row()
         if outcome.reject_reason is None and row["id"] in seen:
             outcome.reject_reason, outcome.detail = "duplicate_id_in_unit", "same url and text"
@@ -434,6 +448,9 @@ def documents_result(
         else:
             rejected.append(row | {"reason": outcome.reject_reason, "detail": outcome.detail})
     n = len(kept) + len(rejected)
+    for failure in failures:
+        failure["url"], _ = without_lone_surrogates(failure["url"])
+        failure["detail"], _ = without_lone_surrogates(failure["detail"])
     failures.sort(key=lambda f: (f["url"], f["reason"]))
     return ShardResult(
         kept=pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA),
@@ -442,3 +459,33 @@ def documents_result(
         stats=stats,
         failures=failures,
     )
+
+
+def without_lone_surrogates(value: str | None) -> tuple[str | None, bool]:
+    """``value`` with every lone UTF-16 surrogate (U+D800-U+DFFF) replaced by U+FFFD.
+
+    JSON escapes such as ``"\\ud800"`` decode to Python strings that no UTF-8 writer (Parquet,
+    JSON manifests) accepts; half a pair carries no character, so U+FFFD loses nothing. Returns
+    the string and whether anything was replaced; the ASCII check keeps the common case cheap.
+    """
+    if value is None or value.isascii():
+        return value, False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value), True
+    return value, False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(document: Document) -> bool:
+    """Make a document's strings storable in place; whether any had to change."""
+    text, in_text = without_lone_surrogates(document.text)
+    url, in_url = without_lone_surrogates(document.url)
+    source, in_source = without_lone_surrogates(document.source)
+    detail, in_detail = without_lone_surrogates(document.detail)
+    document.text, document.url = text or "", url
+    document.source, document.detail = source or "", detail or ""
+    return in_text or in_url or in_source or in_detail

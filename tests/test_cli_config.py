@@ -59,6 +59,13 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["--stages", "pretrain"], "'pretrain' reads the 'tokenize' output"),
         (["--set", "pretrain.model.hidden_sise=64"], "hidden_sise"),
         (["--set", "tokenizer.vocab_size=100"], "tokenizer.vocab_size"),
+        # JSON's Infinity and NaN parse to floats: refused, not trained with
+        (["--set", "pretrain.lr=Infinity"], "pretrain.lr: Input should be a finite number"),
+        (
+            ["--set", "quality.min_lang_score=NaN"],
+            "quality.min_lang_score: Input should be a finite",
+        ),
+        (["--set", "experiment="], "experiment: String should have at least 1 character"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(
@@ -84,6 +91,12 @@ def test_invalid_yaml_and_unknown_yaml_key(tmp_path: Path) -> None:
         load_config(unknown)
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "cannot read it" in result.output
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("experiment: caf\xe9\n".encode("latin-1"))
+    result = runner.invoke(app, ["run", "--config", str(latin1), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2, result.output
+    assert "latin1.yaml: not UTF-8 text" in " ".join(result.output.split())
     assert not (tmp_path / "w").exists()
 
 

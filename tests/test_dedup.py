@@ -210,7 +210,7 @@ def test_signatures_are_reused_when_only_the_resolution_changes(tmp_path: Path) 
     stage_dir = str(tmp_path / "dedup")
     deduplicate(source, stage_dir, DedupConfig(incremental=False))
     again = deduplicate(source, stage_dir, DedupConfig(incremental=False, min_similarity=0.8))
-    assert again["stats"]["resolve_signature_shards_reused"] == 1
+    assert again["work"]["resolve_signature_shards_reused"] == 1
 
 
 def test_bad_documents_are_handled(tmp_path: Path) -> None:

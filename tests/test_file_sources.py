@@ -644,3 +644,48 @@ def test_memory_filesystem(web: Path) -> None:
             expand_file_seed(f"memory://{root}/missing")
     finally:
         fs.rm(root, recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted seed folders
+
+
+def test_a_symlink_out_of_a_seed_directory_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "home" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("password=hunter2\n")
+    seeds = tmp_path / "seeds"
+    (seeds / "sub").mkdir(parents=True)
+    (seeds / "ok.txt").write_text("a document\n")
+    (seeds / "sub" / "inner.txt").write_text("another\n")
+    (seeds / "alias.txt").symlink_to(seeds / "sub" / "inner.txt")  # stays inside: fine
+    assert len(expand_file_seed(str(seeds))) == 3
+    (seeds / "sub" / "notes.txt").symlink_to(secret)
+    for seed in (str(seeds), f"{seeds}/*/*.txt"):
+        with pytest.raises(ValueError, match="does not follow links out of a seed directory") as e:
+            expand_file_seed(seed)
+        assert str(secret) in str(e.value) and "notes.txt" in str(e.value)
+    # Named on its own, a link is the user's explicit choice.
+    assert expand_file_seed(str(seeds / "sub" / "notes.txt")) == [str(seeds / "sub" / "notes.txt")]
+
+
+def test_parquet_seed_without_text_is_refused_when_planned(tmp_path: Path) -> None:
+    folder = tmp_path / "seeds"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["fine"]}), folder / "good.parquet")
+    pq.write_table(pa.table({"body": ["a"], "n": [1]}), folder / "bad.parquet")
+    for seed in (folder, folder / "bad.parquet"):
+        with pytest.raises(ValueError, match=r"bad\.parquet: needs a string column 'text'.*body"):
+            expand_file_seed(str(seed))
+    (folder / "bad.parquet").unlink()
+    assert expand_file_seed(str(folder)) == [str(folder / "good.parquet")]
+
+
+def test_lone_surrogate_line_is_read_and_the_good_lines_kept(tmp_path: Path) -> None:
+    """JSON allows "\\ud800"; it decodes to a str nothing can store. The crawl stage replaces it
+    (tests/test_stage_mechanism.py); here the reader must go on past it."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "before"}\n{"text": "half \\ud800 pair"}\n{"text": "after"}\n')
+    items = read(path)
+    assert [d.reject_reason for d in items] == [None, None, None]
+    assert [d.text for d in items] == ["before", "half \ud800 pair", "after"]

@@ -196,3 +196,64 @@ def test_missing_dataset_is_a_clear_error(tmp_path) -> None:
 def test_stage_config_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match="min_char"):
         NormalizeConfig(min_char=3)
+
+
+def test_flipped_bit_in_a_finished_shard_fails_the_reader_naming_the_file(tmp_path) -> None:
+    root = str(tmp_path)
+    make_source(root, {"a": 3, "b": 2})
+    victim = tmp_path / "source" / "a.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size: only the hash can tell
+    victim.write_bytes(bytes(data))
+    with pytest.raises(datasets.CorruptShardError, match=r"source/a\.parquet is corrupt") as error:
+        run_normalize(root, NormalizeConfig())
+    assert "Delete the file and run the stage that wrote it again" in str(error.value)
+    # Doing what the message says repairs it: the writer redoes the shard, the reader goes on.
+    victim.unlink()
+    make_source(root, {"a": 3, "b": 2})
+    _, manifest = run_normalize(root, NormalizeConfig())
+    assert manifest["counts"]["kept"] == 3 + 2  # the blank ones are removed by normalize
+
+
+def test_undecodable_parquet_is_named(tmp_path) -> None:
+    path = tmp_path / "garbage.parquet"
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    with pytest.raises(datasets.CorruptShardError, match="garbage.parquet is not a readable"):
+        datasets.read_parquet(str(path))
+
+
+def test_a_lone_surrogate_is_replaced_and_counted_and_the_unit_lands(tmp_path) -> None:
+    """JSON's "\\ud800" decodes to a str that Parquet cannot store: one such record used to
+    crash the unit and lose every good record beside it."""
+    stage_dir = str(tmp_path / "source")
+    docs = [
+        Document(url="http://x/good", text="good text", source="t", fetched_at=WHEN),
+        Document(url="http://x/bad\udcff", text="half a pair \ud800 here", source="t"),
+    ]
+    unit = WorkUnit(name="u", key="k", source={})
+    record = run_unit(stage_dir, unit, lambda: documents_result(docs))
+    assert record.stats == {"lone_surrogates_replaced": 1}
+    rows = pq.read_table(tmp_path / "source" / "u.parquet").to_pylist()
+    assert [r["text"] for r in rows] == ["good text", "half a pair \ufffd here"]
+    assert rows[1]["url"] == "http://x/bad\ufffd"
+
+
+def test_history_counters_stay_out_of_the_hashed_manifest(tmp_path) -> None:
+    """A counter of reused work (signals reused after a crash) depends on what happened before,
+    not on the data: it must not change the manifest bytes that key every later stage."""
+    config = StageConfig()
+    stage_dir = str(tmp_path / "s")
+
+    def finish(stats: dict[str, int]) -> tuple[bytes, dict]:
+        unit = WorkUnit(name="u", key="k", source={})
+        record = run_unit(stage_dir, unit, lambda: documents_result(_docs("u", 1)))
+        record.stats = {"real": 1} | stats
+        manifest = finalize_stage(stage_dir, SOURCE, config, [record], None)
+        return datasets.read_bytes(datasets.join(stage_dir, datasets.MANIFEST_NAME)), manifest
+
+    fresh, fresh_manifest = finish({"signals_computed": 5})
+    resumed, resumed_manifest = finish({"signals_reused": 5})
+    assert fresh == resumed
+    assert fresh_manifest["stats"] == {"real": 1}
+    assert fresh_manifest["work"] == {"signals_computed": 5}
+    assert resumed_manifest["work"] == {"signals_reused": 5}
