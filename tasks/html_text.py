@@ -174,6 +174,19 @@ def _strict_decode(body: bytes, codec: str) -> str | None:
         return None
 
 
+def _nearly_decodes(body: bytes, codec: str) -> str | None:
+    """The text, with U+FFFD for the few units that do not decode, when a BOM or a declared
+    UTF-16/32 label leaves no doubt about the encoding: one unpaired surrogate in a UTF-16
+    file is damaged text, not binary content (the NUL bytes of any UTF-16 text would otherwise
+    send it to the binary sniffing). More than one bad unit per thousand characters: None."""
+    try:
+        text = body.decode(codec, errors="replace")
+    except LookupError:
+        return None
+    bad = text.count("\ufffd") - body.decode(codec, errors="ignore").count("\ufffd")
+    return text if bad <= max(1, len(text) // 1000) else None
+
+
 def _binary_reason(body: bytes) -> str | None:
     for pattern, name in _MAGIC:
         if pattern.match(body):
@@ -236,14 +249,16 @@ def decode_body(body: bytes, content_type: str | None) -> tuple[str, str]:
 
     for bom, codec in _BOMS:
         if body.startswith(bom):
-            text = _strict_decode(body[len(bom) :], codec)
+            text = _strict_decode(body[len(bom) :], codec) or _nearly_decodes(
+                body[len(bom) :], codec
+            )
             if text is not None:
                 return text, codec
             break
 
     if header_codec and _is_wide(header_codec):
         # UTF-16/32 text is full of NUL bytes: try it before the binary sniffing would refuse it.
-        text = _strict_decode(body, header_codec)
+        text = _strict_decode(body, header_codec) or _nearly_decodes(body, header_codec)
         if text is not None:
             return text, header_codec
 

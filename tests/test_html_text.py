@@ -89,6 +89,21 @@ def test_utf16_bom() -> None:
     assert decode_body(b"\xff\xfe" + html.encode("utf-16-le"), None) == (html, "utf-16-le")
 
 
+def test_utf16_with_one_unpaired_surrogate_is_text_not_binary() -> None:
+    """Half a surrogate pair (U+D800 alone) in otherwise valid UTF-16: damaged text, kept with
+    U+FFFD in its place; its NUL bytes used to send it to the binary sniffing."""
+    before, after = page("naïve café " * 20), page("the rest " * 20)
+    damaged = before.encode("utf-16-le") + b"\x00\xd8" + after.encode("utf-16-le")
+    assert decode_body(b"\xff\xfe" + damaged, None) == (before + "\ufffd" + after, "utf-16-le")
+    label = "text/html; charset=utf-16le"
+    assert decode_body(damaged, label) == (before + "\ufffd" + after, "utf-16-le")
+    # Noise that merely starts with a BOM is still no text.
+    noise = b"\xff\xfe" + b"\x00\xd8" * 400
+    with pytest.raises(DecodeError) as caught:
+        decode_body(noise, None)
+    assert caught.value.reason == "binary_content"
+
+
 def test_latin1_label_means_windows_1252() -> None:
     # Browsers read "iso-8859-1" as windows-1252; 0x93/0x94 are curly quotes there.
     body = page("\x93quoted\x94 and caf\xe9").encode("latin-1")
