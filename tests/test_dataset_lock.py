@@ -71,3 +71,27 @@ def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
     assert "busy-refresh" in result.stderr
     assert not (workdir / "data" / "documents").exists()  # refused before writing anything
     assert time.monotonic() - started < 120
+
+
+def test_temporary_files_of_killed_writers_are_swept_by_the_next_holder(tmp_path: Path) -> None:
+    """A writer SIGKILLed between its write and its rename leaves a *.tmp-<uuid> file (or a
+    checkpoint's temporary folder); the next run, holding the lock, removes them."""
+    root = tmp_path / "data"
+    code = (
+        "import os, uuid\n"
+        "from pathlib import Path\n"
+        "from llmflow.tasks import datasets\n"
+        "datasets.write_bytes_atomic(os.environ['ROOT'] + '/stage/kept.parquet', b'kept')\n"
+        "Path(os.environ['ROOT'], 'stage', f'part.parquet.tmp-{uuid.uuid4().hex}')"
+        ".write_bytes(b'half')\n"
+        "ckpt = Path(os.environ['ROOT'], 'pretrain', f'.step-000010.tmp-{uuid.uuid4().hex}')\n"
+        "ckpt.mkdir(parents=True); (ckpt / 'model.pt').write_bytes(b'half')\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=os.environ | {"ROOT": str(root)})
+    left = sorted(p.name for p in root.rglob("*.tmp-*"))
+    assert len(left) == 2, left
+    (root / "stage" / "notes.tmp-mine").write_text("not ours: no uuid")
+    with exclusive_writer(str(root), "next run"):
+        assert sorted(p.name for p in root.rglob("*.tmp-*")) == ["notes.tmp-mine"]
+        assert (root / "stage" / "kept.parquet").read_bytes() == b"kept"
