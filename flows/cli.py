@@ -8,6 +8,7 @@ prefect, and imports the flow only once the config has been checked. A bad confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -55,9 +56,6 @@ def _prefect_environment(workdir: Path) -> dict[str, str]:
     env: dict[str, str] = {}
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         env["PREFECT_HOME"] = str(workdir / "prefect")
-    # The temporary local API takes 15-30 s to start on a small machine; Prefect's default
-    # patience (20 s) is too short for it.
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # The temporary server's telemetry heartbeat races its own first database migration on
     # SQLite and prints a "database is locked" traceback; an offline default should not phone
     # home anyway.
@@ -136,14 +134,25 @@ def run(
     workdir_path.mkdir(parents=True, exist_ok=True)
 
     from llmflow.flows.pipeline import run_pipeline
+    from llmflow.flows.prefect_api import temporary_api
+    from llmflow.flows.ui_servers import UIServerError
     from llmflow.tasks.dataset_lock import DatasetBusyError
 
+    own_api = not os.environ.get("PREFECT_API_URL")
     try:
-        result = run_pipeline(config, selected, refresh)
+        with temporary_api(workdir_path, _note) if own_api else contextlib.nullcontext():
+            result = run_pipeline(config, selected, refresh)
     except DatasetBusyError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=3) from None
+    except UIServerError as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     _print_summary(result, workdir_path)
+
+
+def _note(message: str) -> None:
+    err.print(message, highlight=False, soft_wrap=True)
 
 
 @app.command()

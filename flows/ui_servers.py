@@ -170,7 +170,16 @@ def _check_port_free(port: int, option: str) -> None:
             raise UIServerError(f"{option} {port}: {HOST}:{port} is not free ({error})") from None
 
 
-def start(server: Server) -> None:
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies (prctl
+    PR_SET_PDEATHSIG), so a server started for one run cannot outlive a SIGKILLed run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def start(server: Server, die_with_parent: bool = False) -> None:
     server.log_path.parent.mkdir(parents=True, exist_ok=True)
     server._log = open(server.log_path, "wb")  # noqa: SIM115 - closed in stop_all
     server.process = subprocess.Popen(
@@ -180,6 +189,7 @@ def start(server: Server) -> None:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
     )
 
 

@@ -1,0 +1,87 @@
+"""The Prefect API a ``llmflow run`` talks to when the user names none: a temporary server of ours.
+
+Prefect would start its own temporary server, but two things about it broke runs on a busy
+machine: how long it waits for that server is read from the environment when ``prefect`` is first
+imported (before the command line could raise it), so a start-up slower than 20 s failed the run;
+and a run killed with SIGKILL left the server running with nobody to stop it. This one is the
+same ``prefect server start`` that ``llmflow ui`` runs, on the workdir's database, without the UI:
+it gets a start-up timeout we choose, its log in ``<workdir>/logs``, and it is told by the kernel
+to stop when the process that started it dies (Linux), so it never outlives its run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmflow.flows.ui_servers import (
+    UIServerError,
+    prefect_server,
+    start,
+    stop_all,
+    wait_healthy,
+)
+from llmflow.tasks.pydoc_site import free_port
+
+# Honour Prefect's own setting when the user set it; otherwise be patient: a loaded 2-core machine
+# took minutes to start the server (migrations on a fresh SQLite database).
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def startup_timeout() -> float:
+    """Seconds to wait for the server: $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or 600."""
+    raw = os.environ.get(TIMEOUT_VARIABLE)
+    try:
+        return float(raw) if raw else DEFAULT_STARTUP_TIMEOUT_S
+    except ValueError:
+        raise UIServerError(f"{TIMEOUT_VARIABLE}={raw!r} is not a number of seconds") from None
+
+
+@contextmanager
+def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator[str]:
+    """Start the workdir's Prefect API server, point this process's Prefect at it, yield its URL;
+    stop it when the block ends, however it ends."""
+    from prefect.context import refresh_global_settings_context
+
+    server = prefect_server(workdir, free_port())
+    server.env["PREFECT_UI_ENABLED"] = "false"
+    server.log_path = workdir / "logs" / "prefect-api.log"
+    timeout_s = startup_timeout()
+    started = time.monotonic()
+    start(server, die_with_parent=True)
+    assert server.process is not None
+    previous = os.environ.get("PREFECT_API_URL")
+    try:
+        say(
+            f"Starting Prefect's API server for this run (pid {server.process.pid},"
+            f" log {server.log_path}; waiting up to {timeout_s:.0f} s)"
+        )
+        wait_healthy([server], timeout_s, threading.Event())
+        say(f"Prefect API ready after {time.monotonic() - started:.0f} s")
+        os.environ["PREFECT_API_URL"] = f"{server.url}/api"
+        refresh_global_settings_context()
+        yield os.environ["PREFECT_API_URL"]
+    finally:
+        _flush_to_api()
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        refresh_global_settings_context()
+        stop_all([server])
+
+
+def _flush_to_api() -> None:
+    """Send the logs and events Prefect still holds before their server goes away (otherwise
+    its background workers print connection errors at exit). Bounded: a stuck worker never
+    holds the run's exit for more than a few seconds."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=5)
