@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from prefect import Task, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
@@ -40,6 +41,7 @@ from llmflow.tasks import (
     normalize,
     pii,
     pretrain,
+    progress,
     quality,
     sft,
     tokenize,
@@ -837,17 +839,37 @@ STEPS: dict[str, StepRunner] = {
 assert set(WIRING) | set(STEPS) == set(STAGES), "every stage in STAGES needs its wiring"
 
 
-def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str) -> None:
+def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str, attempts: int = 4) -> bool:
     """Labels on the Prefect flow run naming its MLflow parent run (and the run's page when
-    MLflow is a server): the other half of the MLflow run's ``prefect.flow_run_*`` tags."""
+    MLflow is a server): the other half of the MLflow run's ``prefect.flow_run_*`` tags.
+
+    A convenience, so it never ends a run: a busy API (a 503 past the client's own retries, a
+    dropped connection) is tried again a few times, then given up with a warning; the MLflow run
+    still names the flow run. Returns whether the labels were written.
+    """
     from prefect.client.orchestration import get_client
 
     labels = {"mlflow.run_id": run_id, "mlflow.experiment_id": tracker.experiment_id}
     url = tracker.run_url(run_id)
     if url is not None:
         labels["mlflow.run_url"] = url
-    with get_client(sync_client=True) as client:
-        client.update_flow_run_labels(flow_run.id, labels)
+    for attempt in range(1, attempts + 1):
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run_labels(flow_run.id, labels)
+            return True
+        except (httpx.HTTPError, OSError) as error:
+            if attempt == attempts:
+                progress.run_logger().warning(
+                    "could not label the flow run with its MLflow run %s after %d attempts"
+                    " (%s); the run goes on, and its MLflow run names the flow run",
+                    run_id,
+                    attempts,
+                    error,
+                )
+                return False
+            time.sleep(2.0 * attempt)
+    return False
 
 
 # Deployment runs get this bounded pool; `llmflow run` sizes it from config.max_workers.
@@ -914,7 +936,18 @@ def _run_stages(config: PipelineConfig, selected: list[str], refresh: bool) -> d
             f" {','.join(selected)} do not include crawl"
         )
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, config.workdir)
-    tracker = PipelineTracker(tracking_uri, config.experiment, config.workdir)
+    tracker = PipelineTracker(
+        tracking_uri, config.experiment, config.workdir, data_root=config.dataset_root()
+    )
+    abandoned = tracker.close_abandoned_runs()
+    if abandoned:
+        progress.run_logger().warning(
+            "marked %d MLflow runs KILLED: an earlier run on %s was killed before finishing"
+            " them (%s)",
+            len(abandoned),
+            config.dataset_root(),
+            ", ".join(abandoned),
+        )
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
     if flow_run.ui_url:
         tags["prefect.flow_run_url"] = str(flow_run.ui_url)

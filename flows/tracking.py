@@ -18,6 +18,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 _BATCH = 100
+DATA_ROOT_TAG = "llmflow.data_root"
 
 
 def default_tracking_uri(workdir: str) -> str:
@@ -43,8 +44,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class PipelineTracker:
     """The MLflow side of one flow run."""
 
-    def __init__(self, tracking_uri: str, experiment: str, workdir: str) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, workdir: str, data_root: str | None = None
+    ) -> None:
         self.tracking_uri = tracking_uri
+        # Every run this tracker starts is tagged with the dataset root it writes, so that the
+        # next run holding that root's lock can tell which RUNNING runs were left by a dead one.
+        self.root_tag = {DATA_ROOT_TAG: data_root} if data_root else {}
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
@@ -60,9 +66,39 @@ class PipelineTracker:
             )
         self.parent_run_id: str | None = None
 
+    def close_abandoned_runs(self) -> list[str]:
+        """Mark KILLED the runs of this dataset root that a dead run left RUNNING; their ids.
+
+        Call it only while holding the root's lock (the pipeline flow does): no live run can
+        then be writing to that root, so any of its runs still RUNNING belonged to a process
+        that was killed (SIGKILL, power loss) before it could finish them. Without this they
+        would show as running forever, beside the successful re-run.
+        """
+        if not self.root_tag:
+            return []
+        root = self.root_tag[DATA_ROOT_TAG]
+        abandoned: list[str] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string="attributes.status = 'RUNNING'",
+                max_results=1000,
+                page_token=token,
+            )
+            abandoned += [r.info.run_id for r in page if r.data.tags.get(DATA_ROOT_TAG) == root]
+            token = page.token
+            if not token:
+                break
+        for run_id in abandoned:
+            self.client.set_terminated(run_id, status="KILLED")
+        return abandoned
+
     def start_parent(self, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags=tags | {MLFLOW_RUN_NAME: run_name}
+            self.experiment_id,
+            run_name=run_name,
+            tags=tags | self.root_tag | {MLFLOW_RUN_NAME: run_name},
         )
         self.parent_run_id = run.info.run_id
         self.log(self.parent_run_id, params=params)
@@ -73,7 +109,9 @@ class PipelineTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=stage,
-            tags=tags | {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "llmflow.stage": stage},
+            tags=tags
+            | self.root_tag
+            | {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "llmflow.stage": stage},
         )
         self.log(run.info.run_id, params=params)
         return run.info.run_id

@@ -36,6 +36,15 @@ def in_prefect_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's logger inside a flow or task run (its lines reach the Prefect UI), else ours."""
+    if in_prefect_run():
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    return log
+
+
 _bar_lock = threading.Lock()
 _bar: RichProgress | None = None
 _bar_users = 0

@@ -241,3 +241,14 @@ def test_sigkill_in_a_data_stage_and_in_pretraining_then_resume(
     assert [k for k in expected if got[k] != expected[k]] == []
     assert losses(crashed) == losses(whole)
     assert [s for s, *_ in losses(crashed)] == list(range(1, 301))
+
+    # The two killed runs' MLflow runs were closed as KILLED by the next run, not left RUNNING.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{crashed / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmflow")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert not list(crashed.rglob("*.tmp-*"))  # what the killed writers left was swept
