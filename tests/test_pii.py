@@ -34,6 +34,12 @@ from llmflow.tasks.stage import (
 )
 
 DEFAULT = PiiConfig()
+# jwt.io's example token (HS256; header {"alg": "HS256", "typ": "JWT"}).
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODk"
+    "wIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJ"
+    "SMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
 SCANNER = DEFAULT.scanner()
 PRIVATE_KEY = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
@@ -89,6 +95,23 @@ POSITIVES = [
         "postgres://admin:s3cr3tP4ss@db.example.com:5432/app",
         "postgres://admin:<SECRET>@db.example.com:5432/app",
     ),
+    # Review findings: each of these leaked before.
+    ("Write to JOHN.O'REILLY@EXAMPLE.IE.", "Write to <EMAIL>."),
+    ("mail 'sean.o’neil@example.ie' or 'jane@example.com'", "mail '<EMAIL>' or '<EMAIL>'"),
+    ("Tel: 020 7946 0958", "Tel: <PHONE>"),
+    ("Call 0044 20 7946 0958 today", "Call <PHONE> today"),
+    ("Paris: 0033 1 42 68 53 00.", "Paris: <PHONE>."),
+    ("ssh admin@192.168.10.24", "ssh admin@<IP_ADDRESS>"),
+    ("scp file root@10.0.0.5:/tmp", "scp file root@<IP_ADDRESS>:/tmp"),
+    ("$ ssh -p 2222 deploy@93.184.216.34 uptime", "$ ssh -p 2222 deploy@<IP_ADDRESS> uptime"),
+    ("rsync -av ./site/ www-data@172.16.4.2:/srv", "rsync -av ./site/ www-data@<IP_ADDRESS>:/srv"),
+    (f"Authorization: Bearer {JWT}", "Authorization: Bearer <SECRET>"),
+    (f'{{"id_token": "{JWT}"}}', '{"id_token": "<SECRET>"}'),
+    ("-H 'Authorization: Bearer 8f3Kd92LmQx7Zp1Vt5Rw0Yb4'", "-H 'Authorization: Bearer <SECRET>'"),
+    ("STRIPE_SECRET_KEY=sk_live_51H8xYzAbCdEfGhIjKlMnOpQr", "STRIPE_SECRET_KEY=<SECRET>"),
+    ("stripe.api_key = 'sk_test_4eC39HqLyjWDarjtT1zdp7dc'", "stripe.api_key = '<SECRET>'"),
+    ("rk_live_51H8xYzAbCdEfGhIjKlMnOpQr", "<SECRET>"),
+    ("endpoint secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "endpoint secret <SECRET>"),
 ]
 
 # Text that only looks like PII: it must come back byte for byte.
@@ -125,6 +148,24 @@ NEGATIVES = [
     "toll-free 1-800-275-2273",
     "the CD (london 289 460 939-2)",
     "Chapter 12, pages 345-678",
+    # Beside the review findings' new detectors: what they must not take.
+    "Released 2024-03-15, tag v1.2.3.4, semver 1.2.3-rc.1+build.5, 2.0.0",
+    "ISBN 978-3-16-148410-0",
+    "fixed in 3f786850e387550fdab836ed7e6dc881de23001b (git 3f78685)",
+    "Berlin lies at 52.5200, 13.4050; doors open 10:30, close 22:15",
+    "Price: €1.299,00 or $1,299.00; ZIP 10115 Berlin; 90210",
+    "Order #030901820, invoice 0044 2079 4609, timestamp 2024-03-15T10:30:00+01:00",
+    "Listen on port 8080 or :443; shift 0600-1400",
+    "Berlin's area code is 030.",
+    "pkg@10.20.30.40 and cudnn@8.0.5.39 and node@18.19.1",
+    "build 10.0.0.5 on host 192.168.10.24 (no login)",
+    "ssh root@127.0.0.1, ssh user@192.0.2.10, ssh user@localhost",
+    "pk_live_51H8xYzAbCdEfGhIjKlMnOpQr is publishable",
+    "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx, sk_test_YOUR_SECRET_KEY, sk_test_0000000000000000",
+    "Authorization: Bearer YOUR_ACCESS_TOKEN, Bearer $TOKEN, Bearer <token>",
+    "a bearer token-based-authentication-scheme-for-apis",
+    "unsigned eyJhbGciOiJub25lIn0.eyJzdWIiOiIxMjM0NTY3ODkwIn0.",
+    "eyJub3RlIjoiaGVsbG8gd29ybGQifQ.eyJub3RlIjoiaGVsbG8gd29ybGQifQ.c2lnbmF0dXJlc2lnbmF0dXJl",
     "",
 ]
 
@@ -195,9 +236,57 @@ def test_non_global_ips_and_service_numbers_on_request() -> None:
     assert redacted("call 1-800-275-2273", config) == "call <PHONE>"
 
 
-def test_phone_region_reads_national_numbers() -> None:
-    assert redacted("Tel 030 901820") == "Tel 030 901820"  # not a US number
-    assert redacted("Tel 030 901820", PiiConfig(phone_region="de")) == "Tel <PHONE>"
+def test_phone_regions_read_national_numbers() -> None:
+    assert redacted("Tel 030 901820") == "Tel 030 901820"  # neither a US nor a GB number
+    assert redacted("Tel 030 901820", PiiConfig(phone_regions=["de"])) == "Tel <PHONE>"
+    # A region after the first needs a cue word before the number.
+    two = PiiConfig(phone_regions=["us", "de"])
+    assert redacted("Tel 030 901820", two) == "Tel <PHONE>"
+    assert redacted("Ruf an: 030 901820", two) == "Ruf an: 030 901820"
+    assert two.scanner().phone_regions == ("US", "DE")
+
+
+# (lang, text, what it must become): the document's language picks its national formats.
+LANG_POSITIVES = [
+    ("de", "Rufen Sie uns an: 030 901820.", "Rufen Sie uns an: <PHONE>."),
+    ("de", "Telefon: 089 12345678, Fax 089 12345679", "Telefon: <PHONE>, Fax <PHONE>"),
+    ("de", "Büro Wien, Tel. 01 5338000", "Büro Wien, Tel. <PHONE>"),
+    ("de", "Büro Zürich, Telefon 044 668 18 00", "Büro Zürich, Telefon <PHONE>"),
+    ("fr", "Appelez le 01 42 68 53 00.", "Appelez le <PHONE>."),
+    ("en", "Tel: 020 7946 0958", "Tel: <PHONE>"),
+    ("de", "Call (212) 736-5000 from Berlin", "Call <PHONE> from Berlin"),
+]
+LANG_NEGATIVES = [
+    ("de", "Am 15.03.2024 um 10:30 Uhr, Preis 1.299,00 €, PLZ 10115 Berlin, Vorwahl 030"),
+    ("de", "Tel: 030"),
+    ("de", "Bestellnummer 4711 0815 42, Artikel 1234 5678, ISBN 978-3-16-148410-0"),
+    ("de", "Version 10.0.19041.1 vom 2024-03-15, Koordinaten 52.5200, 13.4050"),
+    ("en", "Rufen Sie uns an: 030 901820."),  # a German number, but the text is not German
+    ("fr", "Le 15/03/2024 à 10h30, 1 299,00 €, code postal 75008"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lang", "text", "expected"), LANG_POSITIVES, ids=[p[1][:40] for p in LANG_POSITIVES]
+)
+def test_document_language_reads_its_national_numbers(lang: str, text: str, expected: str) -> None:
+    assert redact_text(text, DEFAULT, lang=lang).text == expected
+    if expected != redacted(text):  # the language, not the defaults, found it
+        assert redact_text(text, PiiConfig(phone_regions_by_lang={}), lang=lang).text == text
+
+
+@pytest.mark.parametrize(("lang", "text"), LANG_NEGATIVES, ids=[n[1][:40] for n in LANG_NEGATIVES])
+def test_document_language_keeps_what_is_not_a_number(lang: str, text: str) -> None:
+    assert redact_text(text, DEFAULT, lang=lang).text == text
+
+
+def test_shard_reads_the_lang_column() -> None:
+    text = "Rufen Sie uns an: 030 901820, wir helfen gern."
+    table = _table([text, text], {"lang": ["de", "en"]})
+    assert pii_documents(table, DEFAULT).kept.column("text").to_pylist() == [
+        "Rufen Sie uns an: <PHONE>, wir helfen gern.",
+        text,
+    ]
 
 
 def test_redaction_is_idempotent() -> None:
@@ -234,7 +323,9 @@ def test_pii_in_other_scripts_is_found() -> None:
     [
         ("placeholder", "<PII>", "must contain {type}"),
         ("placeholder", "<{kind}>", "only field is {type}"),
-        ("phone_region", "XX", "phone_region"),
+        ("phone_regions", ["US", "XX"], "phone_regions: ['XX']"),
+        ("phone_regions", [], "phone_regions"),
+        ("phone_regions_by_lang", {"de": ["DE", "YY"]}, "phone_regions_by_lang['de']: ['YY']"),
         ("types", ["email", "email"], "twice"),
         ("types", ["address"], "types"),
         ("max_pii_fraction", 0.0, "max_pii_fraction"),
