@@ -25,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
 
-from llmflow.tasks.pii_detectors import PII_TYPES, PiiScanner, redact
+from llmflow.tasks.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiScanner, redact
 from llmflow.tasks.pii_phones import PHONE_REGIONS_BY_LANG
 from llmflow.tasks.stage import (
     ShardResult,
@@ -215,6 +215,30 @@ def redact_text(
         pii_chars=sum(span.pii_chars for span in spans),
         unchecked=sum(not span.validated for span in spans),
     )
+
+
+# Past an excerpt's end, how much more of the text is scanned: as far as the detectors look for
+# a key block's END line, so a block that starts in the excerpt is found as the stage finds it,
+# and any other finding (a URL password, ~530 chars, is the longest) lies whole in it.
+_EXCERPT_MARGIN = MAX_KEY_BLOCK + 1024
+
+
+def redact_excerpt(
+    text: str, max_chars: int, config: PiiConfig | None = None, lang: str | None = None
+) -> str:
+    """The first ``max_chars`` characters of ``text`` redacted as the pii stage redacts (with
+    ``config``, default :class:`PiiConfig`), for text shown outside the curated data: the
+    rejected samples of the stages before pii go to MLflow, and their text is raw.
+
+    Only the start of the text is scanned (~65 KB), so a 50 MB rejected document costs what a
+    page does; the scan reaches past the cut, so a finding that straddles it is replaced whole,
+    never cut into a part the detectors no longer recognize ("jane.doe@exa").
+    """
+    config = config or PiiConfig()
+    window = text[: max_chars + _EXCERPT_MARGIN]
+    spans = [span for span in config.scanner().scan(window, lang) if span.start < max_chars]
+    end = max([max_chars, *(span.end for span in spans)])
+    return redact(window[:end], spans, config.placeholder)[:max_chars]
 
 
 def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:

@@ -197,7 +197,7 @@ _KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 _KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 # A truncated block (no END line): the header lines and base64 body that follow BEGIN.
 _KEY_BODY = re.compile(r"(?:[ \t]*\r?\n[ \t]*(?:[A-Za-z0-9+/=]+|[\w\-]+:[^\n]*))*")
-_MAX_KEY_BLOCK = 65536  # an RSA-16384 key in PEM is ~12 KB: END is looked for this far, no more
+MAX_KEY_BLOCK = 65536  # an RSA-16384 key in PEM is ~12 KB: END is looked for this far, no more
 _URL_PASSWORD = re.compile(
     r"(?<![\w+.\-])([A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]<>\"']{1,256}:)"
     r"([^\s/?#@\[\]<>\"']{1,256})@(?=[\w\[])"
@@ -249,7 +249,7 @@ def find_secrets(text: str) -> Iterator[Span]:
             continue
         if not searched or (end is not None and end.start() < begin.end()):
             end, searched = _KEY_END.search(text, begin.end()), True
-        if end is not None and end.start() - begin.end() <= _MAX_KEY_BLOCK:
+        if end is not None and end.start() - begin.end() <= MAX_KEY_BLOCK:
             covered = end.end()
         else:
             covered = _KEY_BODY.match(text, begin.end()).end()
@@ -470,10 +470,13 @@ _NUMBERING_CUE = re.compile(
 _SINGLE_DIGIT_QUAD = re.compile(r"\d\.\d\.\d\.\d")
 _V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 # "user@<address>" after a remote-login command on the same line (ssh admin@192.168.10.24,
-# scp f root@10.0.0.5:/tmp, rsync, sftp://...): a login target, redacted even when private, since
-# with the account it maps one machine of a network. Without the command, "name@1.2.3.4" is more
-# often a package pin (the "@" numbering cue above).
+# scp f root@10.0.0.5:/tmp, rsync ...) or in a URL's login (ftp://bob:pw@10.0.0.5/): a login
+# target, redacted even when private, since with the account it maps one machine of a network.
+# Without either, "name@1.2.3.4" is more often a package pin (the "@" numbering cue above).
 _LOGIN_USER = re.compile(r"(?<![\w.\-@])[\w.\-]{1,64}@$")
+_URL_LOGIN = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]]{1,64}(?::[^\s/?#@]{1,256})?@$"
+)
 _REMOTE_LOGIN_CUE = re.compile(
     r"(?i:\b(?:ssh|scp|sftp|rsync|mosh|sshfs|ssh-copy-id|telnet)\b)[^\n]{0,200}$"
 )
@@ -517,9 +520,12 @@ def _ipv6_spans(text: str) -> Iterator[tuple[int, int]]:
 
 
 def _is_login_target(text: str, start: int) -> bool:
-    """Whether the address at ``start`` follows "user@" in a remote-login command's line."""
+    """Whether the address at ``start`` follows "user@" in a remote-login command's line, or
+    "scheme://user@" / "scheme://user:password@" (a URL's login)."""
     if not text.endswith("@", 0, start):
         return False
+    if _URL_LOGIN.search(text, max(0, start - 340), start):
+        return True
     user = _LOGIN_USER.search(text, max(0, start - 66), start)
     line_start = text.rfind("\n", 0, start) + 1
     return user is not None and bool(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from llmflow.tasks.pii import (
     PiiConfig,
     pii_documents,
     pii_shard,
+    redact_excerpt,
     redact_text,
 )
 from llmflow.tasks.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
@@ -30,6 +33,7 @@ from llmflow.tasks.stage import (
     finalize_stage,
     plan_shard_units,
     run_unit,
+    split_result,
     unit_key,
 )
 
@@ -105,6 +109,7 @@ POSITIVES = [
     ("scp file root@10.0.0.5:/tmp", "scp file root@<IP_ADDRESS>:/tmp"),
     ("$ ssh -p 2222 deploy@93.184.216.34 uptime", "$ ssh -p 2222 deploy@<IP_ADDRESS> uptime"),
     ("rsync -av ./site/ www-data@172.16.4.2:/srv", "rsync -av ./site/ www-data@<IP_ADDRESS>:/srv"),
+    ("ftp://anonymous@10.1.2.3/pub", "ftp://anonymous@<IP_ADDRESS>/pub"),
     (f"Authorization: Bearer {JWT}", "Authorization: Bearer <SECRET>"),
     (f'{{"id_token": "{JWT}"}}', '{"id_token": "<SECRET>"}'),
     ("-H 'Authorization: Bearer 8f3Kd92LmQx7Zp1Vt5Rw0Yb4'", "-H 'Authorization: Bearer <SECRET>'"),
@@ -476,3 +481,93 @@ def test_empty_shard_and_a_second_pass_over_redacted_output() -> None:
     assert second.kept.schema.names == first.kept.schema.names  # counts replaced, not doubled
     assert second.kept.column("text").to_pylist() == first.kept.column("text").to_pylist()
     assert second.kept.column("pii_counts").to_pylist()[0]["email"] == 0
+
+
+def test_redact_excerpt_cuts_after_redacting() -> None:
+    # The e-mail straddles the cut: replaced whole, no "jane.doe@exa" left to read.
+    text = "x" * 490 + " jane.doe@example.com and more prose after it"
+    excerpt = redact_excerpt(text, 500)
+    assert excerpt == "x" * 490 + " <EMAIL>"[:10]
+    assert "jane" not in excerpt
+    # A key block that runs far past the cut is one secret up to its END line, as in the stage.
+    long_key = "key: " + PRIVATE_KEY.replace("\n-----END", "\nQUJD" * 2000 + "\n-----END")
+    assert redact_excerpt(long_key, 500) == "key: <SECRET>"
+    assert redact_excerpt("call 030 901820", 500, lang="de") == "call <PHONE>"
+    assert redact_excerpt("mail a@b.co", 500, PiiConfig(placeholder="[{type}]")) == "mail [EMAIL]"
+
+
+def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
+    """The rejected rows of a stage before pii hold raw text; the sample that goes to MLflow
+    must not."""
+    from document_datasets import WHEN, write_documents
+
+    from llmflow.flows.pipeline import _rejected_sample
+
+    secrets = [
+        "jane.doe@example.com",
+        "(212) 736-5000",
+        "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi1",
+        "hunter2x",
+        "bob.smith@example.org",
+        "93.184.216.34",
+    ]
+    docs = [
+        Document(
+            url="http://t/1",
+            text="Too short. Write to jane.doe@example.com or call (212) 736-5000.",
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="too_short",
+            detail="12 chars",
+        ),
+        Document(
+            url="http://t/2",
+            text="ops notes\n" + PRIVATE_KEY + "\n" + "filler words " * 60,
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="gopher_repetition",
+            detail="top 2-gram share 0.41",
+        ),
+        Document(
+            url="mailto:bob.smith@example.org",
+            text="Plain prose that was rejected for being boring.",
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="c4_lorem",
+            detail="fetched via ftp://bob:hunter2x@93.184.216.34/pub",
+        ),
+    ]
+    stage_dir = str(tmp_path / "quality")
+    ids = write_documents(stage_dir, {"part-00000": docs})
+
+    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+
+    dumped = json.dumps(sample, default=str)
+    assert [s for s in secrets if s in dumped] == []
+    assert [row["id"] for row in sample] == ids  # ids and reasons are left as they are
+    assert [row["reason"] for row in sample] == ["too_short", "gopher_repetition", "c4_lorem"]
+    assert sample[0]["text"] == "Too short. Write to <EMAIL> or call <PHONE>."
+    # The first 500 characters of the document, redacted: the key block became "<SECRET>".
+    shown = 500 - len(f"ops notes\n{PRIVATE_KEY}\n")
+    assert sample[1]["text"] == "ops notes\n<SECRET>\n" + ("filler words " * 60)[:shown]
+    assert sample[2]["text"] == docs[2].text
+    assert sample[2]["url"] == "mailto:<EMAIL>"
+    assert sample[2]["detail"] == "fetched via ftp://bob:<SECRET>@<IP_ADDRESS>/pub"
+
+
+def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: Path) -> None:
+    """Quality-stage rejections carry ``lang``: a German row's national number is redacted."""
+    from llmflow.flows.pipeline import _rejected_sample
+
+    text = "Rufen Sie uns an: 030 901820."
+    table = _table([text, text], {"lang": ["de", "en"]})
+    result = split_result(table, [False, False], ["lang", "lang"], ["", ""], Counter())
+    stage_dir = str(tmp_path / "quality")
+    unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "q0"), source={})
+    finalize_stage(
+        stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda: result)], None
+    )
+
+    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+
+    assert [row["text"] for row in sample] == ["Rufen Sie uns an: <PHONE>.", text]
