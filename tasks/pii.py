@@ -136,8 +136,10 @@ class PiiConfig(StageConfig):
         100_000,
         ge=1,
         description=(
-            "Phone-shaped numbers checked per document with phonenumbers (~75 us each, so at most"
-            " ~8 s a document). A document with more is a number dump, not prose: the rest are"
+            "Phone-shaped numbers checked per document with phonenumbers, counted once per region"
+            " tried (~75 us each, so at most ~8 s a document; most are tried in one region, a"
+            " number after a cue word in up to eight). A document with more is a number dump,"
+            " not prose: the rest are"
             " replaced unchecked and it is rejected (reason pii_scan_limit). A 50 MB text with"
             " dense numbers (dates, prices, ids every line) had ~27,000."
         ),

@@ -186,7 +186,7 @@ _STRIPE_PREFIXES = ("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_")
 # an unsigned token (empty signature) authenticates nothing and is left.
 _JWT = re.compile(
     r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{8,4096}\.eyJ[A-Za-z0-9_\-]{8,8192}"
-    r"\.[A-Za-z0-9_\-]{16,1024}(?![A-Za-z0-9_\-.])"
+    r"\.[A-Za-z0-9_\-]{16,1024}(?![A-Za-z0-9_\-]|\.[A-Za-z0-9_\-])"
 )
 # An opaque token after "Bearer" (an Authorization header, a curl -H line): random-looking (see
 # _mixed), so "Bearer YOUR_TOKEN", "Bearer $TOKEN" and "Bearer <token>" stay.
@@ -477,9 +477,7 @@ _LOGIN_USER = re.compile(r"(?<![\w.\-@])[\w.\-]{1,64}@$")
 _URL_LOGIN = re.compile(
     r"[A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]]{1,64}(?::[^\s/?#@]{1,256})?@$"
 )
-_REMOTE_LOGIN_CUE = re.compile(
-    r"(?i:\b(?:ssh|scp|sftp|rsync|mosh|sshfs|ssh-copy-id|telnet)\b)[^\n]{0,200}$"
-)
+_REMOTE_LOGIN_CUE = re.compile(r"(?i:\b(?:ssh|scp|sftp|rsync|mosh|sshfs|ssh-copy-id|telnet)\b)")
 # Addresses that stay even as a login target: they name no particular machine (loopback,
 # unspecified, multicast) or are reserved for examples (RFC 5737 documentation blocks).
 _LOGIN_KEPT = (
@@ -527,10 +525,12 @@ def _is_login_target(text: str, start: int) -> bool:
     if _URL_LOGIN.search(text, max(0, start - 340), start):
         return True
     user = _LOGIN_USER.search(text, max(0, start - 66), start)
-    line_start = text.rfind("\n", 0, start) + 1
-    return user is not None and bool(
-        _REMOTE_LOGIN_CUE.search(text, max(line_start, user.start() - 200), user.start())
-    )
+    if user is None:
+        return False
+    # The command is on the same line, at most 200 characters before the user.
+    lo = max(0, user.start() - 200)
+    lo = max(lo, text.rfind("\n", lo, user.start()) + 1)
+    return _REMOTE_LOGIN_CUE.search(text, lo, user.start()) is not None
 
 
 def find_ips(text: str, keep_non_global: bool) -> Iterator[Span]:

@@ -183,10 +183,12 @@ def find_phones(
     for a candidate that starts with "00" in a region that dials out with 00. A match counts for
     the candidate it overlaps (a neighbour inside the padding is found through its own window).
 
-    The matcher costs ~75 us a candidate and region, so a document that is nothing but numbers
-    (a 50 MB phone list: ~3 million) would take minutes. Past ``max_candidates`` every remaining
-    run of 7+ digits is replaced unchecked (``validated`` False) at regex speed: the stage rejects
-    such a document, and its stored text then holds no number that might be one.
+    The matcher costs ~75 us a run (a candidate in one region), so a document that is nothing but
+    numbers (a 50 MB phone list: ~3 million) would take minutes. Past ``max_candidates`` runs,
+    every remaining run of 7+ digits is replaced unchecked (``validated`` False) at regex speed:
+    the stage rejects such a document, and its stored text then holds no number that might be
+    one. Runs, not candidates, are counted, so cue words before every number (up to eight
+    regions each) cannot stretch the time a document takes.
     """
     checked = 0
     seen: set[tuple[int, int]] = set()
@@ -200,7 +202,6 @@ def find_phones(
             if max_candidates is not None and checked >= max_candidates:
                 yield start, run.end(), False
                 break
-            checked += 1
             lo = max(0, start - 1)
             hi = end if end >= len(text) or text[end].isspace() else end + _PAD_AFTER
             window = text[lo:hi]
@@ -210,6 +211,7 @@ def find_phones(
             if text.startswith("00", start) and _IDD_00_REGION not in regions:
                 passes.append((_IDD_00_REGION, True))
             for region, dialled_out in passes:
+                checked += 1
                 read = False
                 for match in phonenumbers.PhoneNumberMatcher(
                     window, region, leniency=LENIENCY[leniency]

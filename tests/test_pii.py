@@ -112,6 +112,7 @@ POSITIVES = [
     ("ftp://anonymous@10.1.2.3/pub", "ftp://anonymous@<IP_ADDRESS>/pub"),
     (f"Authorization: Bearer {JWT}", "Authorization: Bearer <SECRET>"),
     (f'{{"id_token": "{JWT}"}}', '{"id_token": "<SECRET>"}'),
+    (f"The session token was {JWT}.", "The session token was <SECRET>."),
     ("-H 'Authorization: Bearer 8f3Kd92LmQx7Zp1Vt5Rw0Yb4'", "-H 'Authorization: Bearer <SECRET>'"),
     ("STRIPE_SECRET_KEY=sk_live_51H8xYzAbCdEfGhIjKlMnOpQr", "STRIPE_SECRET_KEY=<SECRET>"),
     ("stripe.api_key = 'sk_test_4eC39HqLyjWDarjtT1zdp7dc'", "stripe.api_key = '<SECRET>'"),
@@ -403,6 +404,16 @@ def test_scan_limit_rejects_a_number_dump_without_leaking_it() -> None:
     assert not re.search(r"\d{4}", stored)
     assert result.stats["phone_candidates_unchecked"] == 90
     assert result.rejected.column("pii_counts").to_pylist()[0]["phone"] == 100
+
+
+def test_scan_limit_counts_each_region_tried() -> None:
+    # Each number fails as a US number, then is read as a GB one after its cue: two runs each,
+    # so a limit of 10 checks five numbers and replaces the other five unchecked.
+    text = "\n".join(f"Office {i}, Tel: 020 7946 {i:04d}" for i in range(10))
+    result = pii_documents(_table([text], {"lang": ["en"]}), PiiConfig(max_phone_candidates=10))
+    assert result.rejected.column("reason").to_pylist() == ["pii_scan_limit"]
+    assert result.stats["phone_candidates_unchecked"] == 5
+    assert result.rejected.column("pii_counts").to_pylist()[0]["phone"] == 10
 
 
 def test_scanner_defaults_match_config_defaults() -> None:
