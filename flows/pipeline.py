@@ -277,10 +277,17 @@ def _funnel_markdown(name: str, counts: dict[str, Any], run_id: str) -> str:
 
 
 def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first rejected rows, for MLflow's ``rejected_sample.json``: the stages before pii
+    store raw text, so every free-text field (text, url, detail, ...; not the id or the reason)
+    leaves redacted as the pii stage would redact it, the text cut to 500 characters."""
     sample: list[dict[str, Any]] = []
     for shard in datasets.manifest_shards(manifest, "rejected_shards"):
         for row in datasets.read_shard(stage_dir, shard).slice(0, _REJECTED_SAMPLE).to_pylist():
-            row["text"] = row["text"][:500]
+            lang = row.get("lang")
+            for name, value in row.items():
+                if isinstance(value, str) and name not in ("id", "reason"):
+                    limit = 500 if name == "text" else len(value)
+                    row[name] = pii.redact_excerpt(value, limit, lang=lang)
             sample.append(row)
             if len(sample) >= _REJECTED_SAMPLE:
                 return sample

@@ -4,7 +4,9 @@ A model memorizes rare strings it sees in training and can repeat them: e-mail a
 numbers, card numbers and API keys in web text must not survive into the token stream. Each type
 is found by a pattern and confirmed by a validator (phonenumbers' numbering plans, ``ipaddress``,
 Luhn, IBAN mod 97, SSA ranges, key formats), because a redacted version number or date corrupts
-text as surely as a missed e-mail leaks one; the rules are in :mod:`llmflow.tasks.pii_detectors`.
+text as surely as a missed e-mail leaks one; the rules are in :mod:`llmflow.tasks.pii_detectors`
+and, for phone numbers, whose national formats follow the document's language (its ``lang``
+column), :mod:`llmflow.tasks.pii_phones`.
 
 Every document is kept with its text redacted, except one that is mostly PII (a contact list, a
 leaked dump, a key file): it goes to the rejected set with reason ``mostly_pii``, also redacted,
@@ -23,7 +25,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
 
-from llmflow.tasks.pii_detectors import PII_TYPES, PiiScanner, redact
+from llmflow.tasks.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiScanner, redact
+from llmflow.tasks.pii_phones import PHONE_REGIONS_BY_LANG
 from llmflow.tasks.stage import (
     ShardResult,
     StageConfig,
@@ -36,13 +39,25 @@ from llmflow.tasks.stage import (
     split_result,
 )
 
-STAGE = StageSpec(name="pii", version="1", libraries=("phonenumbers",))
+STAGE = StageSpec(name="pii", version="2", libraries=("phonenumbers",))
 
 PiiType = Literal["email", "phone", "ip_address", "credit_card", "iban", "ssn", "secret"]
 # One int32 count per type, always all seven in PII_TYPES order, whatever is enabled: the column
 # has the same type in every shard and every config.
 PII_COUNTS_TYPE = pa.struct([pa.field(name, pa.int32(), nullable=False) for name in PII_TYPES])
 PII_COUNTS_FIELD = pa.field("pii_counts", PII_COUNTS_TYPE)
+
+
+def _regions(field: str, value: list[str]) -> list[str]:
+    """Upper-cased region codes, each one phonenumbers has a numbering plan for."""
+    regions = [region.upper() for region in value]
+    unknown = [region for region in regions if region not in phonenumbers.SUPPORTED_REGIONS]
+    if unknown:
+        raise ValueError(
+            f"{field}: {unknown} not regions phonenumbers knows (ISO 3166 alpha-2, e.g. 'US',"
+            " 'GB', 'DE')"
+        )
+    return regions
 
 
 class PiiConfig(StageConfig):
@@ -60,11 +75,24 @@ class PiiConfig(StageConfig):
             " address goes there) without the address."
         ),
     )
-    phone_region: str = Field(
-        "US",
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB"],
+        min_length=1,
         description=(
-            "Region (ISO 3166 alpha-2) for numbers written without a country code; numbers in"
-            " international form (+44 ...) are recognized for every country regardless."
+            "Regions (ISO 3166 alpha-2) whose national format is read for every document, after"
+            " its language's (phone_regions_by_lang): the first anywhere in the text, the others"
+            " only after a cue word (Tel, Phone, Fax, ☎ ...), since a digit group valid in one of"
+            " several numbering plans is less often a phone number. Numbers in international"
+            " form (+44 ..., 0044 ...) are read for every country regardless."
+        ),
+    )
+    phone_regions_by_lang: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in PHONE_REGIONS_BY_LANG.items()},
+        description=(
+            "Regions for the national numbers of a document in each language (its lang column,"
+            " ISO 639-1, from the quality stage), tried before phone_regions: the first anywhere"
+            " ('030 901820' in a German text is a Berlin number), the others after a cue word."
+            " A language not listed, or no lang column, uses phone_regions alone."
         ),
     )
     phone_leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"] = Field(
@@ -108,8 +136,10 @@ class PiiConfig(StageConfig):
         100_000,
         ge=1,
         description=(
-            "Phone-shaped numbers checked per document with phonenumbers (~75 us each, so at most"
-            " ~8 s a document). A document with more is a number dump, not prose: the rest are"
+            "Phone-shaped numbers checked per document with phonenumbers, counted once per region"
+            " tried (~75 us each, so at most ~8 s a document; most are tried in one region, a"
+            " number after a cue word in up to eight). A document with more is a number dump,"
+            " not prose: the rest are"
             " replaced unchecked and it is rejected (reason pii_scan_limit). A 50 MB text with"
             " dense numbers (dates, prices, ids every line) had ~27,000."
         ),
@@ -138,21 +168,24 @@ class PiiConfig(StageConfig):
             raise ValueError(f"placeholder {value!r} must contain {{type}}, e.g. '<{{type}}>'")
         return value
 
-    @field_validator("phone_region")
+    @field_validator("phone_regions")
     @classmethod
-    def _known_region(cls, value: str) -> str:
-        region = value.upper()
-        if region not in phonenumbers.SUPPORTED_REGIONS:
-            raise ValueError(
-                f"phone_region {value!r} is not a region phonenumbers knows (ISO 3166 alpha-2,"
-                " e.g. 'US', 'GB', 'DE')"
-            )
-        return region
+    def _known_regions(cls, value: list[str]) -> list[str]:
+        return _regions("phone_regions", value)
+
+    @field_validator("phone_regions_by_lang")
+    @classmethod
+    def _known_lang_regions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {
+            lang.lower(): _regions(f"phone_regions_by_lang[{lang!r}]", regions)
+            for lang, regions in value.items()
+        }
 
     def scanner(self) -> PiiScanner:
         return PiiScanner(
             types=frozenset(self.types),
-            phone_region=self.phone_region,
+            phone_regions=tuple(self.phone_regions),
+            phone_regions_by_lang={k: tuple(v) for k, v in self.phone_regions_by_lang.items()},
             phone_leniency=self.phone_leniency,
             keep_service_numbers=self.keep_service_numbers,
             keep_non_global_ips=self.keep_non_global_ips,
@@ -171,9 +204,12 @@ class Redaction:
     unchecked: int
 
 
-def redact_text(text: str, config: PiiConfig, scanner: PiiScanner | None = None) -> Redaction:
-    """Find and replace the PII of one text (``scanner``: the config's, built once per shard)."""
-    spans = (scanner or config.scanner()).scan(text)
+def redact_text(
+    text: str, config: PiiConfig, scanner: PiiScanner | None = None, lang: str | None = None
+) -> Redaction:
+    """Find and replace the PII of one text (``scanner``: the config's, built once per shard;
+    ``lang``: the document's language, for its national phone numbers)."""
+    spans = (scanner or config.scanner()).scan(text, lang)
     counts = Counter(span.kind for span in spans)
     return Redaction(
         text=redact(text, spans, config.placeholder),
@@ -181,6 +217,30 @@ def redact_text(text: str, config: PiiConfig, scanner: PiiScanner | None = None)
         pii_chars=sum(span.pii_chars for span in spans),
         unchecked=sum(not span.validated for span in spans),
     )
+
+
+# Past an excerpt's end, how much more of the text is scanned: as far as the detectors look for
+# a key block's END line, so a block that starts in the excerpt is found as the stage finds it,
+# and any other finding (a URL password, ~530 chars, is the longest) lies whole in it.
+_EXCERPT_MARGIN = MAX_KEY_BLOCK + 1024
+
+
+def redact_excerpt(
+    text: str, max_chars: int, config: PiiConfig | None = None, lang: str | None = None
+) -> str:
+    """The first ``max_chars`` characters of ``text`` redacted as the pii stage redacts (with
+    ``config``, default :class:`PiiConfig`), for text shown outside the curated data: the
+    rejected samples of the stages before pii go to MLflow, and their text is raw.
+
+    Only the start of the text is scanned (~65 KB), so a 50 MB rejected document costs what a
+    page does; the scan reaches past the cut, so a finding that straddles it is replaced whole,
+    never cut into a part the detectors no longer recognize ("jane.doe@exa").
+    """
+    config = config or PiiConfig()
+    window = text[: max_chars + _EXCERPT_MARGIN]
+    spans = [span for span in config.scanner().scan(window, lang) if span.start < max_chars]
+    end = max([max_chars, *(span.end for span in spans)])
+    return redact(window[:end], spans, config.placeholder)[:max_chars]
 
 
 def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
@@ -193,9 +253,14 @@ def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
     keep_mask: list[bool] = []
     reasons: list[str] = []
     details: list[str] = []
-    for text in table.column("text").to_pylist():
+    texts = table.column("text").to_pylist()
+    # The quality stage's language, where it ran before: it picks the national phone formats.
+    langs = (
+        table.column("lang").to_pylist() if "lang" in table.schema.names else [None] * len(texts)
+    )
+    for text, lang in zip(texts, langs, strict=True):
         text = text or ""
-        result = redact_text(text, config, scanner)
+        result = redact_text(text, config, scanner, lang)
         new_texts.append(result.text)
         all_counts.append(result.counts)
         stats.update({f"pii_{name}": n for name, n in result.counts.items()})

@@ -16,14 +16,14 @@ could be read inside it.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import re
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
-import phonenumbers
-from phonenumbers import Leniency, PhoneNumberType
+from llmflow.tasks.pii_phones import PHONE_REGIONS_BY_LANG, find_phones
 
 # The counted types, in the order of the ``pii_counts`` struct's fields (fixed: never reorder).
 PII_TYPES: tuple[str, ...] = (
@@ -47,7 +47,7 @@ class Span:
     ``prefix`` keeps the part of the span that is not PII (the scheme and user of a URL whose
     password is replaced); ``pii_chars`` is how many characters were PII, for the
     stage's ``max_pii_fraction``. ``validated`` is False only for phone candidates replaced
-    unchecked past the scan limit (see :func:`find_phones`).
+    unchecked past the scan limit (see :func:`llmflow.tasks.pii_phones.find_phones`).
     """
 
     start: int
@@ -76,11 +76,13 @@ def resolve_overlaps(spans: list[Span]) -> list[Span]:
 # e-mail
 # ---------------------------------------------------------------------------------------------
 # A dot-atom local part and a domain of at least two labels ending in an alphabetic TLD. Unicode
-# letters are allowed (internationalized addresses). The look-behind anchors matches at the start
-# of a token. The pattern is only tried next to each '@' (local part <= 64, domain <= 253 chars,
-# RFC 5321), so a long text with few '@' costs little.
+# letters are allowed (internationalized addresses). An apostrophe may join atoms like a dot does
+# (RFC 5322 allows it: "john.o'reilly@example.ie"); it never starts the address, so a quote
+# before one stays. The look-behind anchors matches at the start of a token. The pattern is only
+# tried next to each '@' (local part <= 64, domain <= 253 chars, RFC 5321), so a long text with
+# few '@' costs little.
 _EMAIL = re.compile(
-    r"(?<![\w.%+\-@])[\w%+\-]+(?:\.[\w%+\-]+)*@"
+    r"(?<![\w.%+\-@])[\w%+\-]+(?:[.'\u2019][\w%+\-]+)*@"
     r"(?:[^\W_](?:[\w\-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w\-@]|\.[^\W_])"
 )
 # Retina image names (icon@2x.png, logo@1.5x.jpg) have an e-mail's shape.
@@ -172,11 +174,30 @@ _SLACK = re.compile(r"(?<![A-Za-z0-9])(?:xox[baprs]|xapp)-[A-Za-z0-9\-]{10,250}"
 _SLACK_PREFIXES = ("xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-", "xapp-")
 # OpenAI/Anthropic style: "sk-", optional "proj-"/"ant-api03-"-like segments, a long random tail.
 _SK_KEY = re.compile(r"(?<![\w\-])sk-[A-Za-z0-9_\-]{20,250}(?![\w\-])")
+# Stripe: secret (sk_) and restricted (rk_) keys, live or test mode, and webhook signing secrets
+# (whsec_) act on the account. Publishable keys (pk_) are made to be embedded in web pages: kept.
+_STRIPE = re.compile(
+    r"(?<![A-Za-z0-9_])(?:[sr]k_(?:live|test)_[A-Za-z0-9]{16,247}|whsec_[A-Za-z0-9+/=]{24,128})"
+    r"(?![A-Za-z0-9_])"
+)
+_STRIPE_PREFIXES = ("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_")
+# A JSON Web Token: base64url header and payload, both JSON objects (so both start "eyJ", the
+# encoding of '{"'), and a signature. The header must decode to an object naming its "alg";
+# an unsigned token (empty signature) authenticates nothing and is left.
+_JWT = re.compile(
+    r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{8,4096}\.eyJ[A-Za-z0-9_\-]{8,8192}"
+    r"\.[A-Za-z0-9_\-]{16,1024}(?![A-Za-z0-9_\-]|\.[A-Za-z0-9_\-])"
+)
+# An opaque token after "Bearer" (an Authorization header, a curl -H line): random-looking (see
+# _mixed), so "Bearer YOUR_TOKEN", "Bearer $TOKEN" and "Bearer <token>" stay.
+_BEARER = re.compile(
+    r"(?<![A-Za-z])(?i:bearer)[ \t]+([A-Za-z0-9\-._~+/]{20,4096}=*)(?![A-Za-z0-9\-._~+/=])"
+)
 _KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 _KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 # A truncated block (no END line): the header lines and base64 body that follow BEGIN.
 _KEY_BODY = re.compile(r"(?:[ \t]*\r?\n[ \t]*(?:[A-Za-z0-9+/=]+|[\w\-]+:[^\n]*))*")
-_MAX_KEY_BLOCK = 65536  # an RSA-16384 key in PEM is ~12 KB: END is looked for this far, no more
+MAX_KEY_BLOCK = 65536  # an RSA-16384 key in PEM is ~12 KB: END is looked for this far, no more
 _URL_PASSWORD = re.compile(
     r"(?<![\w+.\-])([A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]<>\"']{1,256}:)"
     r"([^\s/?#@\[\]<>\"']{1,256})@(?=[\w\[])"
@@ -197,6 +218,27 @@ def _mixed(token: str) -> bool:
     )
 
 
+def _some_mixed(token: str) -> bool:
+    """At least two of digits, upper and lower case: what a random key has and a template
+    stand-in ("sk_live_xxxxxxxxxxxxxxxx", "sk_test_0000000000000000") does not. Weaker than
+    :func:`_mixed`, for formats whose prefix already says "key"."""
+    return (
+        any(c.isdigit() for c in token)
+        + any(c.isupper() for c in token)
+        + any(c.islower() for c in token)
+    ) >= 2
+
+
+def _jwt_valid(token: str) -> bool:
+    """The header segment decodes to a JSON object with an "alg" member."""
+    header = token.split(".", 1)[0]
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(decoded, dict) and "alg" in decoded
+
+
 def find_secrets(text: str) -> Iterator[Span]:
     # The next END line is looked up once and reused, so many BEGIN lines without an END (a
     # truncated paste, a hostile page) cost one scan, not one scan each.
@@ -207,7 +249,7 @@ def find_secrets(text: str) -> Iterator[Span]:
             continue
         if not searched or (end is not None and end.start() < begin.end()):
             end, searched = _KEY_END.search(text, begin.end()), True
-        if end is not None and end.start() - begin.end() <= _MAX_KEY_BLOCK:
+        if end is not None and end.start() - begin.end() <= MAX_KEY_BLOCK:
             covered = end.end()
         else:
             covered = _KEY_BODY.match(text, begin.end()).end()
@@ -222,6 +264,15 @@ def find_secrets(text: str) -> Iterator[Span]:
     for m in _match_at(text, ("sk-",), _SK_KEY):
         if _mixed(m.group()):
             yield Span(m.start(), m.end(), "secret")
+    for m in _match_at(text, _STRIPE_PREFIXES, _STRIPE):
+        if _some_mixed(m.group().split("_", 2)[-1]):
+            yield Span(m.start(), m.end(), "secret")
+    for m in _match_at(text, ("eyJ",), _JWT):
+        if _jwt_valid(m.group()):
+            yield Span(m.start(), m.end(), "secret")
+    for m in _match_at(text, ("Bearer", "bearer", "BEARER"), _BEARER):
+        if _mixed(m.group(1)):
+            yield Span(m.start(1), m.end(1), "secret")
     for m in _search_around(text, ("ecret", "ECRET"), _AWS_SECRET, 40, 120):
         if _mixed(m.group(1)):
             yield Span(m.start(1), m.end(1), "secret")
@@ -418,6 +469,25 @@ _NUMBERING_CUE = re.compile(
 # (1.1.1.1, 8.8.8.8, 9.9.9.9) that identify nobody.
 _SINGLE_DIGIT_QUAD = re.compile(r"\d\.\d\.\d\.\d")
 _V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+# "user@<address>" after a remote-login command on the same line (ssh admin@192.168.10.24,
+# scp f root@10.0.0.5:/tmp, rsync ...) or in a URL's login (ftp://bob:pw@10.0.0.5/): a login
+# target, redacted even when private, since with the account it maps one machine of a network.
+# Without either, "name@1.2.3.4" is more often a package pin (the "@" numbering cue above).
+_LOGIN_USER = re.compile(r"(?<![\w.\-@])[\w.\-]{1,64}@$")
+_URL_LOGIN = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.\-]{1,15}://[^\s:/?#@\[\]]{1,64}(?::[^\s/?#@]{1,256})?@$"
+)
+_REMOTE_LOGIN_CUE = re.compile(r"(?i:\b(?:ssh|scp|sftp|rsync|mosh|sshfs|ssh-copy-id|telnet)\b)")
+# Addresses that stay even as a login target: they name no particular machine (loopback,
+# unspecified, multicast) or are reserved for examples (RFC 5737 documentation blocks).
+_LOGIN_KEPT = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv4Network("0.0.0.0/8"),
+    ipaddress.IPv4Network("224.0.0.0/4"),
+    ipaddress.IPv4Network("192.0.2.0/24"),
+    ipaddress.IPv4Network("198.51.100.0/24"),
+    ipaddress.IPv4Network("203.0.113.0/24"),
+)
 
 
 def _ip_counts(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, keep_non_global: bool) -> bool:
@@ -447,6 +517,22 @@ def _ipv6_spans(text: str) -> Iterator[tuple[int, int]]:
                 yield m.start(), m.end()
 
 
+def _is_login_target(text: str, start: int) -> bool:
+    """Whether the address at ``start`` follows "user@" in a remote-login command's line, or
+    "scheme://user@" / "scheme://user:password@" (a URL's login)."""
+    if not text.endswith("@", 0, start):
+        return False
+    if _URL_LOGIN.search(text, max(0, start - 340), start):
+        return True
+    user = _LOGIN_USER.search(text, max(0, start - 66), start)
+    if user is None:
+        return False
+    # The command is on the same line, at most 200 characters before the user.
+    lo = max(0, user.start() - 200)
+    lo = max(lo, text.rfind("\n", lo, user.start()) + 1)
+    return _REMOTE_LOGIN_CUE.search(text, lo, user.start()) is not None
+
+
 def find_ips(text: str, keep_non_global: bool) -> Iterator[Span]:
     if "." in text:
         for m in _IPV4.finditer(text):
@@ -455,7 +541,10 @@ def find_ips(text: str, keep_non_global: bool) -> Iterator[Span]:
                 ip = ipaddress.IPv4Address(raw)  # rejects octets > 255 and leading zeros
             except ValueError:
                 continue
-            if (
+            if _is_login_target(text, m.start()):
+                if not keep_non_global or not any(ip in net for net in _LOGIN_KEPT):
+                    yield Span(m.start(), m.end(), "ip_address")
+            elif (
                 _ip_counts(ip, keep_non_global)
                 and not _SINGLE_DIGIT_QUAD.fullmatch(raw)
                 and not _NUMBERING_CUE.search(text, max(0, m.start() - 24), m.start())
@@ -471,212 +560,70 @@ def find_ips(text: str, keep_non_global: bool) -> Iterator[Span]:
 
 
 # ---------------------------------------------------------------------------------------------
-# phone numbers
-# ---------------------------------------------------------------------------------------------
-# Where a phone number could be: 7+ digits joined by phone punctuation. Only the text around these
-# goes to phonenumbers' matcher, so its cost follows the number of phone-shaped strings.
-_PHONE_RUN = re.compile(r"[+(\d][\d \t\-./()\u00a0\u2010-\u2015]{5,}\d\)?")
-_TOKEN = re.compile(r"[^ \t\u00a0]+")
-_SEVEN_DIGITS = re.compile(r"(?:\d\D*){6}\d")
-# The longest a written phone number gets is about 25 chars: 15 digits (E.164), "+", brackets,
-# separators, an extension. Longer runs of numbers (table rows, lists) go to the matcher in
-# chunks of at most this size that overlap by half, so every number lies whole in some chunk
-# and no matcher call sees more than a few numbers.
-_CHUNK_CHARS = 64
-_CHUNK_OVERLAP = 32
-# Context the matcher checks around a number: the character before (a letter or currency sign
-# there rejects it) and, unless a space follows, a few after (a letter, ":30" making a time).
-# No more: the matcher would read neighbouring numbers as part of the same one.
-_PAD_AFTER = 4
-_PHONE_CUE = re.compile(
-    r"(?i:\b(?:tel|tél|phone|telephone|call|fax|mobile|mob|cell|whatsapp|sms|hotline)\b|☎|📞)"
-    r"[^\n\d]{0,12}$"
-)
-# Tokens that are something else, never part of a phone number: dates, decimals, dotted quads
-# (IP addresses, versions), ISBN-13s, hyphenated ISBN-10s (four groups, ten characters, the last
-# a lone check digit: "0-306-40615-2"; a phone's last group is longer), year ranges.
-_NOT_PHONE_TOKEN = re.compile(
-    r"\(?(?:\d{4}[\-./]\d{1,2}[\-./]\d{1,2}|\d{1,2}[\-./]\d{1,2}[\-./]\d{2,4}|\d+\.\d+"
-    r"|\d{1,3}(?:\.\d{1,3}){3}|97[89](?:-?\d){10}"
-    r"|(?=[\d\-]{12}[\dX](?![\dX\-]))\d{1,5}-\d{1,7}-\d{1,7}-[\dX]"
-    r"|(?:1[5-9]|20)\d\d[\-\u2010-\u2015/](?:1[5-9]|20)\d\d)[.,;:)]?"
-)
-_THOUSANDS = re.compile(r"\d{1,3}(?:[ .\u00a0]\d{3})+")
-# Numbers that reach an organisation, not a person, kept unless asked (see PiiConfig).
-SERVICE_TYPES = frozenset(
-    {
-        PhoneNumberType.TOLL_FREE,
-        PhoneNumberType.PREMIUM_RATE,
-        PhoneNumberType.SHARED_COST,
-        PhoneNumberType.UAN,
-    }
-)
-LENIENCY = {
-    "possible": Leniency.POSSIBLE,
-    "valid": Leniency.VALID,
-    "strict_grouping": Leniency.STRICT_GROUPING,
-    "exact_grouping": Leniency.EXACT_GROUPING,
-}
-
-
-_ISBN_CUE = re.compile(r"(?i:\bisbn(?:-1[03])?)[ :]*$")
-
-
-def _phone_shaped(raw: str, text: str, start: int) -> bool:
-    """Rules the numbering plan cannot apply: how the number is written, and what precedes it.
-
-    A number in international form (+...) is always a candidate. Otherwise: a bare digit run is a
-    phone number only after a cue word ("tel", "call" ...), since order numbers, timestamps and
-    ids are bare digit runs too; a date, a decimal ("31002.30"), a thousands-grouped amount
-    ("3 456 789 012"), a year range, a dotted quad (an IP address or version) or an ISBN (by
-    shape, or after "ISBN") is never one.
-    """
-    raw = raw.strip()
-    if raw.startswith("+"):
-        return True
-    if _ISBN_CUE.search(text, max(0, start - 12), start):
-        return False
-    if raw.isdigit():
-        return bool(_PHONE_CUE.search(text, max(0, start - 32), start))
-    return not (_NOT_PHONE_TOKEN.fullmatch(raw) or _THOUSANDS.fullmatch(raw))
-
-
-def _run_candidates(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The parts of one run of numbers worth the matcher's time.
-
-    The run is cut at tokens that cannot be part of a phone number, so "2024-01-15 10" or a line
-    of IP addresses gives nothing, and at tabs and double spaces, which separate table columns and
-    never occur inside a written number; what is left goes whole to the matcher when it is short,
-    in overlapping chunks when it is long. A single token longer than a chunk ("1-1-1-1-...")
-    holds no phone number.
-    """
-    tokens: deque[tuple[int, int]] = deque()
-
-    def part(lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        raw = text[lo:hi]
-        if _SEVEN_DIGITS.search(raw) and _phone_shaped(raw, text, lo):
-            yield lo, hi
-
-    for token in _TOKEN.finditer(text, start, end):
-        t_start, t_end = token.span()
-        if tokens and (t_start - tokens[-1][1] > 1 or text[t_start - 1] == "\t"):
-            yield from part(tokens[0][0], tokens[-1][1])
-            tokens.clear()
-        if t_end - t_start > _CHUNK_CHARS or _NOT_PHONE_TOKEN.fullmatch(token.group()):
-            if tokens:
-                yield from part(tokens[0][0], tokens[-1][1])
-                tokens.clear()
-            continue
-        if tokens and t_end - tokens[0][0] > _CHUNK_CHARS:
-            chunk_end = tokens[-1][1]
-            yield from part(tokens[0][0], chunk_end)
-            while tokens and (
-                tokens[0][0] < chunk_end - _CHUNK_OVERLAP or t_end - tokens[0][0] > _CHUNK_CHARS
-            ):
-                tokens.popleft()
-        tokens.append((t_start, t_end))
-    if tokens:
-        yield from part(tokens[0][0], tokens[-1][1])
-
-
-def phone_candidates(text: str) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` of every part of the text that phonenumbers' matcher is run on."""
-    for run in _PHONE_RUN.finditer(text):
-        if _SEVEN_DIGITS.search(text, run.start(), run.end()):
-            yield from _run_candidates(text, run.start(), run.end())
-
-
-def find_phones(
-    text: str,
-    region: str,
-    leniency: str,
-    keep_service_numbers: bool,
-    max_candidates: int | None = None,
-) -> Iterator[Span]:
-    """phonenumbers' matcher on a window around each candidate; a match counts for the candidate
-    it overlaps (a neighbour inside the padding is found through its own window).
-
-    The matcher costs ~75 us a candidate, so a document that is nothing but numbers (a 50 MB
-    phone list: ~3 million) would take minutes. Past ``max_candidates`` every remaining run of
-    7+ digits is replaced unchecked (``validated=False``) at regex speed: the stage rejects such
-    a document, and its stored text then holds no number that might be one.
-    """
-    checked = 0
-    seen: set[tuple[int, int]] = set()
-    for run in _PHONE_RUN.finditer(text):
-        if not _SEVEN_DIGITS.search(text, run.start(), run.end()):
-            continue
-        if max_candidates is not None and checked >= max_candidates:
-            yield Span(run.start(), run.end(), "phone", validated=False)
-            continue
-        for start, end in _run_candidates(text, run.start(), run.end()):
-            if max_candidates is not None and checked >= max_candidates:
-                yield Span(start, run.end(), "phone", validated=False)
-                break
-            checked += 1
-            lo = max(0, start - 1)
-            hi = end if end >= len(text) or text[end].isspace() else end + _PAD_AFTER
-            window = text[lo:hi]
-            matcher = phonenumbers.PhoneNumberMatcher(window, region, leniency=LENIENCY[leniency])
-            for match in matcher:
-                span = (lo + match.start, lo + match.end)
-                if span in seen or span[1] <= start or span[0] >= end:
-                    continue
-                seen.add(span)
-                if not _phone_shaped(match.raw_string, text, span[0]):
-                    continue
-                if keep_service_numbers and phonenumbers.number_type(match.number) in SERVICE_TYPES:
-                    continue
-                yield Span(span[0], span[1], "phone")
-
-
-# ---------------------------------------------------------------------------------------------
 # the scanner
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PiiScanner:
-    """The enabled detectors with their settings; ``scan`` gives the non-overlapping spans."""
+    """The enabled detectors with their settings; ``scan`` gives the non-overlapping spans.
+
+    National-format phone numbers are read in the regions of the document's language
+    (``phone_regions_by_lang``), then ``phone_regions``; the first region of each list anywhere
+    in the text, the others only after a cue word (see :mod:`llmflow.tasks.pii_phones`).
+    """
 
     types: frozenset[str] = frozenset(PII_TYPES)
-    phone_region: str = "US"
+    phone_regions: tuple[str, ...] = ("US", "GB")
+    phone_regions_by_lang: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: dict(PHONE_REGIONS_BY_LANG)
+    )
     phone_leniency: str = "strict_grouping"
     keep_service_numbers: bool = True
     keep_non_global_ips: bool = True
     max_phone_candidates: int | None = None
 
-    def _detectors(self) -> list[tuple[str, Callable[[str], Iterator[Span]]]]:
-        return [
-            ("secret", find_secrets),
-            ("email", find_emails),
-            ("credit_card", find_credit_cards),
-            ("iban", find_ibans),
-            ("ssn", find_ssns),
-            ("ip_address", lambda t: find_ips(t, self.keep_non_global_ips)),
-            (
-                "phone",
-                lambda t: find_phones(
-                    t,
-                    self.phone_region,
-                    self.phone_leniency,
-                    self.keep_service_numbers,
-                    self.max_phone_candidates,
-                ),
-            ),
-        ]
+    def phone_plan(self, lang: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(regions read anywhere, regions read only after a cue) for a text in ``lang``."""
+        by_lang = tuple(self.phone_regions_by_lang.get(lang or "", ()))
+        anywhere = tuple(dict.fromkeys(by_lang[:1] + self.phone_regions[:1]))
+        ordered = dict.fromkeys(by_lang + self.phone_regions)
+        return anywhere, tuple(r for r in ordered if r not in anywhere)
 
-    def scan(self, text: str) -> list[Span]:
+    def _phones(self, text: str, lang: str | None) -> Iterator[Span]:
+        anywhere, cued = self.phone_plan(lang)
+        for start, end, validated in find_phones(
+            text,
+            anywhere,
+            cued,
+            self.phone_leniency,
+            self.keep_service_numbers,
+            self.max_phone_candidates,
+        ):
+            yield Span(start, end, "phone", validated=validated)
+
+    def scan(self, text: str, lang: str | None = None) -> list[Span]:
+        """The non-overlapping findings in ``text``; ``lang`` (ISO 639-1, the quality stage's
+        ``lang``) picks the regions its national phone numbers are read in."""
         spans: list[Span] = []
         if not _HAS_MATERIAL(text):
             return spans
-        for kind, detect in self._detectors():
+        detectors: list[tuple[str, Callable[[], Iterator[Span]]]] = [
+            ("secret", lambda: find_secrets(text)),
+            ("email", lambda: find_emails(text)),
+            ("credit_card", lambda: find_credit_cards(text)),
+            ("iban", lambda: find_ibans(text)),
+            ("ssn", lambda: find_ssns(text)),
+            ("ip_address", lambda: find_ips(text, self.keep_non_global_ips)),
+            ("phone", lambda: self._phones(text, lang)),
+        ]
+        for kind, detect in detectors:
             if kind in self.types:
-                spans.extend(detect(text))
+                spans.extend(detect())
         return resolve_overlaps(spans)
 
 
 # What every finding contains at least one of; prose with none of them skips all detectors.
 _HAS_MATERIAL = re.compile(
-    r"[\d@]|-----BEGIN|gh[pousr]_|github_pat_|AKIA|ASIA|ABIA|ACCA|A3T"
+    r"[\d@]|-----BEGIN|gh[pousr]_|github_pat_|AKIA|ASIA|ABIA|ACCA|A3T|[sr]k_|whsec_|eyJ|(?i:bearer)"
 ).search
 
 

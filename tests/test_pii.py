@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from llmflow.tasks.pii import (
     PiiConfig,
     pii_documents,
     pii_shard,
+    redact_excerpt,
     redact_text,
 )
 from llmflow.tasks.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
@@ -30,10 +33,17 @@ from llmflow.tasks.stage import (
     finalize_stage,
     plan_shard_units,
     run_unit,
+    split_result,
     unit_key,
 )
 
 DEFAULT = PiiConfig()
+# jwt.io's example token (HS256; header {"alg": "HS256", "typ": "JWT"}).
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODk"
+    "wIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJ"
+    "SMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
 SCANNER = DEFAULT.scanner()
 PRIVATE_KEY = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
@@ -89,6 +99,25 @@ POSITIVES = [
         "postgres://admin:s3cr3tP4ss@db.example.com:5432/app",
         "postgres://admin:<SECRET>@db.example.com:5432/app",
     ),
+    # Review findings: each of these leaked before.
+    ("Write to JOHN.O'REILLY@EXAMPLE.IE.", "Write to <EMAIL>."),
+    ("mail 'sean.o’neil@example.ie' or 'jane@example.com'", "mail '<EMAIL>' or '<EMAIL>'"),
+    ("Tel: 020 7946 0958", "Tel: <PHONE>"),
+    ("Call 0044 20 7946 0958 today", "Call <PHONE> today"),
+    ("Paris: 0033 1 42 68 53 00.", "Paris: <PHONE>."),
+    ("ssh admin@192.168.10.24", "ssh admin@<IP_ADDRESS>"),
+    ("scp file root@10.0.0.5:/tmp", "scp file root@<IP_ADDRESS>:/tmp"),
+    ("$ ssh -p 2222 deploy@93.184.216.34 uptime", "$ ssh -p 2222 deploy@<IP_ADDRESS> uptime"),
+    ("rsync -av ./site/ www-data@172.16.4.2:/srv", "rsync -av ./site/ www-data@<IP_ADDRESS>:/srv"),
+    ("ftp://anonymous@10.1.2.3/pub", "ftp://anonymous@<IP_ADDRESS>/pub"),
+    (f"Authorization: Bearer {JWT}", "Authorization: Bearer <SECRET>"),
+    (f'{{"id_token": "{JWT}"}}', '{"id_token": "<SECRET>"}'),
+    (f"The session token was {JWT}.", "The session token was <SECRET>."),
+    ("-H 'Authorization: Bearer 8f3Kd92LmQx7Zp1Vt5Rw0Yb4'", "-H 'Authorization: Bearer <SECRET>'"),
+    ("STRIPE_SECRET_KEY=sk_live_51H8xYzAbCdEfGhIjKlMnOpQr", "STRIPE_SECRET_KEY=<SECRET>"),
+    ("stripe.api_key = 'sk_test_4eC39HqLyjWDarjtT1zdp7dc'", "stripe.api_key = '<SECRET>'"),
+    ("rk_live_51H8xYzAbCdEfGhIjKlMnOpQr", "<SECRET>"),
+    ("endpoint secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "endpoint secret <SECRET>"),
 ]
 
 # Text that only looks like PII: it must come back byte for byte.
@@ -125,6 +154,24 @@ NEGATIVES = [
     "toll-free 1-800-275-2273",
     "the CD (london 289 460 939-2)",
     "Chapter 12, pages 345-678",
+    # Beside the review findings' new detectors: what they must not take.
+    "Released 2024-03-15, tag v1.2.3.4, semver 1.2.3-rc.1+build.5, 2.0.0",
+    "ISBN 978-3-16-148410-0",
+    "fixed in 3f786850e387550fdab836ed7e6dc881de23001b (git 3f78685)",
+    "Berlin lies at 52.5200, 13.4050; doors open 10:30, close 22:15",
+    "Price: €1.299,00 or $1,299.00; ZIP 10115 Berlin; 90210",
+    "Order #030901820, invoice 0044 2079 4609, timestamp 2024-03-15T10:30:00+01:00",
+    "Listen on port 8080 or :443; shift 0600-1400",
+    "Berlin's area code is 030.",
+    "pkg@10.20.30.40 and cudnn@8.0.5.39 and node@18.19.1",
+    "build 10.0.0.5 on host 192.168.10.24 (no login)",
+    "ssh root@127.0.0.1, ssh user@192.0.2.10, ssh user@localhost",
+    "pk_live_51H8xYzAbCdEfGhIjKlMnOpQr is publishable",
+    "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx, sk_test_YOUR_SECRET_KEY, sk_test_0000000000000000",
+    "Authorization: Bearer YOUR_ACCESS_TOKEN, Bearer $TOKEN, Bearer <token>",
+    "a bearer token-based-authentication-scheme-for-apis",
+    "unsigned eyJhbGciOiJub25lIn0.eyJzdWIiOiIxMjM0NTY3ODkwIn0.",
+    "eyJub3RlIjoiaGVsbG8gd29ybGQifQ.eyJub3RlIjoiaGVsbG8gd29ybGQifQ.c2lnbmF0dXJlc2lnbmF0dXJl",
     "",
 ]
 
@@ -195,9 +242,57 @@ def test_non_global_ips_and_service_numbers_on_request() -> None:
     assert redacted("call 1-800-275-2273", config) == "call <PHONE>"
 
 
-def test_phone_region_reads_national_numbers() -> None:
-    assert redacted("Tel 030 901820") == "Tel 030 901820"  # not a US number
-    assert redacted("Tel 030 901820", PiiConfig(phone_region="de")) == "Tel <PHONE>"
+def test_phone_regions_read_national_numbers() -> None:
+    assert redacted("Tel 030 901820") == "Tel 030 901820"  # neither a US nor a GB number
+    assert redacted("Tel 030 901820", PiiConfig(phone_regions=["de"])) == "Tel <PHONE>"
+    # A region after the first needs a cue word before the number.
+    two = PiiConfig(phone_regions=["us", "de"])
+    assert redacted("Tel 030 901820", two) == "Tel <PHONE>"
+    assert redacted("Ruf an: 030 901820", two) == "Ruf an: 030 901820"
+    assert two.scanner().phone_regions == ("US", "DE")
+
+
+# (lang, text, what it must become): the document's language picks its national formats.
+LANG_POSITIVES = [
+    ("de", "Rufen Sie uns an: 030 901820.", "Rufen Sie uns an: <PHONE>."),
+    ("de", "Telefon: 089 12345678, Fax 089 12345679", "Telefon: <PHONE>, Fax <PHONE>"),
+    ("de", "Büro Wien, Tel. 01 5338000", "Büro Wien, Tel. <PHONE>"),
+    ("de", "Büro Zürich, Telefon 044 668 18 00", "Büro Zürich, Telefon <PHONE>"),
+    ("fr", "Appelez le 01 42 68 53 00.", "Appelez le <PHONE>."),
+    ("en", "Tel: 020 7946 0958", "Tel: <PHONE>"),
+    ("de", "Call (212) 736-5000 from Berlin", "Call <PHONE> from Berlin"),
+]
+LANG_NEGATIVES = [
+    ("de", "Am 15.03.2024 um 10:30 Uhr, Preis 1.299,00 €, PLZ 10115 Berlin, Vorwahl 030"),
+    ("de", "Tel: 030"),
+    ("de", "Bestellnummer 4711 0815 42, Artikel 1234 5678, ISBN 978-3-16-148410-0"),
+    ("de", "Version 10.0.19041.1 vom 2024-03-15, Koordinaten 52.5200, 13.4050"),
+    ("en", "Rufen Sie uns an: 030 901820."),  # a German number, but the text is not German
+    ("fr", "Le 15/03/2024 à 10h30, 1 299,00 €, code postal 75008"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lang", "text", "expected"), LANG_POSITIVES, ids=[p[1][:40] for p in LANG_POSITIVES]
+)
+def test_document_language_reads_its_national_numbers(lang: str, text: str, expected: str) -> None:
+    assert redact_text(text, DEFAULT, lang=lang).text == expected
+    if expected != redacted(text):  # the language, not the defaults, found it
+        assert redact_text(text, PiiConfig(phone_regions_by_lang={}), lang=lang).text == text
+
+
+@pytest.mark.parametrize(("lang", "text"), LANG_NEGATIVES, ids=[n[1][:40] for n in LANG_NEGATIVES])
+def test_document_language_keeps_what_is_not_a_number(lang: str, text: str) -> None:
+    assert redact_text(text, DEFAULT, lang=lang).text == text
+
+
+def test_shard_reads_the_lang_column() -> None:
+    text = "Rufen Sie uns an: 030 901820, wir helfen gern."
+    table = _table([text, text], {"lang": ["de", "en"]})
+    assert pii_documents(table, DEFAULT).kept.column("text").to_pylist() == [
+        "Rufen Sie uns an: <PHONE>, wir helfen gern.",
+        text,
+    ]
 
 
 def test_redaction_is_idempotent() -> None:
@@ -234,7 +329,9 @@ def test_pii_in_other_scripts_is_found() -> None:
     [
         ("placeholder", "<PII>", "must contain {type}"),
         ("placeholder", "<{kind}>", "only field is {type}"),
-        ("phone_region", "XX", "phone_region"),
+        ("phone_regions", ["US", "XX"], "phone_regions: ['XX']"),
+        ("phone_regions", [], "phone_regions"),
+        ("phone_regions_by_lang", {"de": ["DE", "YY"]}, "phone_regions_by_lang['de']: ['YY']"),
         ("types", ["email", "email"], "twice"),
         ("types", ["address"], "types"),
         ("max_pii_fraction", 0.0, "max_pii_fraction"),
@@ -307,6 +404,16 @@ def test_scan_limit_rejects_a_number_dump_without_leaking_it() -> None:
     assert not re.search(r"\d{4}", stored)
     assert result.stats["phone_candidates_unchecked"] == 90
     assert result.rejected.column("pii_counts").to_pylist()[0]["phone"] == 100
+
+
+def test_scan_limit_counts_each_region_tried() -> None:
+    # Each number fails as a US number, then is read as a GB one after its cue: two runs each,
+    # so a limit of 10 checks five numbers and replaces the other five unchecked.
+    text = "\n".join(f"Office {i}, Tel: 020 7946 {i:04d}" for i in range(10))
+    result = pii_documents(_table([text], {"lang": ["en"]}), PiiConfig(max_phone_candidates=10))
+    assert result.rejected.column("reason").to_pylist() == ["pii_scan_limit"]
+    assert result.stats["phone_candidates_unchecked"] == 5
+    assert result.rejected.column("pii_counts").to_pylist()[0]["phone"] == 10
 
 
 def test_scanner_defaults_match_config_defaults() -> None:
@@ -385,3 +492,93 @@ def test_empty_shard_and_a_second_pass_over_redacted_output() -> None:
     assert second.kept.schema.names == first.kept.schema.names  # counts replaced, not doubled
     assert second.kept.column("text").to_pylist() == first.kept.column("text").to_pylist()
     assert second.kept.column("pii_counts").to_pylist()[0]["email"] == 0
+
+
+def test_redact_excerpt_cuts_after_redacting() -> None:
+    # The e-mail straddles the cut: replaced whole, no "jane.doe@exa" left to read.
+    text = "x" * 490 + " jane.doe@example.com and more prose after it"
+    excerpt = redact_excerpt(text, 500)
+    assert excerpt == "x" * 490 + " <EMAIL>"[:10]
+    assert "jane" not in excerpt
+    # A key block that runs far past the cut is one secret up to its END line, as in the stage.
+    long_key = "key: " + PRIVATE_KEY.replace("\n-----END", "\nQUJD" * 2000 + "\n-----END")
+    assert redact_excerpt(long_key, 500) == "key: <SECRET>"
+    assert redact_excerpt("call 030 901820", 500, lang="de") == "call <PHONE>"
+    assert redact_excerpt("mail a@b.co", 500, PiiConfig(placeholder="[{type}]")) == "mail [EMAIL]"
+
+
+def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
+    """The rejected rows of a stage before pii hold raw text; the sample that goes to MLflow
+    must not."""
+    from document_datasets import WHEN, write_documents
+
+    from llmflow.flows.pipeline import _rejected_sample
+
+    secrets = [
+        "jane.doe@example.com",
+        "(212) 736-5000",
+        "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi1",
+        "hunter2x",
+        "bob.smith@example.org",
+        "93.184.216.34",
+    ]
+    docs = [
+        Document(
+            url="http://t/1",
+            text="Too short. Write to jane.doe@example.com or call (212) 736-5000.",
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="too_short",
+            detail="12 chars",
+        ),
+        Document(
+            url="http://t/2",
+            text="ops notes\n" + PRIVATE_KEY + "\n" + "filler words " * 60,
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="gopher_repetition",
+            detail="top 2-gram share 0.41",
+        ),
+        Document(
+            url="mailto:bob.smith@example.org",
+            text="Plain prose that was rejected for being boring.",
+            source="test",
+            fetched_at=WHEN,
+            reject_reason="c4_lorem",
+            detail="fetched via ftp://bob:hunter2x@93.184.216.34/pub",
+        ),
+    ]
+    stage_dir = str(tmp_path / "quality")
+    ids = write_documents(stage_dir, {"part-00000": docs})
+
+    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+
+    dumped = json.dumps(sample, default=str)
+    assert [s for s in secrets if s in dumped] == []
+    assert [row["id"] for row in sample] == ids  # ids and reasons are left as they are
+    assert [row["reason"] for row in sample] == ["too_short", "gopher_repetition", "c4_lorem"]
+    assert sample[0]["text"] == "Too short. Write to <EMAIL> or call <PHONE>."
+    # The first 500 characters of the document, redacted: the key block became "<SECRET>".
+    shown = 500 - len(f"ops notes\n{PRIVATE_KEY}\n")
+    assert sample[1]["text"] == "ops notes\n<SECRET>\n" + ("filler words " * 60)[:shown]
+    assert sample[2]["text"] == docs[2].text
+    assert sample[2]["url"] == "mailto:<EMAIL>"
+    assert sample[2]["detail"] == "fetched via ftp://bob:<SECRET>@<IP_ADDRESS>/pub"
+
+
+def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: Path) -> None:
+    """Quality-stage rejections carry ``lang``: a German row's national number is redacted."""
+    from llmflow.flows.pipeline import _rejected_sample
+
+    text = "Rufen Sie uns an: 030 901820."
+    table = _table([text, text], {"lang": ["de", "en"]})
+    result = split_result(table, [False, False], ["lang", "lang"], ["", ""], Counter())
+    stage_dir = str(tmp_path / "quality")
+    unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "q0"), source={})
+    finalize_stage(
+        stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda: result)], None
+    )
+
+    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+
+    assert [row["text"] for row in sample] == ["Rufen Sie uns an: <PHONE>.", text]
