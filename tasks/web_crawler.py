@@ -52,13 +52,7 @@ from llmflow.tasks.crawl_guards import (
     stop_crawls,
 )
 from llmflow.tasks.documents import Document, FetchFailure, Unchanged, document_id, utc_now
-from llmflow.tasks.html_text import (
-    BoundedExtractor,
-    DecodeError,
-    ExtractionError,
-    decode_body,
-    extract_links,
-)
+from llmflow.tasks.html_text import BoundedExtractor, DecodeError, ExtractionError, decode_body
 from llmflow.tasks.warc_writer import WarcRecorder
 
 __all__ = [
@@ -662,14 +656,17 @@ class _Crawler:
             return document("", e.reason, str(e)), []
         if "html" not in media:
             return (document(text) if text.strip() else document("", "empty")), []
-        # Found even when the page's own text is rejected: a hub page with no prose still leads
-        # to pages that have some. Kept at any depth: a refresh may reach the page from higher up.
-        found = await asyncio.to_thread(extract_links, text, response.url)
-        links = self._frontier_links(found)
+        # Links and text both come from the bounded worker: a hostile page costs at most the
+        # extraction timeout. Links are kept even when the page's own text is rejected (a hub
+        # page with no prose still leads to pages that have some), and at any depth (a refresh
+        # may reach the page from higher up).
         try:
-            extracted = await asyncio.to_thread(self.extractor.extract, text, response.url)
+            extracted, found = await asyncio.to_thread(
+                self.extractor.extract_with_links, text, response.url
+            )
         except ExtractionError as e:
-            return document("", e.reason, e.detail), links
+            return document("", e.reason, e.detail), self._frontier_links(e.links)
+        links = self._frontier_links(found)
         if not extracted.strip():
             return document("", "empty"), links
         return document(extracted), links

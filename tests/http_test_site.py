@@ -237,10 +237,12 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/scope/":
             links = ["/scope/in", "/outside/1", "/scope/../outside/2"]
             self.send(200, html_page("scope", links=links))
-        elif path == "/hostile/":
+        elif path in ("/hostile/", "/hostile/quoted"):
             # One tag with tens of thousands of attributes (parsers are quadratic in them),
-            # then ordinary prose and links the crawl should still follow.
-            attributes = " ".join(f"data-a{i}=x" for i in range(HOSTILE_ATTRIBUTES))
+            # then ordinary prose and links the crawl should still follow. "quoted" puts a ">"
+            # in every value, so that no cheap scan of the raw text sees one long tag.
+            value = '">"' if path.endswith("quoted") else "x"
+            attributes = " ".join(f"data-a{i}={value}" for i in range(HOSTILE_ATTRIBUTES))
             body = f"<div {attributes}>hostile</div>"
             self.send(200, html_page("hostile", body, links=["/hostile/1", "/hostile/2"]))
         elif path.startswith("/many/"):

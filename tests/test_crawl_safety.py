@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,52 @@ def test_empty_seeds_are_refused(seeds: list[str]) -> None:
     message = str(error.value)
     assert "seeds" in message
     assert ("no seeds" in message) if not seeds else ("empty string" in message)
+
+
+# --------------------------------------------------------------------------- 4: hostile pages
+
+
+PAGE_TIMEOUT_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def quick_extractor() -> Iterator[BoundedExtractor]:
+    """A short page timeout, warmed up so that the worker's start is not counted as a page's."""
+    with BoundedExtractor(timeout_s=PAGE_TIMEOUT_S) as bounded:
+        bounded.extract("<p>warm</p>")
+        yield bounded
+
+
+def test_tag_with_80000_attributes_does_not_stall_the_crawl(
+    site: Site, quick_extractor: BoundedExtractor
+) -> None:
+    """Handled within the page timeout, and the links on it are followed: the tag is cut short
+    before lxml parses the links; the text is the worker's (or its timeout, counted)."""
+    cfg = config("hostile", max_page_bytes=2_000_000)
+    started = time.monotonic()
+    outcomes = web.by_url(crawl_web([site.url("/hostile/")], cfg, quick_extractor))
+    seconds = time.monotonic() - started
+    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    hostile = outcomes[site.url("/hostile/")]
+    assert isinstance(hostile, Document)
+    assert hostile.reject_reason in (None, "extract_timeout"), hostile
+    for path in ("/hostile/1", "/hostile/2"):
+        page = outcomes[site.url(path)]
+        assert isinstance(page, Document) and page.reject_reason is None, path
+
+
+def test_link_parsing_is_bounded_by_the_extraction_timeout(
+    site: Site, quick_extractor: BoundedExtractor
+) -> None:
+    """A page the cheap guard misses ('>' in every value) is stopped by the worker's timeout:
+    one rejected page with its reason, and the crawl goes on to the next seed."""
+    cfg = config("hostile-quoted", max_page_bytes=2_000_000)
+    started = time.monotonic()
+    seeds = [site.url("/hostile/quoted"), site.url("/hostile/1")]
+    outcomes = web.by_url(crawl_web(seeds, cfg, quick_extractor))
+    seconds = time.monotonic() - started
+    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    hostile = outcomes[site.url("/hostile/quoted")]
+    assert isinstance(hostile, Document) and hostile.reject_reason == "extract_timeout"
+    page = outcomes[site.url("/hostile/1")]
+    assert isinstance(page, Document) and page.reject_reason is None
