@@ -51,7 +51,7 @@ from llmflow.tasks.stage import (
     unit_key,
 )
 from llmflow.tasks.warc_writer import WarcRecorder
-from llmflow.tasks.web_crawler import PageState, crawl_web
+from llmflow.tasks.web_crawler import PageState, crawl_web, install_interrupt_handler
 
 STAGE = StageSpec(
     name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")
@@ -130,6 +130,10 @@ def plan_crawl_units(config: CrawlConfig, previous: PreviousCrawl | None = None)
     depend on the Python version serving them.
     """
     units = _all_units(config, previous)
+    if any(u.source["kind"] == "web" for u in units):
+        # Planning runs in the flow's main thread, the crawl in a task runner's worker thread,
+        # where Ctrl-C never arrives: this lets it stop the crawl (a no-op off the main thread).
+        install_interrupt_handler()
     if previous is None:
         return units
     return [

@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -264,3 +267,75 @@ def test_link_parsing_is_bounded_by_the_extraction_timeout(
     assert isinstance(hostile, Document) and hostile.reject_reason == "extract_timeout"
     page = outcomes[site.url("/hostile/1")]
     assert isinstance(page, Document) and page.reject_reason is None
+
+
+# --------------------------------------------------------------------------- 6: Ctrl-C
+
+# The crawl stage as the pipeline runs it: planned in the main thread, the unit run in a worker
+# thread of a pool (Prefect's thread task runner), the main thread waiting on the result.
+INTERRUPTED_CRAWL = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from llmflow.tasks import crawl
+from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.stage import run_unit
+
+seed, stage_dir = sys.argv[1], sys.argv[2]
+cfg = CrawlConfig(
+    seeds=[seed], max_pages=500, max_depth=10, politeness_delay_s=0.0, concurrency=2,
+    user_agent="llmflow-test/interrupt", read_timeout_s=5.0, exclude_patterns=[],
+)
+units = crawl.plan_crawl_units(cfg)
+
+def tick():
+    print("page", flush=True)
+
+with ThreadPoolExecutor(max_workers=2) as pool:
+    futures = [
+        pool.submit(
+            run_unit, stage_dir, u, lambda u=u: crawl.crawl_documents(u, cfg, stage_dir, tick)
+        )
+        for u in units
+    ]
+    for future in futures:
+        future.result()
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> None:
+    stage_dir = tmp_path / "crawl"
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_CRAWL, site.url("/many/0"), str(stage_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        for _ in range(3):  # three pages fetched: the crawl is well under way
+            assert process.stdout.readline().strip() == "page"
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the crawl ran on after Ctrl-C")
+        seconds = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert seconds < 5.0, seconds
+    assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
+    assert "KeyboardInterrupt" in err or "CrawlInterrupted" in err, err[-2000:]
+    assert "finished" not in out
+    # Nothing half-written, and nothing that looks complete: the unit is redone next time.
+    written = [p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*") if p.is_file()]
+    assert written == [], written
+    requests = len(site.log("llmflow-test/interrupt"))
+    time.sleep(1.0)
+    assert len(site.log("llmflow-test/interrupt")) == requests  # no request after the exit
+    assert requests < 60, requests
