@@ -32,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.tasks import datasets, document_versions
-from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.crawl_config import CrawlConfig, redact_url
 from llmflow.tasks.document_versions import SOURCES_NAME, WITHDRAWN_NAME, WITHDRAWN_SCHEMA
 from llmflow.tasks.documents import Document, FetchFailure, Unchanged
 from llmflow.tasks.file_sources import expand_file_seed, is_file_seed, iter_file_documents
@@ -51,7 +51,7 @@ from llmflow.tasks.stage import (
     unit_key,
 )
 from llmflow.tasks.warc_writer import WarcRecorder
-from llmflow.tasks.web_crawler import PageState, crawl_web
+from llmflow.tasks.web_crawler import PageState, crawl_web, install_interrupt_handler
 
 STAGE = StageSpec(
     name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")
@@ -130,6 +130,10 @@ def plan_crawl_units(config: CrawlConfig, previous: PreviousCrawl | None = None)
     depend on the Python version serving them.
     """
     units = _all_units(config, previous)
+    if any(u.source["kind"] == "web" for u in units):
+        # Planning runs in the flow's main thread, the crawl in a task runner's worker thread,
+        # where Ctrl-C never arrives: this lets it stop the crawl (a no-op off the main thread).
+        install_interrupt_handler()
     if previous is None:
         return units
     return [
@@ -147,6 +151,9 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
         if previous is not None and WEB_UNIT in previous.sources:
             state_dir = datasets.join(previous.crawl_dir(previous.version), STATE_DIR)
             state = datasets.join(state_dir, f"{WEB_UNIT}.parquet")
+        # Credentials change the key (a hash), but the unit carries the seeds without them: a
+        # unit is passed around (task parameters, logs), and crawl_documents takes them back
+        # from the config.
         material = {"seeds": web_seeds, "python": sys.version}
         if state is not None and datasets.exists(state):
             material["state"] = hashlib.sha256(datasets.read_bytes(state)).hexdigest()
@@ -157,7 +164,11 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
             WorkUnit(
                 name=WEB_UNIT,
                 key=unit_key(STAGE, config, hashlib.sha256(digest.encode()).hexdigest()),
-                source={"kind": "web", "seeds": web_seeds, "previous_state": state},
+                source={
+                    "kind": "web",
+                    "seeds": [redact_url(s) for s in web_seeds],
+                    "previous_state": state,
+                },
             )
         )
     if INSTALLED_SEED in config.seeds:
@@ -176,7 +187,8 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
             continue
         if not is_file_seed(seed):
             raise ValueError(
-                f"crawl.seeds: {seed!r} is neither an http(s) URL, 'pydoc:', nor a file path"
+                f"crawl.seeds: {redact_url(seed)!r} is neither an http(s) URL, 'pydoc:', nor a"
+                " file path"
             )
         for path in expand_file_seed(seed):
             fs, p = datasets.filesystem(path)
@@ -319,7 +331,9 @@ def crawl_documents(
             _write_withdrawn(stage_dir, unit, withdrawn)
             result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
             return result
-        seeds = list(unit.source["seeds"])
+        # The unit names its seeds without credentials; the config has them as given.
+        with_credentials = {redact_url(s): s for s in config.seeds}
+        seeds = [with_credentials.get(s, s) for s in unit.source["seeds"]]
         site = ""
         if any(s.startswith(PYDOC_SEED) for s in seeds):
             site = stack.enter_context(pydoc_site()).rstrip("/") + "/"
@@ -382,7 +396,10 @@ def finish(
     ``refresh/withdrawn.parquet`` is the last version's withdrawals plus this crawl's: what the
     dedup index must not match and what publishing the version takes out of older shards.
     """
-    manifest = finalize_stage(stage_dir, STAGE, config, records, input_digest)
+    # The manifest shows the config without the seeds' credentials (its config_hash is then the
+    # redacted config's: a description, never compared with the unit keys).
+    shown = config.model_copy(update={"seeds": [redact_url(s) for s in config.seeds]})
+    manifest = finalize_stage(stage_dir, STAGE, shown, records, input_digest)
     previous = previous_crawl(stage_dir)
     located = document_versions.stage_version(stage_dir)
     number = located[1] if located is not None else 1

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from importlib.metadata import version
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmflow.tasks.stage import StageConfig
 
@@ -27,6 +28,31 @@ PYDOC_UNSAFE_PAGES = [
     r"/[^/]*__main__\.html",
     r"/(get|search)\?",  # the search form and its result pages: not content
 ]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its userinfo (``user:password@``), for anything stored or logged.
+
+    A seed may carry HTTP basic-auth credentials; they are for the request only, and must not
+    reach MLflow params, manifests, shard columns, WARC records or logs. Anything that is not a
+    URL with a network location (a file path, ``pydoc:``) comes back unchanged, as does a string
+    too malformed to split (it then holds no userinfo this function could find anyway: the
+    ``@`` test below is on the raw string).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.netloc and "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if parts is None and "@" in url and "://" in url:
+        # Unsplittable (a bad IPv6 literal, say) yet possibly holding credentials: drop
+        # everything between the scheme and the last "@" of the authority.
+        scheme, _, rest = url.partition("://")
+        authority, slash, path = rest.partition("/")
+        return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+    return url
 
 
 def default_user_agent() -> str:
@@ -53,8 +79,20 @@ class CrawlConfig(StageConfig):
     allowed_prefixes: list[str] = Field(
         default_factory=list,
         description=(
-            "Scope: URL prefixes (or bare host names) the crawler may fetch. Empty means the hosts"
-            " of the seeds."
+            "Scope: URL prefixes ('https://example.com/docs/', or 'example.com/docs/' for both"
+            " schemes) or host names ('example.com': any port and scheme; 'example.com:8080':"
+            " that port only) the crawler may fetch. Empty means the seeds' hosts, each on its"
+            " seed's port (a seed without a port: its scheme's default port, 80 or 443)."
+        ),
+    )
+    allow_private_addresses: bool = Field(
+        True,
+        description=(
+            "Fetch from hosts whose address is not globally routable (loopback, private,"
+            " link-local such as 169.254.169.254, ...). True suits a laptop (the embedded pydoc"
+            " site is on 127.0.0.1); a deployment crawling the open web sets False, so a link or"
+            " redirect cannot reach internal services. Checked on the address actually connected"
+            " to, so DNS rebinding does not get around it; env proxy settings are not used then."
         ),
     )
     exclude_patterns: list[str] = Field(
@@ -100,3 +138,27 @@ class CrawlConfig(StageConfig):
     write_warc: bool = Field(
         True, description="Keep every HTTP response raw as WARC next to the shards, for replay."
     )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_given(cls, seeds: list[str]) -> list[str]:
+        """No seeds means no source at all: a run that silently crawls nothing is a mistake."""
+        if not seeds:
+            raise ValueError(
+                "no seeds: set crawl.seeds to at least one source (an http(s) URL, 'pydoc:',"
+                " 'installed:', or a file path / fsspec URL)"
+            )
+        blank = [i for i, seed in enumerate(seeds) if not seed.strip()]
+        if blank:
+            raise ValueError(f"seed number {blank[0]} (counting from 0) is an empty string")
+        return seeds
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes_parse(cls, prefixes: list[str]) -> list[str]:
+        """A scope entry that cannot be read would silently match nothing (or too much)."""
+        from llmflow.tasks.web_crawler import parse_scope_entry  # imports this module
+
+        for entry in prefixes:
+            parse_scope_entry(entry)
+        return prefixes

@@ -24,10 +24,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urldefrag, urljoin, urlsplit
+
+from llmflow.tasks.html_links import extract_links
 
 __all__ = [
     "DEFAULT_EXTRACTOR",
@@ -307,7 +309,13 @@ def _charset_param(content_type: str | None) -> str | None:
 
 
 class ExtractionError(PageRejected):
-    """Extraction of one page failed: timeout, memory bound, or the library gave up."""
+    """Extraction of one page failed: timeout, memory bound, or the library gave up.
+
+    ``links``: the page's links when they were found before the text failed (a hub page whose
+    text is rejected still leads somewhere); empty when the worker gave no answer.
+    """
+
+    links: list[str] = []  # noqa: RUF012 - replaced per instance, never mutated
 
 
 EXTRACTORS = ("resiliparse", "trafilatura")
@@ -500,7 +508,8 @@ def _worker_entry(argv: list[str]) -> None:
 
 
 def _worker_main(inbox: Any, outbox: Any, extractor: str, memory_bytes: int) -> None:
-    """Loop of the extraction process: receive (html, url), answer ("ok", text) or an error."""
+    """Loop of the extraction process: receive (html, url, want_links); answer ("links", links)
+    first when asked for them, then ("ok", text) or ("error", reason, detail)."""
     # Ctrl-C goes to the whole process group; the parent decides what happens to the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Imports and the libraries' lazy initialisation happen before the limit, so the limit
@@ -527,8 +536,17 @@ def _worker_main(inbox: Any, outbox: Any, extractor: str, memory_bytes: int) -> 
             return
         if message is None:
             return
-        html, url = message
+        html, url, want_links = message
         del message
+        if want_links:
+            # Links are parsed here too, not in the caller: lxml has pathological pages of its
+            # own, and only this process can be stopped in the middle of one. Sent before the
+            # text, so that a page whose text times out still leads to its links.
+            try:
+                links = extract_links(html, url) if url else []
+            except Exception:  # MemoryError included: the page then has no links
+                links = []
+            outbox.send(("links", links))
         try:
             reply: tuple[Any, ...] = ("ok", _extract(html, extractor, url))
         except ExtractionError as error:
@@ -721,13 +739,22 @@ class BoundedExtractor:
 
     def extract(self, html: str, url: str | None = None) -> str:
         """Main-content text of one page, or :class:`ExtractionError`."""
+        return self._run(html, url, want_links=False)[0]
+
+    def extract_with_links(self, html: str, url: str) -> tuple[str, list[str]]:
+        """(main-content text, absolute http(s) links) of one page, both parsed in the worker
+        under the same timeout; :class:`ExtractionError` carries the links when the text fails
+        after they were found."""
+        return self._run(html, url, want_links=True)
+
+    def _run(self, html: str, url: str | None, want_links: bool) -> tuple[str, list[str]]:
         with self._lock:
             if self._closed:
                 raise RuntimeError("BoundedExtractor is closed")
             worker = self._ready_worker()
             reply: tuple[Any, ...] | None = None
             try:
-                worker.outbox.send((html, url))
+                worker.outbox.send((html, url, want_links))
             except OSError:
                 # The worker died while reading; it may have left a reply before exiting.
                 try:
@@ -736,22 +763,33 @@ class BoundedExtractor:
                     reply = None
                 if reply is None:
                     raise self._fail("extract_failed", "worker died receiving the page") from None
-            if reply is None:
-                if not worker.inbox.poll(self.timeout_s):
-                    raise self._fail(
+            links: list[str] = []
+            deadline = time.monotonic() + self.timeout_s  # links and text: one page, one bound
+            while reply is None or reply[0] == "links":
+                if reply is not None:
+                    links = reply[1]
+                if not worker.inbox.poll(max(0.0, deadline - time.monotonic())):
+                    error = self._fail(
                         "extract_timeout", f"{self.extractor}: no result after {self.timeout_s} s"
                     )
+                    error.links = links
+                    raise error
                 try:
                     reply = worker.inbox.recv()
                 except (EOFError, OSError):
-                    raise self._fail("extract_failed", "worker died during extraction") from None
+                    error = self._fail("extract_failed", "worker died during extraction")
+                    error.links = links
+                    raise error from None
             if reply[0] == "ok":
-                return reply[1]
+                return reply[1], links
             _, reason, detail = reply
             if reason == "extract_memory":
                 # The libraries' state after a failed allocation is not trusted: fresh worker.
-                raise self._fail(reason, f"{detail} (limit {self.memory_mb} MiB)")
-            raise ExtractionError(reason, detail)
+                error = self._fail(reason, f"{detail} (limit {self.memory_mb} MiB)")
+            else:
+                error = ExtractionError(reason, detail)
+            error.links = links
+            raise error
 
     def close(self) -> None:
         """Stop the worker (a polite request, then SIGKILL to its pid) and wait for it."""
@@ -767,84 +805,3 @@ class BoundedExtractor:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Links
-# ---------------------------------------------------------------------------------------------
-
-_URL_WHITESPACE = re.compile(r"[\t\n\r]")
-_C0_AND_SPACE = "".join(map(chr, range(0x21)))
-
-
-def _clean_href(href: str | None) -> str | None:
-    """The URL standard strips leading/trailing C0 controls and spaces and drops tabs/newlines."""
-    if href is None:
-        return None
-    return _URL_WHITESPACE.sub("", href.strip(_C0_AND_SPACE))
-
-
-def _http_url(url: str) -> str | None:
-    """``url`` without its fragment if it is a well-formed absolute http(s) URL."""
-    url = urldefrag(url).url
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError for a malformed port
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return None
-    return url
-
-
-def extract_links(html: str, base_url: str) -> list[str]:
-    """Absolute http(s) targets of ``<a href>`` links, in document order, without duplicates.
-
-    The first ``<base href>`` of the document wins, resolved against ``base_url`` as browsers do;
-    a base that is not http(s) is ignored. Fragments are dropped (they name a place in a page the
-    crawler fetches anyway); javascript:, mailto:, tel:, data: and the like are skipped.
-    """
-    # lxml, not resiliparse's DOM: resiliparse's query_selector_all took 21 s on pydoc's builtins
-    # page (590 KB, thousands of anchors) where lxml takes 0.1 s.
-    from lxml import etree
-    from lxml import html as lxml_html
-
-    if not html or not html.strip():
-        return []
-    try:
-        html.encode("utf-8")
-    except UnicodeEncodeError:
-        html = _SURROGATES.sub("\ufffd", html)
-    try:
-        try:
-            document = lxml_html.document_fromstring(html)
-        except ValueError:  # a str with an XML encoding declaration: parse its UTF-8 bytes
-            document = lxml_html.document_fromstring(html.encode("utf-8"))
-    except (etree.ParserError, ValueError):
-        return []
-    base = base_url
-    base_element = document.find(".//base[@href]")
-    if base_element is not None:
-        href = _clean_href(base_element.get("href"))
-        if href:
-            try:
-                candidate = _http_url(urljoin(base_url, href))
-            except ValueError:
-                candidate = None
-            if candidate:
-                base = candidate
-
-    links: list[str] = []
-    seen: set[str] = set()
-    for element in document.iter("a"):
-        href = _clean_href(element.get("href"))
-        if href is None:
-            continue
-        try:
-            url = _http_url(urljoin(base, href))
-        except ValueError:  # urljoin on a malformed IPv6 host
-            continue
-        if url and url not in seen:
-            seen.add(url)
-            links.append(url)
-    return links

@@ -21,9 +21,14 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.timeutils import datetime_to_iso_date
 from warcio.warcwriter import WARCWriter
 
+from llmflow.tasks.crawl_config import redact_url
+
 # The body handed to record_response has had its transfer coding (chunked) removed, so keeping a
 # Transfer-Encoding header would make WARC readers try to de-chunk it again.
 _HOP_BY_HOP = {"transfer-encoding"}
+# Request headers that carry credentials. The WARC is evidence meant to be shared and replayed;
+# a password or session cookie in it would be handed to everyone who reads it.
+_SECRET_REQUEST_HEADERS = {"authorization", "cookie", "proxy-authorization"}
 
 
 class WarcRecorder:
@@ -70,8 +75,10 @@ class WarcRecorder:
         headers still describe it). ``truncated`` is the WARC-Truncated reason ("length", "time",
         ...) when the crawler stopped reading early: the record then says it holds a prefix.
         ``request_headers`` are the headers the crawler sent; without them the request record
-        holds the Host header only.
+        holds the Host header only. Credentials never go in: userinfo is dropped from ``url`` and
+        Authorization, Cookie and Proxy-Authorization from the request headers.
         """
+        url = redact_url(url)
         warc_date = datetime_to_iso_date(_as_naive_utc(fetched_at))
         response_headers = StatusAndHeaders(
             f"{status} {reason}".strip(),
@@ -83,7 +90,8 @@ class WarcRecorder:
             response_warc["WARC-Truncated"] = truncated
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        sent = list(request_headers or [])
+        secret = _SECRET_REQUEST_HEADERS
+        sent = [(k, v) for k, v in request_headers or [] if k.lower() not in secret]
         if not any(k.lower() == "host" for k, _ in sent):
             sent.insert(0, ("Host", parts.netloc))
         # warcio's reader splits a request line into protocol="GET" and the rest: write it the same

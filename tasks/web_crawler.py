@@ -15,6 +15,12 @@ Last-Modified go out as If-None-Match / If-Modified-Since, a 304 answer reuses t
 links (so the crawl still reaches what it links to), and a page whose extracted text is unchanged
 gives :class:`Unchanged` instead of a document. Pages the last crawl saw that no link reaches any
 more are asked for after the breadth-first crawl, so a page that is gone is noticed.
+
+Every request (robots.txt and its redirects included) passes the scope check, and with
+``allow_private_addresses`` off the address check at connect time (:mod:`crawl_guards`). Seed
+credentials are used for their origin's requests and stored nowhere: URLs are kept without
+userinfo. Ctrl-C (or :func:`stop_crawls`) stops a crawl within a fraction of a second with
+:class:`CrawlInterrupted`, in a worker thread too.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import re
 import string
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -34,18 +41,29 @@ from urllib.robotparser import RobotFileParser
 
 import httpx
 
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.documents import Document, FetchFailure, Unchanged, document_id, utc_now
-from llmflow.tasks.html_text import (
-    BoundedExtractor,
-    DecodeError,
-    ExtractionError,
-    decode_body,
-    extract_links,
+from llmflow.tasks.crawl_config import CrawlConfig, redact_url
+from llmflow.tasks.crawl_guards import (
+    AddressRefused,
+    CrawlInterrupted,
+    global_only_transport,
+    install_interrupt_handler,
+    interrupt_count,
+    seed_credentials,
+    stop_crawls,
 )
+from llmflow.tasks.documents import Document, FetchFailure, Unchanged, document_id, utc_now
+from llmflow.tasks.html_text import BoundedExtractor, DecodeError, ExtractionError, decode_body
 from llmflow.tasks.warc_writer import WarcRecorder
 
-__all__ = ["PageState", "crawl_web", "normalize_url"]
+__all__ = [
+    "CrawlInterrupted",
+    "PageState",
+    "crawl_web",
+    "install_interrupt_handler",
+    "normalize_url",
+    "redact_url",
+    "stop_crawls",
+]
 
 Outcome = Document | FetchFailure | Unchanged
 
@@ -67,6 +85,10 @@ _PATH_SAFE = frozenset(_SUB_DELIMS + ":@/")
 _QUERY_SAFE = frozenset(_SUB_DELIMS + ":@/?")
 _HEX = frozenset(string.hexdigits)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Request headers that carry credentials: sent, never archived (the WARC is shared evidence).
+SECRET_REQUEST_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+# How often a running crawl looks for an interrupt (Ctrl-C, stop_crawls()).
+INTERRUPT_POLL_S = 0.1
 
 
 # --------------------------------------------------------------------------- URL normalization
@@ -79,17 +101,17 @@ def normalize_url(url: str) -> str:
     the resource for order-sensitive servers), strips "tracking" parameters, keeps fragments, and
     neither resolves dot-segments nor decodes percent-encoded unreserved characters.
 
-    Lower-cases scheme and host (IDNA for non-ASCII hosts), drops the default port, the fragment
-    and an empty query, makes an empty path "/", resolves "." and ".." segments, upper-cases
-    percent-escapes, decodes escaped unreserved characters, escapes characters a URL may not hold,
-    and keeps the query's parameters in their order. Raises ValueError for a relative URL or a
-    bad port.
+    Lower-cases scheme and host (IDNA for non-ASCII hosts), drops userinfo (credentials belong
+    to the request, never to a stored URL: see :func:`seed_credentials`), the default port, the
+    fragment and an empty query, makes an empty path "/", resolves "." and ".." segments,
+    upper-cases percent-escapes, decodes escaped unreserved characters, escapes characters a URL
+    may not hold, and keeps the query's parameters in their order. Raises ValueError for a
+    relative URL or a bad port.
     """
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if not scheme or not parts.netloc:
         raise ValueError(f"not an absolute URL with a host: {url!r}")
-    userinfo = parts.netloc.rpartition("@")[0]
     hostname = (parts.hostname or "").rstrip(".")  # urllib lower-cases it and strips [ ]
     if not hostname:
         raise ValueError(f"no host in {url!r}")
@@ -107,8 +129,6 @@ def normalize_url(url: str) -> str:
     netloc = host
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc = f"{host}:{port}"
-    if userinfo:
-        netloc = f"{userinfo}@{netloc}"
     path = _remove_dot_segments(_normalize_escapes(parts.path, _PATH_SAFE)) or "/"
     query = _normalize_escapes(parts.query, _QUERY_SAFE)
     return urlunsplit((scheme, netloc, path, query, ""))
@@ -153,31 +173,86 @@ def _remove_dot_segments(path: str) -> str:
 # --------------------------------------------------------------------------- scope and robots
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    """(host, port) of a normalized URL, the port made explicit (80/443 when the URL has none)."""
+    parts = urlsplit(url)
+    return (parts.hostname or "", parts.port or _DEFAULT_PORTS.get(parts.scheme, 0))
+
+
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL: what credentials and robots.txt belong to."""
+    return (urlsplit(url).scheme.lower(), *_host_port(normalize_url(url)))
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeEntry:
+    """One ``allowed_prefixes`` entry read: URL prefixes, or a host (any port when port is None)."""
+
+    prefixes: tuple[str, ...] = ()
+    host: str | None = None
+    port: int | None = None
+
+
+def parse_scope_entry(entry: str) -> ScopeEntry:
+    """Read one ``allowed_prefixes`` entry, or raise ValueError naming it and what is wrong.
+
+    Host entries are normalized like URLs (lower case, IDNA, no trailing dot), so that
+    "Example.COM" matches example.com, and "example.com:80" matches http://example.com/ even
+    though normalized URLs drop the default port.
+    """
+    text = entry.strip()
+    where = f"crawl.allowed_prefixes entry {entry!r}"
+    if not text:
+        raise ValueError(f"{where}: empty")
+    try:
+        if "://" in text:
+            if urlsplit(text).scheme.lower() not in _DEFAULT_PORTS:
+                raise ValueError("only http(s) URLs can be crawled")
+            if "@" in urlsplit(text).netloc:
+                raise ValueError("a scope entry holds no credentials")
+            return ScopeEntry(prefixes=(normalize_url(text),))
+        if "@" in text.partition("/")[0]:
+            raise ValueError("a scope entry holds no credentials")
+        if "/" in text.rstrip("/"):  # "example.com/docs/": a prefix under either scheme
+            prefixes = tuple(normalize_url(f"{s}://{text}") for s in _DEFAULT_PORTS)
+            return ScopeEntry(prefixes=prefixes)
+        host = text.rstrip("/")
+        if host.endswith(":"):
+            raise ValueError("empty port")
+        url = normalize_url(f"http://{host}/")  # raises for a bad port
+        port = urlsplit(f"http://{host}/").port
+        hostname = urlsplit(url).hostname or ""
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return ScopeEntry(host=hostname, port=port)
+
+
 class _Scope:
-    """allowed_prefixes: URL prefixes ("https://example.com/docs/", "example.com/docs/") or host
-    names ("example.com": any port; "example.com:8080": that port only)."""
+    """Which URLs the crawl may request. allowed_prefixes: URL prefixes
+    ("https://example.com/docs/", "example.com/docs/") or host names ("example.com": any port
+    and either scheme; "example.com:8080": that port only). No allowed_prefixes: each seed's
+    host on the seed's port, which for a seed without a port is its scheme's default port, so
+    another service on the same machine (an admin port, a database's HTTP API) stays out."""
 
     def __init__(self, allowed_prefixes: list[str], seeds: list[str]) -> None:
         self.prefixes: list[str] = []
-        self.hosts: set[str] = set()
-        for entry in allowed_prefixes:
-            entry = entry.strip()
-            if "://" in entry:
-                self.prefixes.append(normalize_url(entry))
-            elif "/" in entry.rstrip("/"):  # "example.com/docs/": a prefix under either scheme
-                self.prefixes.extend(normalize_url(f"{s}://{entry}") for s in _DEFAULT_PORTS)
-            else:
-                self.hosts.add(entry.rstrip("/").lower())
+        self.hosts: set[str] = set()  # any port
+        self.host_ports: set[tuple[str, int]] = set()
+        for text in allowed_prefixes:
+            entry = parse_scope_entry(text)
+            self.prefixes.extend(entry.prefixes)
+            if entry.host is not None and entry.port is None:
+                self.hosts.add(entry.host)
+            elif entry.host is not None and entry.port is not None:
+                self.host_ports.add((entry.host, entry.port))
         if not allowed_prefixes:
-            # The seeds' host:port, so another service on the same machine stays out of scope.
-            self.hosts.update(urlsplit(seed).netloc.rpartition("@")[2] for seed in seeds)
+            self.host_ports.update(_host_port(seed) for seed in seeds)
 
     def allows(self, url: str) -> bool:
-        parts = urlsplit(url)
-        if parts.scheme not in _DEFAULT_PORTS:
+        if urlsplit(url).scheme not in _DEFAULT_PORTS:
             return False
-        hostport = parts.netloc.rpartition("@")[2]
-        if hostport in self.hosts or (parts.hostname or "") in self.hosts:
+        host_port = _host_port(url)
+        if host_port in self.host_ports or host_port[0] in self.hosts:
             return True
         return any(url.startswith(prefix) for prefix in self.prefixes)
 
@@ -190,6 +265,9 @@ class _Robots:
     allow_all: bool
     detail: str = ""
     crawl_delay: float = 0.0
+    # Why a page it refuses fails: robots_disallowed, or address_refused when the host itself
+    # may not be connected to (the page would be refused for that anyway; say so).
+    reason: str = "robots_disallowed"
 
     def allows(self, url: str, user_agent: str) -> bool:
         if urlsplit(url).path == "/robots.txt":
@@ -332,19 +410,44 @@ class _Crawler:
         self.robots_locks: dict[str, asyncio.Lock] = {}
         self.gates: dict[str, _HostGate] = {}
         self.deadline_s = config.connect_timeout_s + RESPONSE_DEADLINE_READS * config.read_timeout_s
+        # Basic-auth credentials of the seeds, by origin: used for requests to that origin only,
+        # never kept in a URL (normalize_url drops them), so no output or log can show them.
+        self.credentials: dict[tuple[str, str, int], httpx.BasicAuth] = {}
+        self.interrupted = False
         self.scope: _Scope
         self.slots: asyncio.Semaphore
         self.client: httpx.AsyncClient
+
+    async def run_interruptible(self, seeds: list[str]) -> list[Outcome]:
+        """:meth:`run`, cancelled within INTERRUPT_POLL_S of an interrupt (``self.interrupted``).
+
+        Cancelling closes every connection in flight; an extraction already handed to the
+        worker finishes first (bounded by extract_timeout_s), as asyncio waits for its thread.
+        """
+        start = interrupt_count()
+        crawl = asyncio.create_task(self.run(seeds))
+        while not crawl.done():
+            await asyncio.wait([crawl], timeout=INTERRUPT_POLL_S)
+            if interrupt_count() != start and not crawl.done():
+                self.interrupted = True
+                crawl.cancel()
+                with suppress(asyncio.CancelledError):
+                    await crawl
+                return []
+        return crawl.result()
 
     async def run(self, seeds: list[str]) -> list[Outcome]:
         results: list[Outcome] = []
         level: list[str] = []
         for seed in seeds:
+            credentials = seed_credentials(seed)
             try:
-                url = normalize_url(seed)
+                url = normalize_url(redact_url(seed))
             except ValueError as e:
-                results.append(FetchFailure(seed, "invalid_url", str(e)))
+                results.append(FetchFailure(redact_url(seed), "invalid_url", str(e)))
                 continue
+            if credentials is not None:
+                self.credentials[origin_of(url)] = credentials
             if url not in self.seen:
                 self.seen.add(url)
                 level.append(url)
@@ -390,6 +493,8 @@ class _Crawler:
     def _client(self) -> httpx.AsyncClient:
         c = self.config
         accept = ",".join([*c.content_types, "*/*;q=0.1"])
+        # The semaphore bounds requests in flight; the pool only keeps connections alive.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=c.concurrency)
         return httpx.AsyncClient(
             headers={
                 "User-Agent": c.user_agent,
@@ -402,8 +507,10 @@ class _Crawler:
                 write=c.read_timeout_s,
                 pool=c.connect_timeout_s,
             ),
-            # The semaphore bounds requests in flight; the pool only keeps connections alive.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=c.concurrency),
+            limits=limits,
+            # A transport of its own also leaves env proxies out: the address check must see
+            # the address connected to, which behind a proxy would be the proxy's.
+            transport=None if c.allow_private_addresses else global_only_transport(limits),
             follow_redirects=False,
         )
 
@@ -444,7 +551,7 @@ class _Crawler:
             if self.config.respect_robots_txt:
                 robots = await self._robots_for(current)
                 if not robots.allows(current, self.config.user_agent):
-                    return failure("robots_disallowed", robots.detail), [], requested
+                    return failure(robots.reason, robots.detail), [], requested
             response = await self._fetch(
                 current, self.config.max_page_bytes, self._read_body, self._validators(current)
             )
@@ -549,14 +656,17 @@ class _Crawler:
             return document("", e.reason, str(e)), []
         if "html" not in media:
             return (document(text) if text.strip() else document("", "empty")), []
-        # Found even when the page's own text is rejected: a hub page with no prose still leads
-        # to pages that have some. Kept at any depth: a refresh may reach the page from higher up.
-        found = await asyncio.to_thread(extract_links, text, response.url)
-        links = self._frontier_links(found)
+        # Links and text both come from the bounded worker: a hostile page costs at most the
+        # extraction timeout. Links are kept even when the page's own text is rejected (a hub
+        # page with no prose still leads to pages that have some), and at any depth (a refresh
+        # may reach the page from higher up).
         try:
-            extracted = await asyncio.to_thread(self.extractor.extract, text, response.url)
+            extracted, found = await asyncio.to_thread(
+                self.extractor.extract_with_links, text, response.url
+            )
         except ExtractionError as e:
-            return document("", e.reason, e.detail), links
+            return document("", e.reason, e.detail), self._frontier_links(e.links)
+        links = self._frontier_links(found)
         if not extracted.strip():
             return document("", "empty"), links
         return document(extracted), links
@@ -593,13 +703,22 @@ class _Crawler:
         for _ in range(ROBOTS_MAX_REDIRECTS + 1):
             response = await self._fetch(target, ROBOTS_MAX_BYTES, lambda status, headers: True)
             if isinstance(response, _Failed):
+                if response.reason == "address_refused":
+                    return _Robots(None, False, response.detail, reason=response.reason)
                 detail = f"robots.txt unreachable ({response.reason}: {response.detail})"
                 return _Robots(None, False, detail)
             location = response.headers.get("location")
             if 300 <= response.status < 400 and location:
-                target = urljoin(target, location.strip())
-                if urlsplit(target).scheme not in _DEFAULT_PORTS:
+                try:
+                    target = normalize_url(urljoin(target, location.strip()))
+                except ValueError:
                     break
+                # The same checks as a page's redirect: a robots.txt must not lead the crawler
+                # to another host or port (SSRF). Its own origin stays allowed even when the
+                # scope is a path prefix that /robots.txt is outside of.
+                same_origin = origin_of(target) == origin_of(origin)
+                if not same_origin and self._refusal(target) is not None:
+                    return _Robots(None, True, f"robots.txt redirects out of scope, to {target}")
                 continue
             if 200 <= response.status < 300:
                 return _parse_robots(response.body, response.oversize, self.config.user_agent)
@@ -651,6 +770,8 @@ class _Crawler:
                 failed = _Failed("timeout", _error_text(e))
                 continue
             except httpx.TransportError as e:
+                if isinstance(e.__cause__, AddressRefused):  # not transient: no retry
+                    return _Failed("address_refused", f"{url}: {e}")
                 failed = _Failed("connection_error", _error_text(e))
                 continue
             if response.status >= 500:
@@ -671,7 +792,9 @@ class _Crawler:
             fetched_at = utc_now()
             async with (
                 asyncio.timeout(self.deadline_s),
-                self.client.stream("GET", url, headers=headers) as stream,
+                self.client.stream(
+                    "GET", url, headers=headers, auth=self.credentials.get(origin_of(url))
+                ) as stream,
             ):
                 raw = bytearray()
                 body = bytearray()
@@ -720,6 +843,7 @@ class _Crawler:
                         request_headers=[
                             (k.decode("latin-1"), v.decode("latin-1"))
                             for k, v in stream.request.headers.raw
+                            if k.decode("latin-1").lower() not in SECRET_REQUEST_HEADERS
                         ],
                         truncated=truncated,
                     )
@@ -756,7 +880,12 @@ def crawl_web(
     ``on_page`` is called once per URL that cost at least one request (what ``max_pages``
     counts); robots.txt fetches are not counted, but they are spaced like any request and kept in
     the WARC. Runs its own event loop, in a helper thread when the caller is inside one already.
+
+    Raises :class:`CrawlInterrupted` (a KeyboardInterrupt) when interrupted, returning nothing:
+    the caller writes no output that would look complete, and a re-run does the crawl again.
     """
+    if threading.current_thread() is threading.main_thread():
+        install_interrupt_handler()
     crawler = _Crawler(
         config,
         extractor,
@@ -769,8 +898,10 @@ def crawl_web(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        results = asyncio.run(crawler.run(seeds))
+        results = asyncio.run(crawler.run_interruptible(seeds))
     else:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crawl_web") as pool:
-            results = pool.submit(asyncio.run, crawler.run(seeds)).result()
+            results = pool.submit(asyncio.run, crawler.run_interruptible(seeds)).result()
+    if crawler.interrupted:
+        raise CrawlInterrupted(f"crawl interrupted after {crawler.pages} pages")
     return sorted(results, key=lambda r: (r.url or "", not isinstance(r, Document)))

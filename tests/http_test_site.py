@@ -8,9 +8,12 @@ a real server whose log would show a request the crawler must never make:
 - ``main``: robots.txt disallows /private/; one page per crawler scenario (see ``MAIN_INDEX``);
 - ``other``: no robots.txt (404, so everything is allowed); the out-of-scope target;
 - ``delay``: robots.txt asks for ``Crawl-delay: 1``;
-- ``down``: robots.txt answers 503, so a polite crawler requests nothing else there.
+- ``down``: robots.txt answers 503, so a polite crawler requests nothing else there;
+- ``bounce``: robots.txt redirects to ``other`` (a robots.txt must not lead the crawler there);
+- ``auth``: every page needs HTTP basic auth as ``AUTH_USER``/``AUTH_PASSWORD`` (else 401).
 
-Every request to any site is logged (site, path, start time, User-Agent) and the log is served as
+Every request to any site is logged (site, path, start time, User-Agent, Authorization header)
+and the log is served as
 JSON at ``/_log`` on every site; a test tells its own requests apart by a User-Agent of its own.
 The ports are written as JSON ({"main": port, ...}) to --portfile (atomically) and to stdout.
 """
@@ -18,6 +21,7 @@ The ports are written as JSON ({"main": port, ...}) to --portfile (atomically) a
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import gzip
 import json
@@ -37,6 +41,10 @@ CP1252_TEXT = "Café crème brûlée, naïve façade – “quoted” in Zürich
 PLAIN_TEXT = "A plain text file.\nIts second line says déjà vu.\n"
 SLOW_S = 3.0  # longer than any test's read timeout
 HOPS = 20
+AUTH_USER = "crawler"
+AUTH_PASSWORD = "s3cret-Pa55word"
+HOSTILE_ATTRIBUTES = 80_000  # on one tag: minutes of lxml parsing, unbounded
+MANY_DELAY_S = 0.3  # each /many/ page takes this long to answer
 
 MAIN_INDEX = [
     "/a",
@@ -93,7 +101,7 @@ class Log:
         self.entries: list[dict] = []
         self.counts: dict[tuple[str, str, str], int] = {}
 
-    def add(self, site: str, port: int, path: str, user_agent: str) -> int:
+    def add(self, site: str, port: int, path: str, user_agent: str, authorization: str) -> int:
         """Log a request; returns how many times this site, path and agent were seen so far."""
         with self.lock:
             self.entries.append(
@@ -103,6 +111,7 @@ class Log:
                     "path": path,
                     "time": time.monotonic(),
                     "user_agent": user_agent,
+                    "authorization": authorization,
                 }
             )
             key = (site, path, user_agent)
@@ -130,7 +139,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send(200, LOG.dump(), "application/json")
             return
         user_agent = self.headers.get("User-Agent", "")
-        seen = LOG.add(self.site, self.server.server_address[1], self.path, user_agent)
+        authorization = self.headers.get("Authorization", "")
+        port = self.server.server_address[1]
+        seen = LOG.add(self.site, port, self.path, user_agent, authorization)
         # The crawler may stop reading (oversize) or give up (timeout): both are intended.
         with contextlib.suppress(ConnectionError):
             getattr(self, f"site_{self.site}")(self.path, seen)
@@ -226,7 +237,21 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/scope/":
             links = ["/scope/in", "/outside/1", "/scope/../outside/2"]
             self.send(200, html_page("scope", links=links))
-        elif path.startswith(("/polite/", "/wide/", "/scope/", "/outside/")):
+        elif path in ("/hostile/", "/hostile/quoted"):
+            # One tag with tens of thousands of attributes (parsers are quadratic in them),
+            # then ordinary prose and links the crawl should still follow. "quoted" puts a ">"
+            # in every value, so that no cheap scan of the raw text sees one long tag.
+            value = '">"' if path.endswith("quoted") else "x"
+            attributes = " ".join(f"data-a{i}={value}" for i in range(HOSTILE_ATTRIBUTES))
+            body = f"<div {attributes}>hostile</div>"
+            self.send(200, html_page("hostile", body, links=["/hostile/1", "/hostile/2"]))
+        elif path.startswith("/many/"):
+            # A slow site with many pages: 5 links per page, each page MANY_DELAY_S to answer.
+            n = int(path.rsplit("/", 1)[1])
+            time.sleep(MANY_DELAY_S)
+            links = [f"/many/{5 * n + i}" for i in range(1, 6)]
+            self.send(200, html_page(f"many {n}", links=links))
+        elif path.startswith(("/polite/", "/wide/", "/scope/", "/outside/", "/hostile/")):
             self.send(200, html_page(path))
         else:
             self.send(404, html_page("not found"))
@@ -263,6 +288,29 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send(200, html_page("down " + path))
 
+    def site_bounce(self, path: str, seen: int) -> None:
+        if path == "/robots.txt":
+            self.redirect(f"http://127.0.0.1:{PORTS['other']}/robots.txt")
+        elif path == "/":
+            self.send(200, html_page("bounce", links=["/b1"]))
+        elif path == "/b1":
+            self.send(200, html_page("bounce b1"))
+        else:
+            self.send(404, "not here")
+
+    def site_auth(self, path: str, seen: int) -> None:
+        token = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+        if self.headers.get("Authorization") != f"Basic {token}":
+            self.send(401, "who are you?", headers={"WWW-Authenticate": 'Basic realm="test"'})
+        elif path == "/robots.txt":
+            self.send(200, "User-agent: *\nDisallow: /private/\n", "text/plain")
+        elif path == "/":
+            self.send(200, html_page("members", links=["/members/1", "/members/2"]))
+        elif path.startswith("/members/"):
+            self.send(200, html_page("member page " + path))
+        else:
+            self.send(404, "not here")
+
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -287,7 +335,7 @@ def main() -> None:
     parser.add_argument("--portfile", help="write the ports here as JSON")
     args = parser.parse_args()
     serve("main", args.port)
-    for site in ("other", "delay", "down"):
+    for site in ("other", "delay", "down", "bounce", "auth"):
         serve(site, 0)
     ports = json.dumps(PORTS)
     if args.portfile:

@@ -1,0 +1,341 @@
+"""The crawler's safety findings (security review): scope of every request, private addresses,
+credentials in seeds, hostile pages, Ctrl-C, and config mistakes.
+
+Every network test runs against tests/http_test_site.py on 127.0.0.1 (started and stopped here);
+its request log, read from the server's side, shows what the crawler did and did not request.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+from warcio.archiveiterator import ArchiveIterator
+
+from llmflow.tasks import crawl
+from llmflow.tasks.crawl_config import CrawlConfig, redact_url
+from llmflow.tasks.documents import Document, FetchFailure
+from llmflow.tasks.html_text import BoundedExtractor
+from llmflow.tasks.stage import run_unit
+from llmflow.tasks.web_crawler import _Scope, crawl_web
+
+sys.path.insert(0, str(Path(__file__).parent))
+import http_test_site  # noqa: E402
+import test_web_crawler as web  # noqa: E402
+from test_web_crawler import Site, config, paths  # noqa: E402
+
+# The same site program and extractor as the crawler's own tests, started for this module.
+site = web.site
+extractor = web.extractor
+
+# --------------------------------------------------------------------------- 1: robots.txt SSRF
+
+
+def test_robots_txt_redirect_to_another_port_is_not_followed(
+    site: Site, extractor: BoundedExtractor
+) -> None:
+    """bounce's robots.txt redirects to the other server: that server must see no request."""
+    cfg = config("bounce")
+    outcomes = crawl_web([site.url("/", "bounce")], cfg, extractor)
+    assert site.log(cfg.user_agent, site="other") == []
+    # The crawl itself goes on: robots.txt counts as unavailable, the pages are fetched.
+    kept = [o.url for o in outcomes if isinstance(o, Document) and o.reject_reason is None]
+    assert kept == [site.url("/", "bounce"), site.url("/b1", "bounce")]
+    assert paths(site.log(cfg.user_agent, site="bounce")) == ["/robots.txt", "/", "/b1"]
+
+
+def test_robots_txt_redirect_inside_scope_is_followed(
+    site: Site, extractor: BoundedExtractor
+) -> None:
+    """With the other server in scope, the same redirect is an ordinary robots.txt fetch."""
+    cfg = config(
+        "bounce-allowed",
+        allowed_prefixes=[f"127.0.0.1:{site.ports['bounce']}", f"127.0.0.1:{site.ports['other']}"],
+    )
+    crawl_web([site.url("/", "bounce")], cfg, extractor)
+    assert paths(site.log(cfg.user_agent, site="other")) == ["/robots.txt"]
+
+
+# --------------------------------------------------------------------------- 2: scope and ports
+
+
+def test_seed_without_port_means_the_default_port_only() -> None:
+    scope = _Scope([], ["http://example.com/", "https://secure.example/"])
+    assert scope.allows("http://example.com/page")
+    assert not scope.allows("http://example.com:8080/admin")
+    assert not scope.allows("http://example.com:443/")
+    assert scope.allows("https://secure.example/x")
+    assert not scope.allows("https://secure.example:8443/x")
+    # A seed with its port: that port, under either scheme (one service).
+    scope = _Scope([], ["http://127.0.0.1:8000/"])
+    assert scope.allows("http://127.0.0.1:8000/a")
+    assert not scope.allows("http://127.0.0.1/a")
+    assert not scope.allows("http://127.0.0.1:8001/a")
+
+
+def test_allowed_host_entries_keep_their_meaning() -> None:
+    scope = _Scope(["Example.COM", "docs.example:80", "api.example:8443"], [])
+    assert scope.allows("http://example.com:9999/")  # a bare host: any port
+    assert scope.allows("https://example.com/")
+    assert scope.allows("http://docs.example/")  # ":80" is http's default port, dropped in URLs
+    assert not scope.allows("https://docs.example/")
+    assert not scope.allows("http://docs.example:8080/")
+    assert scope.allows("https://api.example:8443/v1")
+    assert not scope.allows("https://api.example/v1")
+    assert not scope.allows("http://other.example/")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("", "empty"),
+        ("example.com:99999", "bad port"),
+        ("example.com:", "empty port"),
+        ("ftp://example.com/", "only http(s)"),
+        ("user:pw@example.com", "no credentials"),
+    ],
+)
+def test_bad_scope_entries_are_refused(entry: str, problem: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        CrawlConfig(allowed_prefixes=[entry])
+    assert "allowed_prefixes" in str(error.value) and problem in str(error.value)
+
+
+# --------------------------------------------------------------------------- 3: private addresses
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_private_addresses_are_refused_when_not_allowed(
+    site: Site, extractor: BoundedExtractor, host: str
+) -> None:
+    cfg = config(f"no-private-{host}", allow_private_addresses=False)
+    seed = f"http://{host}:{site.ports['main']}/a"
+    outcomes = crawl_web([seed], cfg, extractor)
+    assert len(outcomes) == 1
+    failure = outcomes[0]
+    assert isinstance(failure, FetchFailure)
+    assert failure.reason == "address_refused"
+    assert failure.url == seed
+    assert "127.0.0.1 (loopback)" in failure.detail and host in failure.detail
+    assert "allow_private_addresses" in failure.detail
+    assert site.log(cfg.user_agent) == []  # not even robots.txt
+
+
+def test_private_addresses_are_fetched_by_default(site: Site, extractor: BoundedExtractor) -> None:
+    cfg = config("private-ok")
+    assert cfg.allow_private_addresses is True
+    outcomes = crawl_web([f"http://localhost:{site.ports['main']}/a"], cfg, extractor)
+    assert [type(o) for o in outcomes] == [Document]
+
+
+# --------------------------------------------------------------------------- 5: credentials
+
+
+def test_redact_url() -> None:
+    assert (
+        redact_url("http://user:pw@example.com:8080/a?b=1#c") == "http://example.com:8080/a?b=1#c"
+    )
+    assert redact_url("https://token@example.com/") == "https://example.com/"
+    assert redact_url("http://example.com/a@b") == "http://example.com/a@b"
+    assert redact_url("s3://key:secret@bucket/path") == "s3://bucket/path"
+    assert redact_url("pydoc:") == "pydoc:"
+    assert redact_url("/data/crawl/file.warc.gz") == "/data/crawl/file.warc.gz"
+    assert redact_url("http://u:p@[::1/") == "http://[::1/"  # unsplittable, still redacted
+
+
+def _texts_of(stage_dir: Path) -> Iterator[tuple[str, str]]:
+    """(file, its content as text) for every file the stage wrote, read back by format."""
+    for path in sorted(p for p in stage_dir.rglob("*") if p.is_file()):
+        if path.name.endswith(".parquet"):
+            yield str(path), json.dumps(pq.read_table(path).to_pylist(), default=str)
+            yield str(path) + " (bytes)", path.read_bytes().decode("latin-1")
+        elif path.name.endswith(".warc.gz"):
+            yield str(path), gzip.decompress(path.read_bytes()).decode("latin-1")
+            with open(path, "rb") as f:
+                for record in ArchiveIterator(f):
+                    headers = record.http_headers.headers if record.http_headers else []
+                    text = json.dumps([record.rec_headers.headers, headers])
+                    yield (
+                        f"{path} {record.rec_type}",
+                        text + record.content_stream().read().decode("latin-1"),
+                    )
+        else:
+            yield str(path), path.read_bytes().decode("latin-1")
+
+
+def test_seed_credentials_are_sent_but_never_stored(site: Site, tmp_path: Path) -> None:
+    user, password = http_test_site.AUTH_USER, http_test_site.AUTH_PASSWORD
+    seed = f"http://{user}:{password}@127.0.0.1:{site.ports['auth']}/"
+    cfg = config("auth", seeds=[seed, f"http://{user}:{password}@127.0.0.1:1/unreachable"])
+    stage_dir = tmp_path / "crawl"
+    units = crawl.plan_crawl_units(cfg)
+    assert password not in json.dumps([u.source for u in units])
+    records = [
+        run_unit(
+            str(stage_dir),
+            u,
+            lambda u=u: crawl.crawl_documents(u, cfg, str(stage_dir), lambda: None),
+        )
+        for u in units
+    ]
+    crawl.finish(units, cfg, str(stage_dir), records, None)
+
+    # The server was asked with the credentials, on every request (robots.txt included).
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    log = site.log(cfg.user_agent, site="auth")
+    assert paths(log) == ["/robots.txt", "/", "/members/1", "/members/2"]
+    assert {e["authorization"] for e in log} == {f"Basic {token}"}
+    kept = pq.read_table(stage_dir / "web.parquet").column("url").to_pylist()
+    assert kept == [site.url(p, "auth") for p in ("/", "/members/1", "/members/2")]
+
+    written = list(_texts_of(stage_dir))
+    names = {Path(name.split(" ")[0]).name for name, _ in written}
+    assert {"web.parquet", "manifest.json", "web.warc.gz"} <= names, names
+    assert any(name.endswith("request") for name, _ in written)
+    for name, text in written:
+        for secret in (password, token, f"{user}:"):
+            assert secret not in text, f"{secret!r} in {name}"
+
+
+# --------------------------------------------------------------------------- 7: config mistakes
+
+
+@pytest.mark.parametrize("seeds", [[], [""], ["  "], ["pydoc:", ""]])
+def test_empty_seeds_are_refused(seeds: list[str]) -> None:
+    with pytest.raises(ValidationError) as error:
+        CrawlConfig(seeds=seeds)
+    message = str(error.value)
+    assert "seeds" in message
+    assert ("no seeds" in message) if not seeds else ("empty string" in message)
+
+
+# --------------------------------------------------------------------------- 4: hostile pages
+
+
+PAGE_TIMEOUT_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def quick_extractor() -> Iterator[BoundedExtractor]:
+    """A short page timeout, warmed up so that the worker's start is not counted as a page's."""
+    with BoundedExtractor(timeout_s=PAGE_TIMEOUT_S) as bounded:
+        bounded.extract("<p>warm</p>")
+        yield bounded
+
+
+def test_tag_with_80000_attributes_does_not_stall_the_crawl(
+    site: Site, quick_extractor: BoundedExtractor
+) -> None:
+    """Handled within the page timeout, and the links on it are followed: the tag is cut short
+    before lxml parses the links; the text is the worker's (or its timeout, counted)."""
+    cfg = config("hostile", max_page_bytes=2_000_000)
+    started = time.monotonic()
+    outcomes = web.by_url(crawl_web([site.url("/hostile/")], cfg, quick_extractor))
+    seconds = time.monotonic() - started
+    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    hostile = outcomes[site.url("/hostile/")]
+    assert isinstance(hostile, Document)
+    assert hostile.reject_reason in (None, "extract_timeout"), hostile
+    for path in ("/hostile/1", "/hostile/2"):
+        page = outcomes[site.url(path)]
+        assert isinstance(page, Document) and page.reject_reason is None, path
+
+
+def test_link_parsing_is_bounded_by_the_extraction_timeout(
+    site: Site, quick_extractor: BoundedExtractor
+) -> None:
+    """A page the cheap guard misses ('>' in every value) is stopped by the worker's timeout:
+    one rejected page with its reason, and the crawl goes on to the next seed."""
+    cfg = config("hostile-quoted", max_page_bytes=2_000_000)
+    started = time.monotonic()
+    seeds = [site.url("/hostile/quoted"), site.url("/hostile/1")]
+    outcomes = web.by_url(crawl_web(seeds, cfg, quick_extractor))
+    seconds = time.monotonic() - started
+    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    hostile = outcomes[site.url("/hostile/quoted")]
+    assert isinstance(hostile, Document) and hostile.reject_reason == "extract_timeout"
+    page = outcomes[site.url("/hostile/1")]
+    assert isinstance(page, Document) and page.reject_reason is None
+
+
+# --------------------------------------------------------------------------- 6: Ctrl-C
+
+# The crawl stage as the pipeline runs it: planned in the main thread, the unit run in a worker
+# thread of a pool (Prefect's thread task runner), the main thread waiting on the result.
+INTERRUPTED_CRAWL = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from llmflow.tasks import crawl
+from llmflow.tasks.crawl_config import CrawlConfig
+from llmflow.tasks.stage import run_unit
+
+seed, stage_dir = sys.argv[1], sys.argv[2]
+cfg = CrawlConfig(
+    seeds=[seed], max_pages=500, max_depth=10, politeness_delay_s=0.0, concurrency=2,
+    user_agent="llmflow-test/interrupt", read_timeout_s=5.0, exclude_patterns=[],
+)
+units = crawl.plan_crawl_units(cfg)
+
+def tick():
+    print("page", flush=True)
+
+with ThreadPoolExecutor(max_workers=2) as pool:
+    futures = [
+        pool.submit(
+            run_unit, stage_dir, u, lambda u=u: crawl.crawl_documents(u, cfg, stage_dir, tick)
+        )
+        for u in units
+    ]
+    for future in futures:
+        future.result()
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> None:
+    stage_dir = tmp_path / "crawl"
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_CRAWL, site.url("/many/0"), str(stage_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        for _ in range(3):  # three pages fetched: the crawl is well under way
+            assert process.stdout.readline().strip() == "page"
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the crawl ran on after Ctrl-C")
+        seconds = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert seconds < 5.0, seconds
+    assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
+    assert "KeyboardInterrupt" in err or "CrawlInterrupted" in err, err[-2000:]
+    assert "finished" not in out
+    # Nothing half-written, and nothing that looks complete: the unit is redone next time.
+    written = [p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*") if p.is_file()]
+    assert written == [], written
+    requests = len(site.log("llmflow-test/interrupt"))
+    time.sleep(1.0)
+    assert len(site.log("llmflow-test/interrupt")) == requests  # no request after the exit
+    assert requests < 60, requests
