@@ -16,6 +16,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from llmflow.tasks.crawl_config import redact_url
+
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 _BATCH = 100
 DATA_ROOT_TAG = "llmflow.data_root"
@@ -30,14 +32,22 @@ def resolve_tracking_uri(configured: str | None, workdir: str) -> str:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config → ``{"crawl.max_pages": "200", …}`` as MLflow params."""
+    """Nested config → ``{"crawl.max_pages": "200", …}`` as MLflow params.
+
+    URLs lose their userinfo on the way (a seed's ``user:password@``, an MLflow or object-store
+    URI with credentials): params are shown to everyone who can open the experiment.
+    """
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            items = [redact_url(v) if isinstance(v, str) else v for v in value]
+            flat[name] = str(items)[:_PARAM_VALUE_LIMIT]
         else:
-            flat[name] = str(value)[:_PARAM_VALUE_LIMIT]
+            text = redact_url(value) if isinstance(value, str) else str(value)
+            flat[name] = text[:_PARAM_VALUE_LIMIT]
     return flat
 
 

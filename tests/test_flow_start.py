@@ -72,3 +72,21 @@ def test_runs_a_killed_run_left_running_are_marked_killed(tmp_path: Path) -> Non
     assert client.get_run(elsewhere).info.status == "RUNNING"
     assert client.get_run(child).data.tags[DATA_ROOT_TAG] == "/data/a"
     assert again.close_abandoned_runs() == []
+
+
+def test_params_logged_at_start_hold_no_credentials(tmp_path: Path) -> None:
+    from llmflow.flows.config import load_config
+    from llmflow.flows.tracking import flatten
+
+    config = load_config(
+        overrides=[
+            'crawl.seeds=["http://alice:s3cret@127.0.0.1:8000/docs/", "/data/files"]',
+            "mlflow_tracking_uri=http://bob:hunter2@127.0.0.1:5000",
+        ],
+        workdir=str(tmp_path),
+    )
+    params = flatten(config.model_dump(mode="json"))
+    text = repr(params)
+    assert "s3cret" not in text and "hunter2" not in text and "alice" not in text
+    assert params["crawl.seeds"] == "['http://127.0.0.1:8000/docs/', '/data/files']"
+    assert params["mlflow_tracking_uri"] == "http://127.0.0.1:5000"
