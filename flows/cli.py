@@ -174,9 +174,28 @@ def serve(
     refresh_cron: Annotated[
         str, typer.Option(help="When the data-refresh deployment runs (cron, server time zone).")
     ] = "0 3 * * *",
+    allow_roots: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-root",
+            help="A folder (or fsspec URL prefix) a run's paths may also name, besides the"
+            " workdir and the locations this config names; repeatable.",
+        ),
+    ] = None,
+    allow_dask_addresses: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-dask-address",
+            help="A Dask scheduler (tcp://host:8786) a run may name as dask_address; repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the deployments (pipeline, data-refresh, train, evaluate) to the Prefect server in
-    $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving."""
+    $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving.
+
+    A run's parameters come from whoever creates it: runs are refused when they name a path
+    outside the workdir, this config's own locations and --allow-root, or a dask_address not
+    allowed (llmflow.flows.deployment_guard)."""
     if not os.environ.get("PREFECT_API_URL"):
         err.print(
             "[bold red]Error:[/] llmflow serve needs a Prefect server: set PREFECT_API_URL"
@@ -200,6 +219,18 @@ def serve(
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     config = config.model_copy(update={"workdir": str(Path(config.workdir).absolute())})
+    from llmflow.flows.deployment_guard import serve_environment
+
+    # The flow runs are this process's children: they inherit the allow-lists, which no run's
+    # parameters can change.
+    guard = serve_environment(config, allow_roots or [], allow_dask_addresses or [])
+    os.environ.update(guard)
+    out.print(
+        f"Deployment runs may name paths under: {guard['LLMFLOW_ALLOWED_ROOTS']}"
+        f" (--allow-root adds one)",
+        highlight=False,
+        soft_wrap=True,
+    )
     from prefect import serve as prefect_serve
 
     from llmflow.deployments.pipeline_deployments import build_deployments

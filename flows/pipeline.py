@@ -31,6 +31,7 @@ from llmflow.flows.config import (
     resolve_stages,
     stage_inputs,
 )
+from llmflow.flows.deployment_guard import check_deployment_run
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
 from llmflow.tasks import (
     crawl,
@@ -889,6 +890,7 @@ def pipeline(
     ``refresh``: the document stages make a new version of the documents from what is new since
     the last one (an unfinished version is finished first); otherwise they re-run the newest.
     """
+    check_deployment_run(config)  # a deployment run's paths: under the allowed roots, or refused
     selected = resolve_stages(",".join(stages) if stages else None)
     # one writer per dataset root: refused here, before any run is recorded, if one is busy
     with exclusive_writer(config.dataset_root(), f"flow run {flow_run.name} ({flow_run.id})"):

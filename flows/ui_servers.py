@@ -7,6 +7,15 @@ empty store that looks fine and shows nothing. This module starts both on 127.0.
 each answers its health endpoint, prints both URLs, and stops both when the user presses Ctrl-C
 or when either one dies, so no orphaned server keeps a port.
 
+Both servers answer only what they should (a web page the user visits can reach 127.0.0.1 too,
+and so can any local process): Prefect's API requires its basic-auth string (a random one made
+once per Prefect home and kept in a 0600 file there, or the user's own
+$PREFECT_SERVER_API_AUTH_STRING) and allows cross-origin requests only from its own UI's
+origin; MLflow's security middleware accepts only its own Host header (no DNS rebinding) and
+its own origin. The secret is never printed: the command prints where it is and how a worker,
+``llmflow serve`` or ``llmflow run`` uses it (terminal scroll-back and redirected logs outlive
+the session; a file with 0600 permissions is where tools such as Jupyter and Docker keep theirs).
+
 Each server runs in its own session (process group): Prefect's and MLflow's servers fork uvicorn
 workers and job runners, and only signalling the whole group reliably stops those too. Being in
 their own sessions also keeps a terminal's Ctrl-C from reaching them directly, so the shutdown
@@ -17,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -101,13 +112,64 @@ def mlflow_backend_store(workdir: Path) -> str:
     return uri
 
 
-def prefect_server(workdir: Path, port: int) -> Server:
-    """``prefect server start`` on the same database ``llmflow run`` writes to."""
+# Prefect's settings (prefect/settings/models/server/api.py, models/api.py in Prefect 3.8).
+SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server's basic auth, "user:password"
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what a client (worker, runner, flow run) sends
+CORS_ORIGINS_ENV = "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"  # comma-separated; default "*"
+AUTH_FILE_NAME = "api-auth-string"
+AUTH_USER = "llmflow"
+
+
+def auth_file(workdir: Path) -> Path:
+    """Where the Prefect API's auth string is kept: beside the database it protects."""
+    return prefect_home(workdir) / AUTH_FILE_NAME
+
+
+def api_auth_string(workdir: Path) -> tuple[str, Path | None]:
+    """The auth string the Prefect server requires, and the file it is in (None: the user's own
+    $PREFECT_SERVER_API_AUTH_STRING).
+
+    Made once per Prefect home (``llmflow:`` and 32 random bytes, URL-safe), written with 0600
+    permissions before any byte of it, and reused on every later start so the workers' and the
+    browser's saved logins keep working. A file others may read is refused, as ssh refuses such
+    a key: the secret may already be out.
+    """
+    own = os.environ.get(SERVER_AUTH_ENV)
+    if own:
+        return own, None
+    path = auth_file(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{AUTH_USER}:{secrets.token_urlsafe(32)}\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise UIServerError(
+            f"{path} holds the Prefect API's password but others may read it (mode {mode:04o});"
+            f" make it private (chmod 600 {shlex.quote(str(path))}) or delete it for a new one"
+        )
+    secret = path.read_text().strip()
+    if ":" not in secret:
+        raise UIServerError(
+            f"{path}: expected the Prefect API's auth string as user:password; delete it for a"
+            " new one"
+        )
+    return secret, path
+
+
+def prefect_server(workdir: Path, port: int, auth_string: str | None = None) -> Server:
+    """``prefect server start`` on the same database ``llmflow run`` writes to, its API behind
+    ``auth_string`` (None: the workdir's, see :func:`api_auth_string`) and open cross-origin
+    only to its own UI."""
     env = dict(os.environ)
     env["PREFECT_HOME"] = str(prefect_home(workdir))
     # A PREFECT_API_URL pointing elsewhere would make this server's UI query that other API.
     env.pop("PREFECT_API_URL", None)
-    env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
+    url = f"http://{HOST}:{port}"
+    env["PREFECT_UI_API_URL"] = f"{url}/api"
+    env[SERVER_AUTH_ENV] = auth_string if auth_string is not None else api_auth_string(workdir)[0]
+    env[CORS_ORIGINS_ENV] = url
     # Telemetry races the first database migration on SQLite (see flows/cli.py); offline anyway.
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     command = [_tool("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
@@ -116,8 +178,8 @@ def prefect_server(workdir: Path, port: int) -> Server:
         command=command,
         env=env,
         log_path=workdir / "logs" / "prefect-server.log",
-        url=f"http://{HOST}:{port}",
-        health_url=f"http://{HOST}:{port}/api/health",
+        url=url,
+        health_url=f"{url}/api/health",
     )
 
 
@@ -126,7 +188,10 @@ def mlflow_server(workdir: Path, port: int) -> Server:
 
     Runs logged by ``llmflow run`` carry ``file://<workdir>/mlartifacts/...`` artifact URIs, which
     the server reads directly; ``--artifacts-destination`` puts artifacts of experiments created
-    through this server in the same folder.
+    through this server in the same folder. ``--allowed-hosts`` and ``--cors-allowed-origins``
+    narrow MLflow's security middleware from its defaults (any private-network Host header) to
+    this server's own address. MLflow lets state-changing requests from any localhost origin
+    through whatever these say (mlflow/server/security_utils.py), and has no login here.
     """
     env = dict(os.environ)
     # Without this the server also starts several job-runner processes nobody here uses.
@@ -144,6 +209,10 @@ def mlflow_server(workdir: Path, port: int) -> Server:
         str(port),
         "--workers",
         "1",
+        "--allowed-hosts",
+        f"{HOST}:{port},localhost:{port}",
+        "--cors-allowed-origins",
+        f"http://{HOST}:{port}",
     ]
     return Server(
         name="MLflow",
@@ -278,6 +347,26 @@ def _say(message: str, *, err: bool = False) -> None:
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def login_help(prefect_url: str, auth_path: Path | None) -> str:
+    """How to log in to the Prefect UI and point a client at its API, naming where the auth string
+    is but never printing it."""
+    if auth_path is None:
+        where = f"your ${SERVER_AUTH_ENV}"
+        value = f'"${SERVER_AUTH_ENV}"'
+    else:
+        where = f"the file {auth_path} (mode 600)"
+        value = f'"$(cat {shlex.quote(str(auth_path))})"'
+    return "\n".join(
+        [
+            f"Prefect's API asks for its auth string, kept in {where}: the Prefect UI's login"
+            " takes it as the password (user:password).",
+            "Workers, `llmflow serve` and `llmflow run` reach this server with:",
+            f"  export PREFECT_API_URL={prefect_url}/api",
+            f"  export {CLIENT_AUTH_ENV}={value}",
+        ]
+    )
+
+
 def serve_ui(
     workdir: Path,
     prefect_port: int | None = None,
@@ -290,8 +379,9 @@ def serve_ui(
         for port, option in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
             if port is not None:
                 _check_port_free(port, option)
+        auth_string, auth_path = api_auth_string(workdir)
         servers = [
-            prefect_server(workdir, prefect_port or _free_port()),
+            prefect_server(workdir, prefect_port or _free_port(), auth_string),
             mlflow_server(workdir, mlflow_port or _free_port()),
         ]
     except UIServerError as error:
@@ -332,6 +422,7 @@ def serve_ui(
             assert server.process is not None
             label = f"{server.name} UI:"
             _say(f"{label:<12} {server.url}  (server pid {server.process.pid})")
+        _say(login_help(servers[0].url, auth_path))
         _say("Press Ctrl-C to stop both servers.")
         while not stop.wait(_POLL_S):
             for server in servers:

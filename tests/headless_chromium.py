@@ -178,9 +178,12 @@ class Page:
             if time.monotonic() > deadline:
                 self._failures += 1
                 shot = self.screenshot(self.profile / f"failure-{self._failures}.png", settle=False)
+                text = self.text()
+                # Toasts (an API error, a refused login) are drawn last: keep the end too.
+                shown = text if len(text) <= 4000 else f"{text[:2500]}\n[…]\n{text[-1500:]}"
                 raise AssertionError(
                     f"{self.evaluate('location.href')} never showed {still} (screenshot {shot});"
-                    f" its text:\n{self.text()[:3000]}"
+                    f" its text:\n{shown}"
                 )
             time.sleep(0.5)
 
@@ -203,6 +206,15 @@ class Page:
         shown = f"(() => {{ const e = {expression}; return !!e && !e.disabled; }})()"
         self.wait_for(lambda: [] if self.evaluate(shown) else [what], timeout)
         self.click(expression)
+
+    def type_into(self, expression: str, text: str, what: str, timeout: float = 90.0) -> None:
+        """Focus the input ``expression`` returns, once shown, and type ``text`` into it as a
+        keyboard does (``Input.insertText``: the page gets the same input events, so a form's
+        bindings see the value); else fail as :meth:`wait_for` fails, naming ``what``."""
+        shown = f"(() => {{ const e = {expression}; return !!e && !e.disabled; }})()"
+        self.wait_for(lambda: [] if self.evaluate(shown) else [what], timeout)
+        self.evaluate(f"(() => {{ const e = {expression}; e.focus(); e.select && e.select(); }})()")
+        self.send("Input.insertText", {"text": text})
 
     def settle(self, quiet_s: float = 1.0, cap_s: float = 10.0) -> bool:
         """Wait until the page stops changing: no DOM change for ``quiet_s`` and no finite CSS

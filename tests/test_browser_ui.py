@@ -6,6 +6,8 @@ serves the four deployments to that Prefect server. Then Debian's Chromium, head
 the walk-through tells a user to do, the test asserting on what each page renders and saving a
 screenshot of it (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary folder):
 
+- Prefect's login page: ``llmflow ui`` puts the API behind an auth string, so the UI asks for
+  it; the test types the one from the file ``llmflow ui`` names and presses Login;
 - Prefect's deployments page: the four deployments, the refresh with its schedule;
 - the ``data-refresh`` deployment's page, reached by its link there, just before Run is clicked;
 - Run → Quick run (which opens the "Run Deployment" form, the preset filled in) → the form's Run →
@@ -97,6 +99,30 @@ def _start_ui(workdir: Path) -> tuple[subprocess.Popen[str], dict[str, str], dic
     return process, urls, pids
 
 
+def _auth_string(workdir: Path) -> str:
+    """The Prefect API's auth string, where ``llmflow ui`` keeps it (and tells the user so)."""
+    return (workdir / "prefect" / "api-auth-string").read_text().strip()
+
+
+# The Prefect UI's login page (Prefect 3.8's Unauthenticated view): one password input, whose
+# placeholder shows the form it wants ("admin:pass"), and a Login button submitting it.
+LOGIN_INPUT = "document.querySelector('form input[type=password]')"
+LOGIN_BUTTON = "document.querySelector('form button[type=submit]')"
+
+
+def _log_in(page: Page, prefect_url: str, auth_string: str, shots: Path) -> Path:
+    """Open the Prefect UI as a user does: it asks for the password; type the auth string
+    ``llmflow ui`` pointed to and press Login; the UI then shows its pages. The screenshot is
+    of the login page, the password typed (the field masks it)."""
+    page.goto(f"{prefect_url}/deployments")
+    page.type_into(LOGIN_INPUT, auth_string, "the password field of the Prefect UI's login")
+    assert page.evaluate(f"{LOGIN_INPUT}.value") == auth_string
+    shot = page.screenshot(shots / "prefect-login.png")
+    page.click_when_shown(LOGIN_BUTTON, "the Login button")
+    page.wait_for(lambda: [] if not page.evaluate(f"!!{LOGIN_INPUT}") else ["logged in"])
+    return shot
+
+
 def _stop_ui(process: subprocess.Popen[str], pids: dict[str, int]) -> None:
     """Ctrl-C, as a user stops it; by pid whatever is left after that."""
     if process.poll() is None:
@@ -107,10 +133,18 @@ def _stop_ui(process: subprocess.Popen[str], pids: dict[str, int]) -> None:
         _kill_leftovers(process, set(pids.values()))
 
 
-def _serve(workdir: Path, tmp_path: Path, api_url: str) -> subprocess.Popen[bytes]:
-    """``llmflow serve`` as tests/test_deployments.py serves, against ``llmflow ui``'s Prefect;
-    PREFECT_HOME keeps the runner's own local state out of the user's ~/.prefect."""
-    env = dict(_clean_env(), PREFECT_API_URL=api_url, PREFECT_HOME=str(tmp_path / "serve-home"))
+def _serve(
+    workdir: Path, tmp_path: Path, api_url: str, auth_string: str
+) -> subprocess.Popen[bytes]:
+    """``llmflow serve`` as tests/test_deployments.py serves, against ``llmflow ui``'s Prefect,
+    authenticated as ``llmflow ui`` tells a user to; PREFECT_HOME keeps the runner's own local
+    state out of the user's ~/.prefect."""
+    env = dict(
+        _clean_env(),
+        PREFECT_API_URL=api_url,
+        PREFECT_API_AUTH_STRING=auth_string,
+        PREFECT_HOME=str(tmp_path / "serve-home"),
+    )
     return start_serve(workdir, tmp_path, env)
 
 
@@ -288,16 +322,21 @@ def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> 
     ui, urls, pids = _start_ui(workdir)
     try:
         api_url = f"{urls['Prefect']}/api"
+        auth_string = _auth_string(workdir)
+        user, password = auth_string.split(":", 1)
         # Served throughout: when `llmflow serve` stops, Prefect pauses its deployments and the
         # UI greys them out; the pictures are of deployments being served.
-        serve = _serve(workdir, tmp_path, api_url)
+        serve = _serve(workdir, tmp_path, api_url, auth_string)
         try:
             with (
-                httpx.Client(base_url=api_url, timeout=10, trust_env=False) as api,
+                httpx.Client(
+                    base_url=api_url, timeout=10, trust_env=False, auth=(user, password)
+                ) as api,
                 Page(CHROMIUM, tmp_path / "chromium") as page,
             ):
                 refresh = served_deployments(api, serve, log)["data-refresh"]
-                taken = [_check_deployments(page, urls["Prefect"], shots)]
+                taken = [_log_in(page, urls["Prefect"], auth_string, shots)]
+                taken.append(_check_deployments(page, urls["Prefect"], shots))
                 run_id, shot = _run_from_ui(page, shots)
                 taken.append(shot)
                 run = wait_completed(api, run_id, log)

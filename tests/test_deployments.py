@@ -74,6 +74,19 @@ def served_deployments(api: httpx.Client, server: subprocess.Popen, log: Path) -
     return _wait(lambda: len(deployments()) == len(PRESETS) and deployments(), 120, "deployments")
 
 
+def wait_final(api: httpx.Client, run_id: str) -> dict:
+    """The flow run once it is in a final state, whichever."""
+
+    def final() -> dict | None:
+        response = api.get(f"/flow_runs/{run_id}")
+        if response.status_code == 503:
+            return None
+        run = response.json()
+        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+    return _wait(final, 180, f"flow run {run_id} to finish")
+
+
 def wait_completed(api: httpx.Client, run_id: str, log: Path) -> dict:
     """The flow run once it is COMPLETED; a failed or crashed one fails with the serve log."""
 
@@ -168,3 +181,55 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
         assert deployment["parameters"]["refresh"] == preset.refresh
     assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
+
+
+def test_a_deployment_run_naming_paths_outside_the_roots_is_refused(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """A run's parameters are whatever its creator typed: a seed at /etc/passwd, a data_root or a
+    Dask scheduler of their own fail the run, naming the parameter and the allow-list, before
+    anything is read or written."""
+    workdir = tmp_path / "work"
+    outside = tmp_path / "outside"
+    server = start_serve(workdir, tmp_path, llmflow_env(prefect_api))
+    api = httpx.Client(base_url=prefect_api, timeout=10)
+    try:
+        evaluate = served_deployments(api, server, tmp_path / "serve.log")["evaluate"]
+        create = f"/deployments/{evaluate['id']}/create_flow_run"
+        reads = json.loads(json.dumps(evaluate["parameters"]))
+        reads["config"]["crawl"]["seeds"] = ["/etc/passwd"]
+        writes = json.loads(json.dumps(evaluate["parameters"]))
+        writes["config"]["data_root"] = str(outside)
+        writes["config"]["dask_address"] = "tcp://127.0.0.1:1"
+        runs = []
+        for parameters in (reads, writes):
+            created = post_retrying(api, create, {"parameters": parameters})
+            assert created.status_code == 201, created.text
+            runs.append(created.json()["id"])
+        refused = [wait_final(api, run_id)["state"] for run_id in runs]
+    finally:
+        stop_process(server)
+        api.close()
+
+    log = (tmp_path / "serve.log").read_text()
+    assert f"Deployment runs may name paths under: {workdir}," in log, log[-2000:]
+    for state in refused:
+        assert state["type"] == "FAILED", state
+        assert "deployment run refused" in state["message"], state
+        assert f"Allowed roots: {workdir}, " in state["message"], state
+        assert "LLMFLOW_ALLOWED_ROOTS" in state["message"], state
+    assert (
+        "config.crawl.seeds[0]='/etc/passwd' is outside the allowed roots"
+        in (refused[0]["message"])
+    )
+    assert (
+        f"config.data_root={str(outside)!r} is outside the allowed roots" in (refused[1]["message"])
+    )
+    assert (
+        "config.dask_address='tcp://127.0.0.1:1' is not an allowed Dask scheduler"
+        in (refused[1]["message"])
+    )
+    # Refused before the dataset lock, the MLflow run or any dataset: nothing was written.
+    assert not outside.exists()
+    assert not (workdir / "data").exists()
+    assert not (workdir / "mlflow.db").exists()

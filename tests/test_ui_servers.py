@@ -12,6 +12,7 @@ import queue
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -22,17 +23,25 @@ import httpx
 import pytest
 from conftest import REPO, free_port
 
-from llmflow.flows.ui_servers import mlflow_server, prefect_server
+from llmflow.flows.ui_servers import (
+    SERVER_AUTH_ENV,
+    UIServerError,
+    api_auth_string,
+    mlflow_server,
+    prefect_server,
+)
 
 URL_LINE = re.compile(r"^(Prefect|MLflow) UI:\s+(http://\S+)\s+\(server pid (\d+)\)")
 START_LINE = re.compile(r"^Starting (Prefect|MLflow) server \(pid (\d+)\)")
 
 
 def _launch(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = dict(os.environ) if env is None else env
+    env.pop(SERVER_AUTH_ENV, None)  # the workdir's own secret, made by the command
     return subprocess.Popen(
         [sys.executable, "-m", "llmflow.flows.ui_servers", "--workdir", str(workdir), *args],
         cwd=REPO,
-        env=env or dict(os.environ),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -120,10 +129,61 @@ def test_ui_serves_the_workdirs_stores_and_stops_both_on_sigint(tmp_path: Path) 
             "MLflow": f"http://127.0.0.1:{mlflow_port}",
         }
 
+        while output[-1] != "Press Ctrl-C to stop both servers.":  # the login help comes first
+            line = lines.get(timeout=30)
+            assert line is not None, "command ended early:\n" + "\n".join(output)
+            output.append(line)
+        secret_file = tmp_path / "prefect" / "api-auth-string"
+        secret = secret_file.read_text().strip()
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        login = "\n".join(output)
+        assert secret.split(":", 1)[1] not in login  # where it is, never what it is
+        assert f"kept in the file {secret_file} (mode 600)" in login
+        assert f"export PREFECT_API_URL={urls['Prefect']}/api" in login
+        assert f'export PREFECT_API_AUTH_STRING="$(cat {secret_file})"' in login
+
+        api = f"{urls['Prefect']}/api"
         with httpx.Client(trust_env=False, timeout=10) as http:
-            assert http.get(f"{urls['Prefect']}/api/health").status_code == 200
+            assert http.get(f"{api}/health").status_code == 200  # probes need no login
             # The Prefect server opened the workdir's database, as `llmflow run` would.
             assert (tmp_path / "prefect" / "prefect.db").exists()
+            # No auth string, or a wrong one: 401; the right one: the API answers.
+            filters = "/deployments/filter"
+            guess = ("llmflow", "guess")
+            assert http.post(f"{api}{filters}", json={}).status_code == 401
+            assert http.post(f"{api}{filters}", json={}, auth=guess).status_code == 401
+            user, password = secret.split(":", 1)
+            assert http.post(f"{api}{filters}", json={}, auth=(user, password)).status_code == 200
+            # Cross-origin: a page elsewhere gets no CORS grant, its preflight is refused;
+            # the UI's own origin is granted.
+            evil = {"Origin": "http://evil.example"}
+            answer = http.post(f"{api}{filters}", json={}, headers=evil, auth=(user, password))
+            assert "access-control-allow-origin" not in answer.headers, answer.headers
+            preflight = {
+                **evil,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            }
+            answer = http.options(f"{api}{filters}", headers=preflight)
+            assert answer.status_code == 400, (answer.status_code, answer.headers)
+            assert "access-control-allow-origin" not in answer.headers, answer.headers
+            own = dict(preflight, Origin=urls["Prefect"])
+            answer = http.options(f"{api}{filters}", headers=own)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["access-control-allow-origin"] == urls["Prefect"]
+
+            # MLflow: a state-changing request from another origin is refused, a read gets no
+            # CORS grant, and a Host header other than its own (DNS rebinding) is refused.
+            create = f"{urls['MLflow']}/api/2.0/mlflow/experiments/create"
+            answer = http.post(create, json={"name": "from-evil"}, headers=evil)
+            assert answer.status_code == 403, answer.text
+            search = f"{urls['MLflow']}/api/2.0/mlflow/experiments/search"
+            answer = http.get(search, params={"max_results": 10}, headers=evil)
+            assert "access-control-allow-origin" not in answer.headers, answer.headers
+            rebound = http.get(
+                search, params={"max_results": 10}, headers={"Host": f"evil.example:{mlflow_port}"}
+            )
+            assert rebound.status_code == 403, rebound.text
 
             found = http.get(
                 f"{urls['MLflow']}/api/2.0/mlflow/experiments/search",
@@ -201,7 +261,7 @@ def _options(command: list[str]) -> dict[str, str]:
 def test_commands_point_at_the_workdirs_stores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("PREFECT_HOME", "MLFLOW_TRACKING_URI"):
+    for name in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", SERVER_AUTH_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere:4200/api")
 
@@ -210,14 +270,42 @@ def test_commands_point_at_the_workdirs_stores(
     assert prefect.env["PREFECT_HOME"] == str(tmp_path / "prefect")
     assert "PREFECT_API_URL" not in prefect.env  # the UI must query this server, not elsewhere
     assert prefect.env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
+    assert prefect.env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4321"
+    assert prefect.env[SERVER_AUTH_ENV] == api_auth_string(tmp_path)[0]
 
     mlflow = mlflow_server(tmp_path, 5432)
     args = _options(mlflow.command)
     assert args["--backend-store-uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert args["--artifacts-destination"] == str(tmp_path / "mlartifacts")
     assert (args["--host"], args["--port"]) == ("127.0.0.1", "5432")
+    assert args["--allowed-hosts"] == "127.0.0.1:5432,localhost:5432"
+    assert args["--cors-allowed-origins"] == "http://127.0.0.1:5432"
 
     # An HTTP tracking server is not a store a server can open: fall back to the workdir's.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     args = _options(mlflow_server(tmp_path, 5432).command)
     assert args["--backend-store-uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_the_api_secret_is_made_once_private_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PREFECT_HOME", SERVER_AUTH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    secret, path = api_auth_string(tmp_path)
+    assert path == tmp_path / "prefect" / "api-auth-string"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    user, password = secret.split(":", 1)
+    assert user == "llmflow" and len(password) >= 40
+    assert api_auth_string(tmp_path) == (secret, path)  # the next start: the same login
+    assert prefect_server(tmp_path, 4321).env[SERVER_AUTH_ENV] == secret
+
+    # Readable by others: refused, as ssh refuses such a key, with the fix in the message.
+    path.chmod(0o644)
+    with pytest.raises(UIServerError, match=r"others may read it \(mode 0644\).*chmod 600"):
+        api_auth_string(tmp_path)
+
+    # The user's own string wins, and no file is needed.
+    monkeypatch.setenv(SERVER_AUTH_ENV, "me:my-own-secret")
+    assert api_auth_string(tmp_path / "other") == ("me:my-own-secret", None)
+    assert not (tmp_path / "other").exists()
