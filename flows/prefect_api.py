@@ -4,7 +4,8 @@ Prefect would start its own temporary server, but two things about it broke runs
 machine: how long it waits for that server is read from the environment when ``prefect`` is first
 imported (before the command line could raise it), so a start-up slower than 20 s failed the run;
 and a run killed with SIGKILL left the server running with nobody to stop it. This one is the
-same ``prefect server start`` that ``llmflow ui`` runs, on the workdir's database, without the UI:
+same ``prefect server start`` that ``llmflow ui`` runs, on the workdir's database, behind the same
+auth string and CORS limit, without the UI:
 it gets a start-up timeout we choose, its log in ``<workdir>/logs``, and it is told by the kernel
 to stop when the process that started it dies (Linux), so it never outlives its run.
 """
@@ -19,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmflow.flows.ui_servers import (
+    CLIENT_AUTH_ENV,
     UIServerError,
+    api_auth_string,
     prefect_server,
     start,
     stop_all,
@@ -48,14 +51,15 @@ def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator
     stop it when the block ends, however it ends."""
     from prefect.context import refresh_global_settings_context
 
-    server = prefect_server(workdir, free_port())
+    auth_string, _ = api_auth_string(workdir)
+    server = prefect_server(workdir, free_port(), auth_string)
     server.env["PREFECT_UI_ENABLED"] = "false"
     server.log_path = workdir / "logs" / "prefect-api.log"
     timeout_s = startup_timeout()
     started = time.monotonic()
     start(server, die_with_parent=True)
     assert server.process is not None
-    previous = os.environ.get("PREFECT_API_URL")
+    previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", CLIENT_AUTH_ENV)}
     try:
         say(
             f"Starting Prefect's API server for this run (pid {server.process.pid},"
@@ -64,14 +68,16 @@ def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator
         wait_healthy([server], timeout_s, threading.Event())
         say(f"Prefect API ready after {time.monotonic() - started:.0f} s")
         os.environ["PREFECT_API_URL"] = f"{server.url}/api"
+        os.environ[CLIENT_AUTH_ENV] = auth_string
         refresh_global_settings_context()
         yield os.environ["PREFECT_API_URL"]
     finally:
         _flush_to_api()
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         refresh_global_settings_context()
         stop_all([server])
 
