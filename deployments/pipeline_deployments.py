@@ -55,8 +55,16 @@ PRESETS: dict[str, Preset] = {
 
 
 def preset_parameters(name: str, config: PipelineConfig) -> dict[str, Any]:
-    """The flow parameters a deployment starts with (the UI's form shows them, editable)."""
+    """The flow parameters a deployment starts with (the UI's form shows them, editable).
+
+    Deployment runs crawl the open web on someone's say-so: unless the serving config says
+    otherwise, their crawl refuses hosts that resolve to private, loopback or link-local
+    addresses (flows/deployment_guard.py refuses a run that turns it back on).
+    """
     preset = PRESETS[name]
+    if "allow_private_addresses" not in config.crawl.model_fields_set:
+        crawl = config.crawl.model_copy(update={"allow_private_addresses": False})
+        config = config.model_copy(update={"crawl": crawl})
     return {
         "config": config.model_dump(mode="json"),
         "stages": list(preset.stages) if preset.stages is not None else None,

@@ -37,6 +37,8 @@ from llmflow.flows.config import PipelineConfig
 
 ROOTS_ENV = "LLMFLOW_ALLOWED_ROOTS"
 DASK_ENV = "LLMFLOW_ALLOWED_DASK_ADDRESSES"
+# "1": a deployment run may crawl with crawl.allow_private_addresses=true.
+PRIVATE_ENV = "LLMFLOW_ALLOW_PRIVATE_ADDRESSES"
 # Entries of both variables are separated by commas: roots may be URLs (s3://bucket/prefix), whose
 # colons rule out os.pathsep.
 SEPARATOR = ","
@@ -163,9 +165,25 @@ def config_locations(config: PipelineConfig) -> list[tuple[str, str]]:
     return found
 
 
-def violations(config: PipelineConfig, roots: list[str], dask_addresses: list[str]) -> list[str]:
+def private_addresses_allowed(environ: typing.Mapping[str, str] | None = None) -> bool:
+    return (os.environ if environ is None else environ).get(PRIVATE_ENV, "") == "1"
+
+
+def violations(
+    config: PipelineConfig,
+    roots: list[str],
+    dask_addresses: list[str],
+    private_allowed: bool = False,
+) -> list[str]:
     """One line per parameter that breaks the allow-lists (empty: the run may go ahead)."""
     problems = []
+    web_seeds = [s for s in config.crawl.seeds if urlsplit(s).scheme in _WEB_SCHEMES]
+    if config.crawl.allow_private_addresses and web_seeds and not private_allowed:
+        problems.append(
+            "config.crawl.allow_private_addresses=true would let the crawl reach loopback,"
+            " private and link-local addresses (the cloud metadata service among them); set"
+            f" {PRIVATE_ENV}=1 or serve with --set crawl.allow_private_addresses=true to allow it"
+        )
     for parameter, value in config_locations(config):
         if not any(_under(value, root) for root in roots):
             problems.append(f"{parameter}={value!r} is outside the allowed roots")
@@ -188,7 +206,7 @@ def check_deployment_run(config: PipelineConfig) -> None:
     if not deployment.id:
         return
     roots = allowed_roots()
-    problems = violations(config, roots, allowed_dask_addresses())
+    problems = violations(config, roots, allowed_dask_addresses(), private_addresses_allowed())
     if problems:
         raise DeploymentParameterError(
             f"deployment run refused: {'; '.join(problems)}. Allowed roots: {', '.join(roots)}"
@@ -212,7 +230,12 @@ def serve_environment(
     if config.dask_address:
         addresses.append(config.dask_address)
     unique_roots = list(dict.fromkeys(_normalise_root(r) for r in roots))
-    return {
+    environment = {
         ROOTS_ENV: SEPARATOR.join(unique_roots),
         DASK_ENV: SEPARATOR.join(dict.fromkeys(addresses)),
     }
+    # The operator's own config may allow private addresses (an intranet crawl); only explicitly.
+    crawl = config.crawl
+    if crawl.allow_private_addresses and "allow_private_addresses" in crawl.model_fields_set:
+        environment[PRIVATE_ENV] = "1"
+    return environment

@@ -339,8 +339,11 @@ def crawl_documents(
             site = stack.enter_context(pydoc_site()).rstrip("/") + "/"
             if all(s.startswith(PYDOC_SEED) for s in seeds):
                 # Our own server on localhost, started for this crawl: politeness protects
-                # other people's servers, and here it would only make the default run slow.
-                config = config.model_copy(update={"politeness_delay_s": 0.0})
+                # other people's servers, and here it would only make the default run slow; the
+                # private-address guard protects other services, and this one is ours.
+                config = config.model_copy(
+                    update={"politeness_delay_s": 0.0, "allow_private_addresses": True}
+                )
             seeds = [_respell(s, PYDOC_SEED, site) for s in seeds]
         warc = None
         if config.write_warc:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from llmflow.deployments.pipeline_deployments import preset_parameters
 from llmflow.flows.config import PipelineConfig
 from llmflow.flows.deployment_guard import (
     DASK_ENV,
+    PRIVATE_ENV,
     ROOTS_ENV,
     allowed_roots,
     location_fields,
@@ -48,7 +50,8 @@ def test_paths_outside_the_roots_are_named(tmp_path: Path) -> None:
             "data_root": str(root / "escape" / "data"),
             "mlflow_tracking_uri": f"sqlite:///{root}/../mlflow.db",
             "crawl": {
-                "seeds": ["https://docs.python.org/3/", "pydoc:", "/etc/passwd", str(root / "x")]
+                "seeds": ["https://docs.python.org/3/", "pydoc:", "/etc/passwd", str(root / "x")],
+                "allow_private_addresses": False,  # as the deployments set it
             },
             "evaluate": {"model": f"file://{outside}/model"},
             "sft": {"data": "s3://bucket/other/sft.jsonl"},
@@ -108,8 +111,38 @@ def test_serve_allows_its_own_config_and_the_extra_roots(
         "s3://bucket/llmflow",
     ]
     assert env[DASK_ENV] == "tcp://cluster:8786"
-    # The served config itself passes the check its runs get.
-    assert violations(config, allowed_roots(env), env[DASK_ENV].split(",")) == []
+    # The served config, as its deployments hand it to their runs, passes the check they get.
+    served = PipelineConfig.model_validate(preset_parameters("pipeline", config)["config"])
+    assert served.crawl.allow_private_addresses is False
+    assert violations(served, allowed_roots(env), env[DASK_ENV].split(",")) == []
     # Unset: the default workdir in the flow run's working directory, nothing else.
     monkeypatch.chdir(tmp_path)
     assert allowed_roots({}) == [str(tmp_path / "llmflow-work")]
+
+
+def test_a_run_may_not_turn_the_private_address_guard_off(tmp_path: Path) -> None:
+    """Deployment runs crawl the web with private, loopback and link-local addresses refused
+    (169.254.169.254 is the cloud metadata service); a run's parameters cannot undo that."""
+    web = PipelineConfig.model_validate(
+        {"workdir": str(tmp_path), "crawl": {"seeds": ["https://example.org/"]}}
+    )
+    preset = PipelineConfig.model_validate(preset_parameters("data-refresh", web)["config"])
+    assert preset.crawl.allow_private_addresses is False
+    assert violations(preset, [str(tmp_path)], []) == []
+    reopened = preset.model_copy(
+        update={"crawl": preset.crawl.model_copy(update={"allow_private_addresses": True})}
+    )
+    (problem,) = violations(reopened, [str(tmp_path)], [])
+    assert "config.crawl.allow_private_addresses=true" in problem and PRIVATE_ENV in problem
+    assert violations(reopened, [str(tmp_path)], [], private_allowed=True) == []
+    # The operator's own explicit choice is kept, and its runs are allowed it.
+    intranet = PipelineConfig.model_validate(
+        {
+            "workdir": str(tmp_path),
+            "crawl": {"seeds": ["http://wiki.internal/"], "allow_private_addresses": True},
+        }
+    )
+    assert preset_parameters("pipeline", intranet)["config"]["crawl"]["allow_private_addresses"]
+    assert serve_environment(intranet, [], [])[PRIVATE_ENV] == "1"
+    # The embedded default's own localhost site (pydoc:) needs no such permission.
+    assert violations(PipelineConfig(workdir=str(tmp_path)), [str(tmp_path)], []) == []
