@@ -1,14 +1,18 @@
-"""Checkpoints and manifests as untrusted input.
+"""Checkpoints and manifests as untrusted input, and MLflow as an unreliable neighbour.
 
 A checkpoint handed in (``evaluate --model``, SFT's start, a resumed run folder) must not run code
-while it is read, and paths read back from ``latest.json`` and from manifests must stay in their
-own folder. Everything here is real: a real pickle payload, real checkpoints, a real training run.
+while it is read; paths read back from ``latest.json`` and from manifests must stay in their own
+folder; and a tracking server that is down must not hold training up. Everything here is real: a
+real pickle payload, a real training run, a real closed port and a real SQLite tracking store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from document_datasets import build_token_dirs
 from llmflow.tasks import checkpoints, datasets, pretrain, sft, trainer
 from llmflow.tasks.eval_models import load_causal_lm
 from llmflow.tasks.train_config import PretrainConfig, SftConfig, TrainJob
-from llmflow.tasks.trainer import train
+from llmflow.tasks.trainer import read_metrics, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 
@@ -225,3 +229,96 @@ def test_a_manifest_run_dir_inside_the_stage_folder_is_used(tmp_path: Path) -> N
     _manifest(stage, "runs/abc")
     assert pretrain.completed(str(stage), "k" * 64)["run_dir"] == "runs/abc"
     assert pretrain.manifest_run_dir(str(stage), {"run_dir": "runs/abc"}) == run
+
+
+# --- 4. MLflow down: training goes on ----------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_training_with_mlflow_down_finishes_and_warns_once(
+    token_dirs: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MLflow's client fails fast here, so the sender tries many times during the run: one warning
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(trainer, "_MLFLOW_FLUSH_S", 0.05)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    job = make_job(token_dirs, tmp_path / "down", max_steps=12, eval_interval=6)
+    job = job.model_copy(update={"tracking_uri": uri, "mlflow_run_id": "a" * 32})
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+
+    began = time.monotonic()
+    result = train(job)
+    took = time.monotonic() - began
+
+    assert result["steps"] == 12
+    assert took < 120, f"training with MLflow down took {took:.0f} s"
+    assert [r["step"] for r in read_metrics(job.run_dir) if "loss" in r] == list(range(1, 13))
+    unreachable = _warnings(caplog, "unreachable")
+    assert len(unreachable) == 1, unreachable
+    assert uri in unreachable[0] and str(Path(job.run_dir) / "metrics.jsonl") in unreachable[0]
+    undelivered = _warnings(caplog, "not delivered")
+    assert len(undelivered) == 1 and "metrics.jsonl" in undelivered[0]
+
+
+def test_training_does_not_wait_out_mlflows_own_retries(
+    token_dirs: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MLflow's default retries keep one failed request going for minutes: the run ends anyway,
+    after waiting at most the close timeout for the last metrics."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setattr(trainer, "MLFLOW_CLOSE_TIMEOUT_S", 3.0)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    job = make_job(token_dirs, tmp_path / "slow").model_copy(
+        update={"tracking_uri": uri, "mlflow_run_id": "b" * 32}
+    )
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+    began = time.monotonic()
+    train(job)
+    took = time.monotonic() - began
+    assert took < 90, f"training with MLflow down took {took:.0f} s"  # old code: minutes
+    assert len(_warnings(caplog, "not delivered within 3 s")) == 1
+    assert [r["step"] for r in read_metrics(job.run_dir) if "loss" in r] == list(range(1, 7))
+
+
+def test_metrics_and_samples_reach_a_working_tracking_store(
+    token_dirs: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    job = make_job(token_dirs, tmp_path / "ok").model_copy(
+        update={"tracking_uri": uri, "mlflow_run_id": run_id}
+    )
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+    train(job)
+
+    local = {r["step"]: r["loss"] for r in read_metrics(job.run_dir) if "loss" in r}
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx(local) and sorted(history) == list(range(1, 7))
+    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {3, 6}
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == ["samples/step-000003.txt", "samples/step-000006.txt"]
+    assert not _warnings(caplog, "MLflow")
