@@ -8,20 +8,62 @@ mid-write leaves the previous checkpoint as the latest, never half of a new one.
 
 Checkpoints live on a local (or mounted) filesystem: ``torch.save`` of multi-GB states to an
 object store belongs to a copy step after training, not inside the loop.
+
+Loading executes nothing from the files. A checkpoint is something a user hands in (``llmflow
+evaluate --model``, ``evaluate.model``, SFT's starting point, a run folder resumed), and a pickle
+can run any code while it is read; so every ``.pt`` file is read with ``torch.load(...,
+weights_only=True)``, which rebuilds only tensors and plain containers and refuses anything else
+before calling it. ``trainer.pt`` is written in that vocabulary too (the NumPy RNG's key as a
+tensor, see :func:`portable_rng_state`). Checkpoints written before that hold the NumPy key as an
+``ndarray``: they still load, through an allow-list of exactly the four NumPy names an array's
+pickle uses (no function of them runs anything but array construction). Paths read back from
+``latest.json`` are kept inside the checkpoint folder (:func:`resolve_inside`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 LATEST = "latest.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def resolve_inside(base: Path, value: object, source: Path | str, field: str) -> Path:
+    """``base / value`` for a relative path read back from a file, refusing any that leaves
+    ``base``.
+
+    Manifests and pointer files name folders relative to their own; a value that is absolute or
+    climbs out with ``..`` (a tampered or hand-edited file) would otherwise make the run read or
+    write wherever it points. The check is lexical (``os.path.normpath``), not ``resolve()``:
+    a stage folder that is itself a symlink to a bigger disk stays usable, and symlinks inside
+    the folder are the owner's own doing. ``source`` and ``field`` name the file and the entry
+    in the error.
+    """
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"{source}: {field}={value!r} is not a relative path inside {base}")
+    relative = os.path.normpath(value)
+    if (
+        os.path.isabs(value)
+        or Path(value).drive
+        or relative == os.curdir
+        or relative == os.pardir
+        or relative.startswith(os.pardir + os.sep)
+    ):
+        raise ValueError(
+            f"{source}: {field}={value!r} points outside {base}: only a path relative to that"
+            " folder, not climbing out of it, is accepted (the file was edited or is not ours)"
+        )
+    return base / relative
 
 
 def step_name(step: int) -> str:
@@ -69,33 +111,119 @@ def list_checkpoints(directory: Path) -> list[int]:
         return []
     steps = []
     for entry in directory.iterdir():
-        if entry.is_dir() and entry.name.startswith("step-") and (entry / "trainer.pt").exists():
-            steps.append(int(entry.name.removeprefix("step-")))
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and entry.is_dir() and (entry / "trainer.pt").exists():
+            steps.append(int(match.group(1)))
     return sorted(steps)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint ``latest.json`` names, or the newest complete one if that file is gone."""
+    """The checkpoint ``latest.json`` names, or the newest complete one if that file is gone.
+
+    The pointer's ``path`` must name a folder inside ``directory``: anything else is an error
+    naming the file, not a checkpoint loaded from wherever it points.
+    """
     pointer = directory / LATEST
     if pointer.exists():
-        path = directory / json.loads(pointer.read_text())["path"]
+        try:
+            latest = json.loads(pointer.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{pointer}: not a readable checkpoint pointer ({error})") from error
+        if not isinstance(latest, dict) or "path" not in latest:
+            raise ValueError(f"{pointer}: expected {{'step': N, 'path': 'step-NNNNNN'}}")
+        path = resolve_inside(directory, latest["path"], pointer, "path")
+        step = latest.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{pointer}: step={step!r} is not a step number")
         if (path / "trainer.pt").exists():
             return path
     steps = list_checkpoints(directory)
     return directory / step_name(steps[-1]) if steps else None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The three states of one checkpoint, on ``map_location``."""
+def portable_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An RNG state dict (``torch``/``numpy``/``python``/``cuda``) in what ``weights_only``
+    loading accepts: NumPy's ``('MT19937', uint32 key array, pos, has_gauss, gauss)`` becomes the
+    same tuple with the key as an int64 tensor. :func:`numpy_rng_state` undoes it."""
+    out = dict(state)
+    if "numpy" in out:
+        kind, key, *rest = out["numpy"]
+        out["numpy"] = (kind, torch.from_numpy(np.asarray(key, dtype=np.int64)), *rest)
+    return out
+
+
+def numpy_rng_state(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The tuple ``np.random.set_state`` takes, from a stored one in either form."""
+    kind, key, *rest = state
+    if isinstance(key, torch.Tensor):
+        key = key.numpy().astype(np.uint32)
+    return (kind, key, *rest)
+
+
+def _legacy_numpy_globals() -> list[Any]:
+    """What the pickle of a NumPy uint32 array names: checkpoints written before
+    :func:`portable_rng_state` hold the NumPy RNG key that way."""
     try:
-        return {
-            "model": torch.load(path / "model.pt", map_location=map_location, weights_only=True),
-            "optimizer": torch.load(
-                path / "optimizer.pt", map_location=map_location, weights_only=True
-            ),
-            # RNG states and the scheduler's dict are plain Python and tensors
-            "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=False),
-            "decoder": json.loads((path / "decoder.json").read_text()),
-        }
-    except (OSError, RuntimeError, json.JSONDecodeError) as error:
-        raise ValueError(f"checkpoint {path}: cannot load it ({error})") from error
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:  # pragma: no cover - NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def unpickler_detail(error: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` objected to, without its advice to retry with
+    ``weights_only=False`` (which is exactly what must not be done with an untrusted file)."""
+    text = str(error)
+    at = text.find("WeightsUnpickler error:")
+    detail = text[at:] if at >= 0 else text
+    detail = detail.split("Check the documentation of torch.load")[0]
+    return " ".join(detail.split())[:300]
+
+
+def _load_pt(file: Path, map_location: str | torch.device, legacy_numpy: bool = False) -> Any:
+    """One ``.pt`` file, tensors and plain containers only: a pickle that names anything else
+    (a payload's ``os.system``, any class) is refused before it is called. ``legacy_numpy``
+    also admits NumPy arrays (the old ``trainer.pt``'s RNG key)."""
+    allowed = _legacy_numpy_globals() if legacy_numpy else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint file {file}: refused, it holds Python objects other than tensors and"
+            " plain containers (only weights-only checkpoints written by llmflow are loaded;"
+            f" nothing in it was run). Delete it or retrain. {unpickler_detail(error)}"
+        ) from error
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ValueError(f"checkpoint file {file}: cannot load it ({error})") from error
+
+
+def _check_trainer_state(state: Any, file: Path) -> dict[str, Any]:
+    """The trainer state's shape, checked: what resume reads from it must be there."""
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint file {file}: expected a dict, found {type(state).__name__}")
+    expected = {"step": int, "scheduler": dict, "rng": list, "global_sequences": int}
+    for key, kind in expected.items():
+        if key in state and not isinstance(state[key], kind):
+            raise ValueError(
+                f"checkpoint file {file}: {key} is a {type(state[key]).__name__},"
+                f" expected {kind.__name__}"
+            )
+    return state
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The three states of one checkpoint, on ``map_location``, loaded without running any code
+    from the files (see the module's docstring)."""
+    decoder = path / "decoder.json"
+    try:
+        decoder_config = json.loads(decoder.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint {path}: cannot read {decoder.name} ({error})") from error
+    trainer_file = path / "trainer.pt"
+    return {
+        "model": _load_pt(path / "model.pt", map_location),
+        "optimizer": _load_pt(path / "optimizer.pt", map_location),
+        "trainer": _check_trainer_state(_load_pt(trainer_file, "cpu", True), trainer_file),
+        "decoder": decoder_config,
+    }

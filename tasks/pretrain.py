@@ -212,14 +212,30 @@ def write_manifest(
     return manifest
 
 
+def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
+    """The run folder a pretraining or SFT manifest names, kept inside the stage's folder.
+
+    The manifest stores it relative to the stage folder (:func:`write_manifest`); a value that is
+    absolute or climbs out with ``..`` is refused with an error naming the manifest, so a
+    tampered manifest cannot point the export, SFT or evaluation at files elsewhere.
+    """
+    return checkpoints.resolve_inside(
+        local_dir(stage_dir),
+        manifest.get("run_dir"),
+        datasets.join(stage_dir, datasets.MANIFEST_NAME),
+        "run_dir",
+    )
+
+
 def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
     """The manifest of a finished run with this key whose export is still there, else None."""
     path = datasets.join(stage_dir, datasets.MANIFEST_NAME)
     if not datasets.exists(path):
         return None
     manifest = datasets.read_json(path)
-    run_dir = local_dir(stage_dir) / manifest.get("run_dir", "")
-    if manifest.get("key") != key or not (run_dir / HF_DIR / "config.json").exists():
+    if manifest.get("key") != key:
+        return None
+    if not (manifest_run_dir(stage_dir, manifest) / HF_DIR / "config.json").exists():
         return None
     return manifest
 

@@ -136,7 +136,7 @@ def plan_job(
 ) -> tuple[TrainJob, str, SftData]:
     """The run's job, key and data counts; packs the conversations into the run folder."""
     base = datasets.read_json(datasets.join(pretrain_dir, datasets.MANIFEST_NAME))
-    base_run = pretrain.local_dir(pretrain_dir) / base["run_dir"]
+    base_run = pretrain.manifest_run_dir(pretrain_dir, base)
     checkpoint = checkpoints.latest_checkpoint(base_run / "checkpoints")
     if checkpoint is None:
         raise ValueError(f"pretrain run {base_run}: no checkpoint to fine-tune")

@@ -4,10 +4,12 @@ Two backends share one small interface (:class:`ToxicityScorer`). The default, `
 alt-profanity-check: a calibrated linear SVM over TF-IDF word features whose model ships inside
 its wheel, so it runs with no network and nothing to configure, fast enough for web scale. It
 catches explicit profanity, slurs and sexual language and misses hate said politely (see
-bench/toxicity_eval.md). ``detoxify`` runs a fine-tuned transformer through detoxify's own API.
-Its official checkpoints are GitHub downloads, so they must be on disk beforehand (under the file
-names detoxify's own downloader uses, in the torch hub cache, or at a path given in the config):
-nothing is downloaded at run time.
+bench/toxicity_eval.md). ``detoxify`` runs a fine-tuned transformer through detoxify's own model
+code. Its official checkpoints are GitHub downloads, so they must be on disk beforehand (under the
+file names detoxify's own downloader uses, in the torch hub cache, or at a path given in the
+config): nothing is downloaded at run time. The checkpoint file is read with
+``torch.load(weights_only=True)``: tensors and plain containers, no code from the file runs.
+detoxify's own loader would unpickle it fully, so it never opens the file (:class:`DetoxifyScorer`).
 
 Classifiers are trained on comments and tweets, not on 50 kB web pages, and their scores dilute
 over long text. A document is therefore scored in chunks of about ``chunk_chars`` characters cut on
@@ -25,7 +27,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -296,46 +297,121 @@ def _hub_offline() -> None:
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+_DETOXIFY_MODEL_CLASS = re.compile(r"[A-Za-z0-9]+ForSequenceClassification")
+_DETOXIFY_TOKENIZER_CLASS = re.compile(r"[A-Za-z0-9]+Tokenizer(Fast)?")
+# detoxify 0.5's load_checkpoint standardises the label names of its models this way.
+_DETOXIFY_RENAMED = {
+    "toxic": "toxicity",
+    "identity_hate": "identity_attack",
+    "severe_toxic": "severe_toxicity",
+}
+
+
+def read_detoxify_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """A detoxify checkpoint's dict, read without running any code from the file.
+
+    detoxify's own ``Detoxify(checkpoint=...)`` opens the file with ``torch.load(...,
+    weights_only=False)``: a full unpickle, in which a crafted file runs whatever it names. The
+    format needs nothing of the kind (a ``config`` dict of plain values from the training JSON
+    and a ``state_dict`` of tensors, as detoxify's ``convert_weights.py`` writes it), so it is
+    read here with ``weights_only=True``, which refuses any other Python object before calling
+    it. The entries detoxify uses are then checked: ``config.arch.args`` must name a
+    ``transformers`` ``...ForSequenceClassification`` class and a ``...Tokenizer`` class
+    (detoxify looks both up by name with ``getattr``), ``config.dataset.args.classes`` the
+    labels.
+    """
+    import torch
+
+    from llmflow.tasks.checkpoints import unpickler_detail
+
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"detoxify checkpoint {checkpoint}: refused, it holds Python objects other than"
+            " tensors and plain containers (nothing in it was run). A detoxify checkpoint is a"
+            " dict of 'config' (plain values) and 'state_dict' (tensors); if the file comes from"
+            f" a source you trust, re-save just those two entries. {unpickler_detail(exc)}"
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: torch.load cannot read it ({exc})"
+        ) from exc
+    try:
+        args = loaded["config"]["arch"]["args"]
+        classes = loaded["config"]["dataset"]["args"]["classes"]
+        state_dict = loaded["state_dict"]
+        names = (args["model_type"], args["model_name"], args["tokenizer_name"])
+    except (KeyError, TypeError) as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: expected a torch.save'd dict with"
+            " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
+            f" num_classes; dataset.args.classes). Missing: {exc!r}"
+        ) from exc
+    if not isinstance(state_dict, dict) or not (
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    ):
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: state_dict must be a dict of tensors"
+            " and config.dataset.args.classes a list of label names"
+        )
+    model_type, model_name, tokenizer_name = names
+    if not (
+        isinstance(model_type, str)
+        and isinstance(model_name, str)
+        and _DETOXIFY_MODEL_CLASS.fullmatch(model_name)
+        and isinstance(tokenizer_name, str)
+        and _DETOXIFY_TOKENIZER_CLASS.fullmatch(tokenizer_name)
+    ):
+        raise DetoxifyCheckpointInvalid(
+            f"detoxify checkpoint {checkpoint}: config.arch.args names model_name={model_name!r}"
+            f" and tokenizer_name={tokenizer_name!r}; expected transformers classes such as"
+            " 'BertForSequenceClassification' and 'BertTokenizer'"
+        )
+    return loaded
+
+
 class DetoxifyScorer:
-    """A detoxify checkpoint loaded with ``Detoxify(checkpoint=...)``, its labels from the file."""
+    """A detoxify checkpoint run through detoxify's own model code, its labels from the file.
+
+    What runs: the file is read by :func:`read_detoxify_checkpoint` (weights only: nothing in it
+    is executed), then the model is built as ``Detoxify(checkpoint=...)`` builds it, with
+    detoxify's ``get_model_and_tokenizer`` (``transformers`` ``from_pretrained`` of the named
+    classes with the checkpoint's state dict; configs and tokenizer files are read as data, no
+    remote code) and detoxify's label renaming. ``Detoxify.__init__`` itself is bypassed
+    because its first act is an unrestricted ``torch.load`` of the file.
+    """
 
     def __init__(self, checkpoint: Path, model_dir: str | None = None, device: str = "cpu"):
         _hub_offline()
-        import torch
-        from detoxify import Detoxify
-
+        folder = None if model_dir is None else Path(model_dir).expanduser()
+        if folder is not None and not (folder / "config.json").is_file():
+            raise DetoxifyModelNotFound(
+                f"toxicity.detoxify_model_dir={model_dir!r} has no config.json: it must hold"
+                " the base transformer's config.json and tokenizer files (save_pretrained)"
+            )
+        loaded = read_detoxify_checkpoint(checkpoint)
+        if folder is not None:
+            # detoxify builds the transformer from the hub id inside the checkpoint; pointing
+            # that id at the local folder is the one way its model code loads fully offline.
+            loaded["config"]["arch"]["args"]["model_type"] = str(folder.resolve())
         self._lock = threading.Lock()
-        if model_dir is not None:
-            folder = Path(model_dir).expanduser()
-            if not (folder / "config.json").is_file():
-                raise DetoxifyModelNotFound(
-                    f"toxicity.detoxify_model_dir={model_dir!r} has no config.json: it must hold"
-                    " the base transformer's config.json and tokenizer files (save_pretrained)"
-                )
-            with tempfile.TemporaryDirectory(prefix="llmflow-detoxify-") as tmp:
-                # detoxify builds the transformer from the hub id inside the checkpoint; pointing
-                # that id at the local folder is the one way its API loads fully offline.
-                loaded = torch.load(checkpoint, map_location="cpu", weights_only=False)
-                try:
-                    loaded["config"]["arch"]["args"]["model_type"] = str(folder.resolve())
-                except (KeyError, TypeError) as exc:
-                    raise DetoxifyCheckpointInvalid(
-                        f"{checkpoint} is not a detoxify checkpoint: no config.arch.args"
-                    ) from exc
-                local = Path(tmp) / checkpoint.name
-                torch.save(loaded, local)
-                del loaded
-                self._model = self._load(Detoxify, local, checkpoint, device)
-        else:
-            self._model = self._load(Detoxify, checkpoint, checkpoint, device)
+        self._model = self._build(loaded, checkpoint, device)
         self.labels = tuple(self._model.class_names)
         _cap_tokenizer_length(self._model)
 
     @staticmethod
-    def _load(detoxify_class: Any, path: Path, named: Path, device: str) -> Any:
+    def _build(loaded: dict[str, Any], named: Path, device: str) -> Any:
+        """A ``Detoxify`` object holding the model, made from the loaded dict as detoxify 0.5's
+        ``load_checkpoint`` makes it from the file."""
+        from detoxify import Detoxify
+        from detoxify.detoxify import get_model_and_tokenizer
+
         try:
-            return detoxify_class(checkpoint=str(path), device=device)
-        except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+            model, tokenizer = get_model_and_tokenizer(
+                **loaded["config"]["arch"]["args"], state_dict=loaded["state_dict"]
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise DetoxifyCheckpointInvalid(
                 f"{named} is not a detoxify checkpoint: expected a torch.save'd dict with"
                 " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
@@ -348,6 +424,13 @@ class DetoxifyScorer:
                 " tokenizer files in a folder and set toxicity.detoxify_model_dir to it, or"
                 f" pre-fill the Hugging Face cache. Cause: {exc}"
             ) from exc
+        detoxify = Detoxify.__new__(Detoxify)  # its __init__ would torch.load the file unsafely
+        detoxify.model = model.to(device)
+        detoxify.tokenizer = tokenizer
+        classes = loaded["config"]["dataset"]["args"]["classes"]
+        detoxify.class_names = [_DETOXIFY_RENAMED.get(c, c) for c in classes]
+        detoxify.device = device
+        return detoxify
 
     def score(self, texts: list[str]) -> dict[str, list[float]]:
         if not texts:

@@ -405,3 +405,53 @@ def test_a_file_that_is_not_a_detoxify_checkpoint_is_a_clear_error(tmp_path: Pat
     config = ToxicityConfig(backend="detoxify", detoxify_checkpoint=str(path))
     with pytest.raises(DetoxifyCheckpointInvalid, match="is not a detoxify checkpoint"):
         load_scorer(config)
+
+
+class _Payload:
+    """Unpickling this runs ``exec``, which writes ``marker``: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("with_model_dir", [False, True])
+def test_a_detoxify_checkpoint_with_a_pickle_payload_runs_nothing(
+    tiny_detoxify: dict, tmp_path: Path, with_model_dir: bool
+) -> None:
+    """A valid checkpoint plus one smuggled object: refused before detoxify (whose own loader
+    unpickles fully) or anything else opens it, naming the file."""
+    import torch
+
+    loaded = torch.load(tiny_detoxify["local"], weights_only=True)
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "crafted.ckpt"
+    torch.save(loaded | {"extra": _Payload(marker)}, path)
+    config = ToxicityConfig(
+        backend="detoxify",
+        detoxify_checkpoint=str(path),
+        detoxify_model_dir=str(tiny_detoxify["base"]) if with_model_dir else None,
+    )
+    with pytest.raises(DetoxifyCheckpointInvalid) as error:
+        load_scorer(config)
+    assert not marker.exists()
+    assert str(path) in str(error.value) and "refused" in str(error.value)
+    assert "weights_only` set to `False`" not in str(error.value)  # torch's unsafe advice, cut
+
+
+def test_a_detoxify_checkpoint_naming_a_non_model_class_is_refused(
+    tiny_detoxify: dict, tmp_path: Path
+) -> None:
+    """detoxify looks the model and tokenizer classes up by name in transformers: only
+    ``...ForSequenceClassification`` and ``...Tokenizer`` names are let through."""
+    import torch
+
+    loaded = torch.load(tiny_detoxify["local"], weights_only=True)
+    loaded["config"]["arch"]["args"]["model_name"] = "pipeline"
+    path = tmp_path / "odd.ckpt"
+    torch.save(loaded, path)
+    config = ToxicityConfig(backend="detoxify", detoxify_checkpoint=str(path))
+    with pytest.raises(DetoxifyCheckpointInvalid, match=r"odd.ckpt.*model_name='pipeline'"):
+        load_scorer(config)
