@@ -635,7 +635,7 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     summary = _loss_summary(result)
     if result.get("val_loss") is not None:
         summary += f" vs unigram entropy {result['unigram_entropy']:.3f}"
-    export = Path(config.stage_dir(name)) / manifest["run_dir"] / pretrain.HF_DIR
+    export = pretrain.manifest_run_dir(config.stage_dir(name), manifest) / pretrain.HF_DIR
     return _step_report(
         name,
         config,
@@ -702,7 +702,7 @@ def run_sft(name: str, config: PipelineConfig, tracker: PipelineTracker) -> Stag
         },
         run_id,
     )
-    export = Path(config.stage_dir(name)) / manifest["run_dir"] / pretrain.HF_DIR
+    export = pretrain.manifest_run_dir(config.stage_dir(name), manifest) / pretrain.HF_DIR
     return _step_report(
         name,
         config,
@@ -734,7 +734,7 @@ def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[st
     val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
     sft_dir = config.stage_dir("sft")
     base = datasets.read_json(datasets.join(sft_dir, datasets.MANIFEST_NAME))
-    model_path = str(pretrain.local_dir(sft_dir) / base["run_dir"] / pretrain.HF_DIR)
+    model_path = str(pretrain.manifest_run_dir(sft_dir, base) / pretrain.HF_DIR)
     digest = manifest_sha256(sft_dir) + manifest_sha256(tokens_dir)
     return model_path, config.stage_dir("tokenizer"), val_shards, digest
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from llmflow.models.decoder import Decoder, DecoderConfig
 from llmflow.models.hf_export import export_llama
 from llmflow.tasks import checkpoints, datasets
-from llmflow.tasks.progress import StepProgress, in_prefect_run
+from llmflow.tasks.progress import StepProgress, run_logger
 from llmflow.tasks.stage import StageSpec
 from llmflow.tasks.tokenize import token_shard_paths
 from llmflow.tasks.tokenizer import HF_TOKENIZER_FILES
@@ -41,8 +40,6 @@ from llmflow.tasks.train_config import PretrainConfig, TrainJob
 STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
 HF_DIR = "hf"
 _OUTPUT_TAIL = 60
-
-log = logging.getLogger(__name__)
 
 
 def local_dir(path: str) -> Path:
@@ -94,15 +91,6 @@ def plan_job(
     return job, key
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's logger inside a flow or task run (its lines reach the Prefect UI), else ours."""
-    if in_prefect_run():
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    return log
-
-
 def processes(config: PretrainConfig) -> int:
     """Training processes: as configured, else one per visible GPU, else one."""
     if config.nproc_per_node is not None:
@@ -142,7 +130,7 @@ def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None
     ]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=_OUTPUT_TAIL)
-    logger = _run_logger()
+    logger = run_logger()
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
