@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 from document_datasets import build_token_dirs
+from test_pretrain import TINY_MODEL
+from test_pretrain import make_job as pretrain_job
 
 from llmflow.tasks import checkpoints, datasets, pretrain, sft, trainer
 from llmflow.tasks.eval_models import load_causal_lm
-from llmflow.tasks.train_config import PretrainConfig, SftConfig, TrainJob
+from llmflow.tasks.train_config import SftConfig, TrainJob
 from llmflow.tasks.trainer import read_metrics, train
-
-TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 
 
 class Payload:
@@ -44,24 +44,9 @@ def token_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def make_job(token_dirs: tuple[str, str], run_root: Path, **settings: object) -> TrainJob:
-    fields: dict[str, object] = {
-        "model": TINY_MODEL,
-        "seq_len": 32,
-        "micro_batch_size": 4,
-        "batch_tokens": 256,
-        "max_steps": 6,
-        "lr": 3e-3,
-        "warmup_steps": 2,
-        "eval_interval": 3,
-        "eval_batches": 1,
-        "checkpoint_interval": 3,
-        "sample_tokens": 4,
-        "sample_prompts": ["The"],
-        "device": "cpu",
-    }
-    config = PretrainConfig.model_validate(fields | settings)
-    job, _ = pretrain.plan_job(config, token_dirs[0], token_dirs[1], str(run_root))
-    return job
+    """test_pretrain's tiny job, shorter: these tests are about what is loaded, not learned."""
+    short = {"max_steps": 6, "eval_interval": 3, "eval_batches": 1, "sample_prompts": ["The"]}
+    return pretrain_job(token_dirs, run_root, **(short | {"sample_tokens": 4} | settings))
 
 
 def tiny_checkpoint(directory: Path, step: int = 1) -> Path:
