@@ -30,10 +30,13 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
     refresh = deployments["data-refresh"]
     assert [s.schedule.cron for s in refresh.schedules] == ["30 2 * * 1"]
     assert not deployments["pipeline"].schedules
+    # deployment runs crawl with private addresses refused unless the serving config says so
+    crawl = config.crawl.model_copy(update={"allow_private_addresses": False})
+    served = config.model_copy(update={"crawl": crawl})
     for name, deployment in deployments.items():
         assert deployment.entrypoint == "llmflow.flows.pipeline.pipeline"
         parameters = deployment.parameters
-        assert PipelineConfig.model_validate(parameters["config"]) == config
+        assert PipelineConfig.model_validate(parameters["config"]) == served
         assert parameters["stages"] == (list(PRESETS[name].stages or []) or None)
     assert deployments["data-refresh"].parameters["stages"] == list(DATA_STAGES)
     # the UI's form: every field with its description, from the pydantic config
