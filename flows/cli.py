@@ -390,18 +390,16 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     uri = result["mlflow_tracking_uri"]
     out.print(f"MLflow run: {result['mlflow_run_id']} ({uri})", highlight=False, soft_wrap=True)
     out.print(f"Prefect flow run: {result['prefect_flow_run_id']}", highlight=False)
-    prefect_home = os.environ.get("PREFECT_HOME")
     if os.environ.get("PREFECT_API_URL"):
-        prefect_cmd = f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}"
-    else:
-        prefix = f"PREFECT_HOME={shlex.quote(prefect_home)} " if prefect_home else ""
-        prefect_cmd = f"{prefix}{_tool('prefect')} server start"
-    out.print(f"Prefect UI:  {prefect_cmd}", highlight=False, soft_wrap=True)
+        prefect_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
+        out.print(f"Prefect UI:  open {prefect_url}", highlight=False, soft_wrap=True)
     if uri.startswith("sqlite:"):
         mlflow_cmd = f"{_tool('mlflow')} ui --backend-store-uri {shlex.quote(uri)}"
     else:
         mlflow_cmd = f"open {uri}"
     out.print(f"MLflow UI:   {mlflow_cmd}", highlight=False, soft_wrap=True)
+    # llmflow ui, not a bare `prefect server start`: it puts the API behind the workdir's auth
+    # string and limits CORS to its own UI (README, Security).
     workdir_arg = shlex.quote(str(workdir))
     out.print(f"Both UIs:    {_tool('llmflow')} ui --workdir {workdir_arg}", highlight=False)
 

@@ -158,7 +158,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     (kept,) = [d for d in pii_docs if d["id"] in harbour]  # dedup kept one of the two
     assert "jane.doe@example.org" not in kept["text"] and "<EMAIL>" in kept["text"]
     assert kept["pii_counts"]["email"] == 1
-    assert "prefect server start" in first.stdout or "open http" in first.stdout
+    assert "Prefect UI:  open http" in first.stdout and " ui --workdir " in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
 
     # MLflow: one parent run tagged with the Prefect flow run, a child per stage with its counts.
