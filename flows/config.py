@@ -165,13 +165,17 @@ def _check_key(path: list[str]) -> None:
         annotation = fields[part].annotation
         if typing.get_origin(annotation) is dict:
             return  # free-form keys (pretrain.model): the model's own validator checks them
-        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if depth < len(path) - 1 and not is_model:
+        nested = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+        if depth < len(path) - 1 and nested is None:
             raise ConfigError(
                 f"unknown key {'.'.join(path)!r}: {'.'.join(path[: depth + 1])!r} has no fields"
             )
-        if is_model:
-            model = annotation
+        if nested is not None:
+            model = nested
 
 
 def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -84,7 +84,8 @@ class StageWiring:
     task: Task[..., UnitRecord]
     plan: Callable[[PipelineConfig], tuple[list[WorkUnit], str | None]]
     prepare: Callable[[list[WorkUnit], Any, str, TaskMapper], None] | None = None
-    finish: Callable[[list[WorkUnit], Any, str, list[UnitRecord], str | None], dict] | None = None
+    # finish: of a stage that reads another's output, so it gets that input's manifest digest
+    finish: Callable[[list[WorkUnit], Any, str, list[UnitRecord], str], dict] | None = None
 
 
 def _previous(stage: str) -> str:
@@ -305,12 +306,13 @@ def _log_inputs(name: str, config: PipelineConfig, tracker: PipelineTracker, run
         source_dir = config.stage_dir(source)
         tracker.log_input(run_id, source, source_dir, manifest_sha256(source_dir), context)
     documents_dir = config.stage_dir(document_versions.DOCUMENTS)
+    version: int | None
     if name in DOCUMENT_STAGES:
         version = document_versions.working_version(documents_dir)
     else:
         digest = _documents_digest(config, name)
         version = document_versions.version_with_digest(documents_dir, digest) if digest else None
-        if version is not None and document_versions.DOCUMENTS not in sources:
+        if digest and version is not None and document_versions.DOCUMENTS not in sources:
             path = document_versions.version_path(documents_dir, version)
             tracker.log_input(run_id, document_versions.DOCUMENTS, path, digest, context)
     if version is not None:
@@ -378,6 +380,8 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
             wiring.prepare(units, stage_config, stage_dir, map_task)
         records: list[UnitRecord] = map_task(wiring.task, units, f"{name}: units of work", live)
         if wiring.finish is not None:
+            if input_digest is None:
+                raise RuntimeError(f"stage {name} has a finish step but no input manifest")
             manifest = wiring.finish(units, stage_config, stage_dir, records, input_digest)
         else:
             manifest = finalize_stage(stage_dir, wiring.spec, stage_config, records, input_digest)
@@ -775,8 +779,9 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     results_path = datasets.join(stage_dir, datasets.MANIFEST_NAME)
     try:
         previous = datasets.read_json(results_path) if datasets.exists(results_path) else None
+        outcome: dict[str, Any]
         skipped = previous is not None and previous.get("key") == key
-        if skipped:
+        if previous is not None and skipped:
             outcome = previous
         else:
             with progress_per_task("evaluate") as on_task:
@@ -857,7 +862,10 @@ def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str, attempts: in
     """
     from prefect.client.orchestration import get_client
 
-    labels = {"mlflow.run_id": run_id, "mlflow.experiment_id": tracker.experiment_id}
+    labels: dict[str, bool | int | float | str] = {
+        "mlflow.run_id": run_id,
+        "mlflow.experiment_id": tracker.experiment_id,
+    }
     url = tracker.run_url(run_id)
     if url is not None:
         labels["mlflow.run_url"] = url
@@ -881,7 +889,9 @@ def _link_flow_run_to_mlflow(tracker: PipelineTracker, run_id: str, attempts: in
 
 
 # Deployment runs get this bounded pool; `llmflow run` sizes it from config.max_workers.
-@flow(name="llmflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+# The ignore: prefect types task_runner as TaskRunner[PrefectFuture[Any]], a type its own
+# ThreadPoolTaskRunner does not have (TaskRunner's parameter is invariant).
+@flow(name="llmflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def pipeline(
     config: PipelineConfig, stages: list[str] | None = None, refresh: bool = False
 ) -> dict[str, Any]:

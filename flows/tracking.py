@@ -185,7 +185,8 @@ class PipelineTracker:
         with warnings.catch_warnings():  # a local path matches two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
-        dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+        # Dataset.profile is abstract in name only (no ABCMeta): mlflow builds MetaDatasets too
+        dataset = MetaDataset(source=source, name=name, digest=digest[:36])  # type: ignore[abstract]
         tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
         self.client.log_inputs(
             run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])]

@@ -189,6 +189,7 @@ class Attention(nn.Module):
         v = v.view(batch, seq, c.kv_heads, c.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        mask: torch.Tensor | None
         if packed is not None:  # per-token positions (batch, 1, seq, head_dim), broadcast on heads
             positions, mask = packed
             cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)

@@ -269,6 +269,8 @@ def _openbookqa_doc(rec: dict[str, Any], idx: str) -> Doc:
 def _question_and_choices(rec: dict[str, Any]) -> tuple[str, list[str], list[str]]:
     """ARC/OpenBookQA HF schema (question|question_stem, choices{text,label}) or the original
     AI2 schema (question{stem, choices[{text,label}]})."""
+    texts: Any  # the record's values, checked below
+    labels: Any
     q = rec.get("question")
     if isinstance(q, dict) and "stem" in q and "choices" in q:  # original AI2 JSONL
         stem = q["stem"]
@@ -377,12 +379,12 @@ def _copa_doc(rec: dict[str, Any], idx: str) -> Doc:
         options = [" " + _copa_lower_first(c) for c in choices]
         return Doc(idx, f"{body} {connector}", options, _gold(rec["gold"], len(options)))
     if {"premise", "choice1", "choice2", "question", "label"} <= rec.keys():
-        connector = {"cause": "because", "effect": "therefore"}.get(rec["question"])
-        if connector is None:
+        word = {"cause": "because", "effect": "therefore"}.get(rec["question"])
+        if word is None:
             raise BadRecord("COPA question is not cause/effect")
         choices = _options([rec["choice1"], rec["choice2"]])
         options = [" " + _copa_lower_first(c) for c in choices]
-        query = _text(rec, "premise").strip()[:-1] + f" {connector}"
+        query = _text(rec, "premise").strip()[:-1] + f" {word}"
         return Doc(idx, query, options, _gold(rec["label"], 2))
     raise BadRecord(_no_schema(rec))
 

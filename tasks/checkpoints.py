@@ -22,6 +22,7 @@ pickle uses (no function of them runs anything but array construction). Paths re
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -164,10 +165,10 @@ def _legacy_numpy_globals() -> list[Any]:
     """What the pickle of a NumPy uint32 array names: checkpoints written before
     :func:`portable_rng_state` hold the NumPy RNG key that way."""
     try:
-        from numpy._core.multiarray import _reconstruct  # NumPy 2
+        multiarray = importlib.import_module("numpy._core.multiarray")  # NumPy 2
     except ImportError:  # pragma: no cover - NumPy 1
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def unpickler_detail(error: BaseException) -> str:

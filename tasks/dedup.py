@@ -625,7 +625,7 @@ def _select(values: list[str], mask: np.ndarray) -> list[str]:
 
 
 def _concat_np(arrays: Iterable[pa.ChunkedArray | pa.Array], dtype: type) -> np.ndarray:
-    parts = [np.asarray(a.to_numpy(), dtype=dtype) for a in arrays]
+    parts: list[np.ndarray] = [np.asarray(a.to_numpy(), dtype=dtype) for a in arrays]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 

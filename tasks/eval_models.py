@@ -62,4 +62,5 @@ def load_causal_lm(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32", **kwargs)
     except ImportError as error:
         raise ImportError(f"model {path}: {error} (GGUF files need `pip install gguf`)") from error
-    return model.to(device).eval(), tokenizer
+    # transformers types PreTrainedModel.to through a decorator that hides its arguments
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]

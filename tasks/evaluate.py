@@ -127,8 +127,8 @@ def evaluate_task(
         seconds=round(time.perf_counter() - started, 2),
         skipped=dict(data.skipped),
     )
-    for metric, values in per_item.items():
-        result.metrics[metric], result.stderr[metric] = mean_and_stderr(values)
+    for metric, metric_values in per_item.items():
+        result.metrics[metric], result.stderr[metric] = mean_and_stderr(metric_values)
     if lambada_ll:
         mean_ll, stderr_ll = mean_and_stderr(lambada_ll)
         result.metrics["perplexity"] = math.exp(-mean_ll)

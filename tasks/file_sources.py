@@ -370,7 +370,7 @@ def _open_decompressed(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[
     compressed files without '.gz' both occur.
     """
     with fs.open(path, "rb") as raw:
-        buffered = io.BufferedReader(raw, buffer_size=_SCAN_BLOCK)  # type: ignore[arg-type]
+        buffered = io.BufferedReader(raw, buffer_size=_SCAN_BLOCK)
         if buffered.peek(2)[:2] == GZIP_MAGIC:
             with gzip.GzipFile(fileobj=buffered, mode="rb") as unzipped:
                 yield unzipped  # type: ignore[misc]

@@ -249,13 +249,13 @@ def decode_body(body: bytes, content_type: str | None) -> tuple[str, str]:
     if not body:
         return "", header_codec or "utf-8"
 
-    for bom, codec in _BOMS:
+    for bom, bom_codec in _BOMS:
         if body.startswith(bom):
-            text = _strict_decode(body[len(bom) :], codec) or _nearly_decodes(
-                body[len(bom) :], codec
+            text = _strict_decode(body[len(bom) :], bom_codec) or _nearly_decodes(
+                body[len(bom) :], bom_codec
             )
             if text is not None:
-                return text, codec
+                return text, bom_codec
             break
 
     if header_codec and _is_wide(header_codec):

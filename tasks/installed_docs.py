@@ -10,11 +10,13 @@ any machine that has llmflow installed.
 
 from __future__ import annotations
 
+import email.message
 import hashlib
 import json
 import re
 from collections.abc import Iterator
 from importlib.metadata import Distribution, distributions
+from typing import cast
 
 from llmflow.tasks.documents import Document, FetchFailure
 
@@ -45,7 +47,12 @@ def installed_documents(max_bytes: int) -> Iterator[Document | FetchFailure]:
     """One document per package description and per licence-like file, in a stable order."""
     for dist in _installed():
         base = f"python-dist://{_name(dist)}/{dist.version}"
-        description = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        # typeshed types metadata as the PackageMetadata protocol; it is an email Message
+        metadata = cast(email.message.Message, dist.metadata)
+        payload = metadata.get_payload()  # a metadata file's body: a str, or None
+        description = (
+            (payload if isinstance(payload, str) else None) or metadata.get("Description") or ""
+        )
         if description.strip():
             yield Document(url=f"{base}/DESCRIPTION", text=description, source=SOURCE)
         for file in sorted(dist.files or [], key=str):
@@ -54,7 +61,8 @@ def installed_documents(max_bytes: int) -> Iterator[Document | FetchFailure]:
             url = f"{base}/{file}"
             path = dist.locate_file(file)
             try:
-                data = path.read_bytes()  # type: ignore[union-attr]
+                # typeshed: a SimplePath without read_bytes; a real Path for installed dists
+                data = path.read_bytes()  # type: ignore[attr-defined]
             except OSError as error:
                 yield FetchFailure(url=url, reason="unreadable", detail=str(error))
                 continue

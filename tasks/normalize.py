@@ -128,7 +128,11 @@ def normalize_text(text: str, config: NormalizeConfig) -> tuple[str, list[str]]:
         (
             config.unicode_form.lower(),
             config.unicode_form != "none",
-            lambda t: unicodedata.normalize(config.unicode_form, t),
+            lambda t: (
+                t
+                if config.unicode_form == "none"
+                else unicodedata.normalize(config.unicode_form, t)
+            ),
         ),
         ("control_chars", config.remove_control_chars, _strip_controls),
         ("whitespace", config.normalize_whitespace, _tidy_whitespace),

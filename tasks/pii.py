@@ -25,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
 
-from llmflow.tasks.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiScanner, redact
+from llmflow.tasks.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiScanner, PiiType, redact
 from llmflow.tasks.pii_phones import PHONE_REGIONS_BY_LANG
 from llmflow.tasks.stage import (
     ShardResult,
@@ -41,7 +41,6 @@ from llmflow.tasks.stage import (
 
 STAGE = StageSpec(name="pii", version="2", libraries=("phonenumbers",))
 
-PiiType = Literal["email", "phone", "ip_address", "credit_card", "iban", "ssn", "secret"]
 # One int32 count per type, always all seven in PII_TYPES order, whatever is enabled: the column
 # has the same type in every shard and every config.
 PII_COUNTS_TYPE = pa.struct([pa.field(name, pa.int32(), nullable=False) for name in PII_TYPES])

@@ -22,11 +22,13 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from llmflow.tasks.pii_phones import PHONE_REGIONS_BY_LANG, find_phones
 
 # The counted types, in the order of the ``pii_counts`` struct's fields (fixed: never reorder).
-PII_TYPES: tuple[str, ...] = (
+PiiType = Literal["email", "phone", "ip_address", "credit_card", "iban", "ssn", "secret"]
+PII_TYPES: tuple[PiiType, ...] = (
     "email",
     "phone",
     "ip_address",
@@ -107,11 +109,11 @@ def find_emails(text: str) -> Iterator[Span]:
     covered = 0
     while at >= 0:
         if at >= covered:
-            m = _EMAIL.search(text, max(covered, at - 64), at + 254)
-            if m is not None and m.start() < at < m.end():
-                covered = m.end()
-                if _is_email(text, m):
-                    yield Span(m.start(), m.end(), "email")
+            found = _EMAIL.search(text, max(covered, at - 64), at + 254)
+            if found is not None and found.start() < at < found.end():
+                covered = found.end()
+                if _is_email(text, found):
+                    yield Span(found.start(), found.end(), "email")
         at = text.find("@", at + 1)
 
 
@@ -252,7 +254,8 @@ def find_secrets(text: str) -> Iterator[Span]:
         if end is not None and end.start() - begin.end() <= MAX_KEY_BLOCK:
             covered = end.end()
         else:
-            covered = _KEY_BODY.match(text, begin.end()).end()
+            body = _KEY_BODY.match(text, begin.end())  # the pattern matches "": never None
+            covered = body.end() if body is not None else begin.end()
         yield Span(begin.start(), covered, "secret")
     for pattern, prefixes in (
         (_AWS_KEY_ID, _AWS_KEY_PREFIXES),

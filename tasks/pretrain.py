@@ -35,7 +35,7 @@ from llmflow.tasks.progress import StepProgress, run_logger
 from llmflow.tasks.stage import StageSpec
 from llmflow.tasks.tokenize import token_shard_paths
 from llmflow.tasks.tokenizer import HF_TOKENIZER_FILES
-from llmflow.tasks.train_config import PretrainConfig, TrainJob
+from llmflow.tasks.train_config import PretrainConfig, TrainConfig, TrainJob
 
 STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
 HF_DIR = "hf"
@@ -91,7 +91,7 @@ def plan_job(
     return job, key
 
 
-def processes(config: PretrainConfig) -> int:
+def processes(config: TrainConfig) -> int:
     """Training processes: as configured, else one per visible GPU, else one."""
     if config.nproc_per_node is not None:
         return config.nproc_per_node

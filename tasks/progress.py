@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 from uuid import UUID
 
 from rich.console import Console
@@ -97,8 +97,12 @@ class StepProgress:
             try:
                 from prefect.artifacts import create_progress_artifact
 
-                self._artifact_id = create_progress_artifact(
-                    progress=0.0, key=artifact_key(key), description=description
+                # prefect's sync_compatible type says "or a coroutine"; called sync, a UUID
+                self._artifact_id = cast(
+                    UUID,
+                    create_progress_artifact(
+                        progress=0.0, key=artifact_key(key), description=description
+                    ),
                 )
             except Exception as error:  # progress display must never sink the work
                 log.debug("no progress artifact for %s: %s", key, error)

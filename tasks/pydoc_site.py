@@ -81,7 +81,8 @@ def _serve(port: int, parent_pid: int) -> None:
     """
     import pydoc
 
-    server = pydoc._start_server(pydoc._url_handler, "127.0.0.1", port)
+    # typeshed leaves out pydoc's private server API (what `python -m pydoc -p` runs)
+    server = pydoc._start_server(pydoc._url_handler, "127.0.0.1", port)  # type: ignore[attr-defined]
     if server.error:
         raise SystemExit(f"pydoc server failed: {server.error}")
     try:

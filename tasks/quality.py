@@ -508,7 +508,7 @@ def decide(table: pa.Table, attributes: pa.Table, config: QualityConfig) -> Shar
         if hits.size == 0:
             continue
         values = column.to_pylist()
-        for i in hits:
+        for i in hits.tolist():
             reasons[i] = rule.reason
             details[i] = _detail(rule, values[i])
         undecided[hits] = False
@@ -519,7 +519,7 @@ def decide(table: pa.Table, attributes: pa.Table, config: QualityConfig) -> Shar
     removed_lines = attributes.column("c4_removed_lines").to_pylist()
     removed_rules = attributes.column("c4_removed_rules").to_pylist()
     new_texts = list(texts)
-    for i in kept_idx:
+    for i in kept_idx.tolist():
         edited = apply_c4_edits(texts[i], removed_lines[i], config)
         if edited != texts[i]:
             stats["c4_docs_edited"] += 1

@@ -113,6 +113,8 @@ def pack_data(
     """Encode both splits in the chat template and write their packed rows to ``out_dir``."""
     tokenizer = load_tokenizer(tokenizer_dir)
     pad_id = tokenizer.token_to_id("<|pad|>")
+    if pad_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir} has no <|pad|> token")
     for split, path in ((False, TRAIN_ROWS), (True, VAL_ROWS)):
         chosen = [c for c, h in zip(conversations, held_out, strict=True) if h is split]
         rows = pack_examples([encode_chat(tokenizer, c) for c in chosen], seq_len, pad_id)

@@ -144,6 +144,7 @@ def file_format(path: str) -> str:
 def _records(path: str) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs; a line of invalid JSON yields a BadRecord as its record."""
     kind = file_format(path)
+    record: Any  # whatever the file holds; validated by the caller
     fs, fs_path = datasets.filesystem(path)
     if not fs.exists(fs_path):
         raise FileNotFoundError(f"no instruction data at {path}")
@@ -176,7 +177,7 @@ def _records(path: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue  # blank lines separate nothing in JSONL; they are not records
         try:
-            record: Any = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             record = BadRecord("invalid JSON", str(error))
         yield f"{path} line {number}", record
@@ -284,12 +285,12 @@ def pack_examples(
     for r, members in enumerate(rows):
         start = 0
         for segment, i in enumerate(members, start=1):
-            ids, mask = examples[i]
-            end = start + len(ids)
-            ids_out[r, start:end] = ids
+            example_ids, example_mask = examples[i]
+            end = start + len(example_ids)
+            ids_out[r, start:end] = example_ids
             segments[r, start:end] = segment
-            positions[r, start:end] = np.arange(len(ids))
-            targets[r, start : end - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+            positions[r, start:end] = np.arange(len(example_ids))
+            targets[r, start : end - 1] = np.where(example_mask[1:], example_ids[1:], IGNORE_INDEX)
             start = end
         positions[r, start:] = np.arange(seq_len - start)
     return PackedRows(ids_out, targets, segments, positions, len(examples), truncated, dropped)

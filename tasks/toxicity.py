@@ -208,7 +208,7 @@ class ToxicityLabelError(ValueError):
 class ProfanityScorer:
     """alt-profanity-check: TF-IDF over words and a calibrated linear SVM, shipped in its wheel."""
 
-    labels = (PROFANITY_LABEL,)
+    labels: tuple[str, ...] = (PROFANITY_LABEL,)
 
     def __init__(self) -> None:
         # Importing loads the model from the wheel (about 1.5 s), so it happens once, here.

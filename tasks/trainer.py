@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -257,8 +257,8 @@ def eval_batches(job: TrainJob, seq_len: int, device: torch.device) -> list[Batc
     windows = eval_windows(TokenStream(job.val_shards), seq_len, limit)
     batches = []
     for start in range(0, len(windows), size):
-        rows = torch.from_numpy(np.stack(windows[start : start + size])).to(device)
-        batches.append(Batch(rows[:, :-1], rows[:, 1:]))
+        tokens = torch.from_numpy(np.stack(windows[start : start + size])).to(device)
+        batches.append(Batch(tokens[:, :-1], tokens[:, 1:]))
     return batches
 
 
@@ -642,8 +642,8 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             flush=True,
         )
     torch.manual_seed(config.seed)
-    model = Decoder(job.decoder).to(device)
-    optimizer = build_optimizer(model, config, device)
+    raw_model = Decoder(job.decoder).to(device)
+    optimizer = build_optimizer(raw_model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, config)
     )
@@ -657,7 +657,7 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
                 f"checkpoint {latest} was made with {trainer_state['global_sequences']} sequences"
                 f" per step, this run has {global_sequences}: start a new run folder"
             )
-        model.load_state_dict(state["model"])
+        raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         start_step = trainer_state["step"]
@@ -669,13 +669,16 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             raise ValueError(
                 f"checkpoint {job.init_checkpoint} is a different model shape than the run's"
             )
-        model.load_state_dict(initial["model"])
+        raw_model.load_state_dict(initial["model"])
 
-    raw_model = model
+    # what the steps run: the decoder, compiled and/or wrapped for DDP as configured
+    model: torch.nn.Module = raw_model
     if config.compile:
-        model = torch.compile(model)
+        # typed as returning a plain callable; for a module it is a (compiled) module
+        model = cast(torch.nn.Module, torch.compile(model))
+    ddp: DistributedDataParallel | None = None
     if parallel.world > 1:
-        model = DistributedDataParallel(
+        model = ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     autocast = lambda: _autocast(config, device)  # noqa: E731
@@ -687,11 +690,11 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
     if parallel.main and not chat:
         entropy = unigram_entropy(train_stream, job.decoder.vocab_size)
     if sink is not None and start_step == 0:
-        first = {"train_tokens": data.tokens, "parameters": raw_model.num_parameters()}
-        sink.log(0, first | ({} if chat else {"unigram_entropy": entropy}))
+        counts = {"train_tokens": data.tokens, "parameters": raw_model.num_parameters()}
+        sink.log(0, counts | ({} if chat else {"unigram_entropy": entropy}))
 
     def save(step: int) -> None:
-        rng = [_rng_state(device)]
+        rng: list[dict[str, Any] | None] = [_rng_state(device)]
         if parallel.world > 1:
             rng = [None] * parallel.world
             dist.all_gather_object(rng, _rng_state(device))
@@ -744,7 +747,7 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
             )
             batch = data.batch(first, config.micro_batch_size, device)
             sync = parallel.world == 1 or micro == accumulation - 1
-            context = contextlib.nullcontext() if sync else model.no_sync()
+            context = contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()
             with context:
                 with autocast():
                     logits = batch.logits(model)

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TypeAlias
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.robotparser import RobotFileParser
 
@@ -65,7 +66,7 @@ __all__ = [
     "stop_crawls",
 ]
 
-Outcome = Document | FetchFailure | Unchanged
+Outcome: TypeAlias = Document | FetchFailure | Unchanged
 
 SOURCE = "http"
 
