@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmflow-installed
 
-.PHONY: setup run test lint browser-check bench-extractors clean
+.PHONY: setup run test test-fast lint browser-check bench-extractors clean
 
 # torch first, pinned to the CPU wheel on this disk: any looser requirement with no torch present
 # pulls a multi-GB CUDA build. The constraint keeps every later install (detoxify's torch
@@ -25,14 +25,23 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
+# The tests that start no server: no Prefect server, no `llmflow run` or `llmflow serve`, no
+# Chromium (the `server` marker, pyproject.toml). For the edit-test loop; `make test` runs all.
+test-fast: setup
+	$(BIN)/pytest -m "not server"
+
 # The browser check alone: Chromium (installed with apt-get when root), then screenshots of the
 # Prefect and MLflow UIs of a deployment run, in screenshots/.
 browser-check: setup
 	.ci/install_chromium
 	LLMFLOW_SCREENSHOTS=$(CURDIR)/screenshots $(BIN)/pytest tests/test_browser_ui.py -rs
 
+# CI runs this before the tests: a lint, format or type error fails the build. mypy's settings
+# (which packages, under which names) are in pyproject.toml.
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	@echo "== ruff check" && $(BIN)/ruff check .
+	@echo "== ruff format --check (run \`$(BIN)/ruff format .\` to fix)" && $(BIN)/ruff format --check .
+	@echo "== mypy" && $(BIN)/mypy
 
 bench-extractors: setup
 	$(BIN)/python bench/html_extractors.py

@@ -64,11 +64,14 @@ STAGE_TASKS = (
 # A listed task run: the task's name, a dash, a short random suffix.
 TASK_RUN_LINE = re.compile(rf"^({'|'.join(STAGE_TASKS)})-[0-9a-z]+$")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium found (chromium, chromium-browser or $CHROMIUM); .ci/install_chromium"
-    " installs Debian's, then `make browser-check` runs this check",
-)
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium found (chromium, chromium-browser or $CHROMIUM); .ci/install_chromium"
+        " installs Debian's, then `make browser-check` runs this check",
+    ),
+]
 
 
 def _screenshots(tmp_path: Path) -> Path:

@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import LLMFLOW, llmflow_env
+
+pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
 STAGES = "crawl,normalize,quality,dedup,toxicity,pii,tokenizer,tokenize,pretrain"
 DATA_FILES = ("*.parquet", "*.bin", "tokenizer.json")

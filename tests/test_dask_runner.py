@@ -11,6 +11,8 @@ import pytest
 from conftest import run_llmflow
 from test_crash_resume import QUALITY_OFF, data_files, write_inputs
 
+pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
+
 DATA_STAGES = "crawl,normalize,quality,dedup,toxicity,pii"
 
 

@@ -57,6 +57,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.server
 def test_llmflow_run_on_a_busy_workdir_exits_with_the_reason(
     prefect_api: str, tmp_path: Path
 ) -> None:

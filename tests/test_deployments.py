@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import LLMFLOW, llmflow_env, stop_process
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -129,6 +130,7 @@ def start_serve(workdir: Path, tmp_path: Path, env: dict[str, str]) -> subproces
         )
 
 
+@pytest.mark.server
 def test_a_served_deployment_runs_when_triggered_through_prefect(
     prefect_api: str, tmp_path: Path
 ) -> None:
@@ -186,6 +188,7 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
 
 
+@pytest.mark.server
 def test_a_deployment_run_naming_paths_outside_the_roots_is_refused(
     prefect_api: str, tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ from llmflow.flows.pipeline import STEPS
 from llmflow.tasks import datasets
 from llmflow.tasks.stage import manifest_sha256
 
+pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
+
 MAX_PAGES = 12
 # Prose that passes the quality rules, in two near-identical copies, one with an e-mail address;
 # and a rant that passes them too but not the toxicity filter.

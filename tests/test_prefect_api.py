@@ -10,7 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import LLMFLOW
+
+pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
 # Imported by every Python process started with this folder on PYTHONPATH: a Prefect API server
 # process (`prefect server start`, or Prefect's own temporary one, uvicorn on its app factory)

@@ -71,6 +71,7 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.server
 def test_a_second_refresh_adds_only_what_is_new(
     prefect_api: str, tmp_path: Path, site: tuple[Path, str, Path]
 ) -> None:
@@ -192,6 +193,7 @@ def test_an_interrupted_refresh_is_resumed_not_abandoned(tmp_path: Path) -> None
         document_versions.read_version(documents, 3)
 
 
+@pytest.mark.server
 def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
     prefect_api: str, tmp_path: Path
 ) -> None:

@@ -103,6 +103,7 @@ def read_urls(
             pids[match[1]] = int(match[3])
 
 
+@pytest.mark.server
 def test_ui_serves_the_workdirs_stores_and_stops_both_on_sigint(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -216,6 +217,7 @@ def test_ui_serves_the_workdirs_stores_and_stops_both_on_sigint(tmp_path: Path) 
             _kill_leftovers(process, set(pids.values()))
 
 
+@pytest.mark.server
 def test_a_server_that_dies_at_start_is_named_and_the_other_is_stopped(tmp_path: Path) -> None:
     # An MLflow store URI no server can open: MLflow exits at start; Prefect must be stopped too.
     env = dict(os.environ, MLFLOW_TRACKING_URI="nosuchdb://nowhere/x")
