@@ -320,7 +320,7 @@ def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> 
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         try:
-            out, err = process.communicate(timeout=15)
+            out, err = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail("the crawl ran on after Ctrl-C")
         seconds = time.monotonic() - interrupted
@@ -328,7 +328,7 @@ def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> 
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert seconds < 5.0, seconds
+    assert seconds < 10.0, seconds  # "within seconds", with room for a loaded CI machine
     assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
     assert "KeyboardInterrupt" in err or "CrawlInterrupted" in err, err[-2000:]
     assert "finished" not in out
