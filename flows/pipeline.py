@@ -84,8 +84,8 @@ class StageWiring:
     task: Task[..., UnitRecord]
     plan: Callable[[PipelineConfig], tuple[list[WorkUnit], str | None]]
     prepare: Callable[[list[WorkUnit], Any, str, TaskMapper], None] | None = None
-    # finish: of a stage that reads another's output, so it gets that input's manifest digest
-    finish: Callable[[list[WorkUnit], Any, str, list[UnitRecord], str], dict] | None = None
+    # finish gets the input manifest's digest; None for a source stage (crawl reads no manifest)
+    finish: Callable[[list[WorkUnit], Any, str, list[UnitRecord], str | None], dict] | None = None
 
 
 def _previous(stage: str) -> str:
@@ -380,8 +380,6 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> St
             wiring.prepare(units, stage_config, stage_dir, map_task)
         records: list[UnitRecord] = map_task(wiring.task, units, f"{name}: units of work", live)
         if wiring.finish is not None:
-            if input_digest is None:
-                raise RuntimeError(f"stage {name} has a finish step but no input manifest")
             manifest = wiring.finish(units, stage_config, stage_dir, records, input_digest)
         else:
             manifest = finalize_stage(stage_dir, wiring.spec, stage_config, records, input_digest)

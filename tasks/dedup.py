@@ -837,9 +837,15 @@ def finish(
     config: DedupConfig,
     stage_dir: str,
     records: list[UnitRecord],
-    input_digest: str,
+    input_digest: str | None,
 ) -> dict[str, Any]:
-    """Write the manifest (with the resolve step's counts), drop leftovers, grow the index."""
+    """Write the manifest (with the resolve step's counts), drop leftovers, grow the index.
+
+    ``input_digest`` is optional only in the one signature every stage's finish shares (crawl,
+    a source, has none); dedup always reads a dataset, whose digest names the index batch.
+    """
+    if input_digest is None:
+        raise ValueError(f"dedup in {stage_dir}: no input manifest digest to name its batch")
     manifest = finalize_stage(
         stage_dir, STAGE, config, records, input_digest, resolve_stats(units, stage_dir)
     )

@@ -265,7 +265,7 @@ def finish(
     config: TokenizeConfig,
     stage_dir: str,
     records: list[UnitRecord],
-    input_digest: str,
+    input_digest: str | None,
 ) -> dict[str, Any]:
     """Write the manifest with the token shards of every unit; drop shards of vanished units.
 
