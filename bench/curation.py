@@ -13,10 +13,12 @@ Usage::
 
    * quality: datatrove's GopherRepetition -> GopherQuality -> C4Quality(filter_no_terminal_punct
      =False) -> FineWebQuality (bench/datatrove_curation.py), against ``quality_documents`` from
-     ``llmflow.tasks.quality`` shard by shard in one process. Language filtering is off on both
+     ``llmflow.tasks.curate.quality`` shard by shard in one process. Language filtering is off on
+     both
      sides: datatrove's LanguageFilter downloads its fastText model from the hub, unreachable here.
    * dedup: datatrove's four MinHash stages with FineWeb's MinhashConfig(14 buckets x 8 hashes,
-     5-grams), against ``deduplicate`` from ``llmflow.tasks.dedup`` (exact + MinHash, defaults).
+     5-grams), against ``deduplicate`` from ``llmflow.tasks.curate.dedup`` (exact + MinHash,
+     defaults).
 
 3. Compares decisions: quality keep/remove agreement per document, with the disagreements broken
    down by the rule that fired on either side; dedup precision and recall against the generated
@@ -93,7 +95,7 @@ QUALITY_CONFIG = {"languages": [], "min_lang_score": 0.5}
 
 
 def _quality_config() -> Any:
-    from llmflow.tasks.quality import QualityConfig
+    from llmflow.tasks.curate.quality import QualityConfig
 
     return QualityConfig(**QUALITY_CONFIG)
 
@@ -105,20 +107,20 @@ def stub_language_id() -> None:
     cannot switch ours off; this run times our quality rules alone, the same rules datatrove
     runs. Not a product configuration.
     """
-    from llmflow.tasks import quality_signals
+    from llmflow.tasks.curate import quality_signals
 
     quality_signals.identify_language = lambda text: ("en", 1.0)
 
 
 def worker_quality(corpus: str, out: Path) -> int:
-    from llmflow.tasks import datasets
-    from llmflow.tasks.quality import quality_documents
+    from llmflow.tasks.core import shards
+    from llmflow.tasks.curate.quality import quality_documents
 
     config = _quality_config()
     n = 0
     with open(out, "w") as f:
-        for shard in datasets.manifest_shards(datasets.read_manifest(corpus)):
-            result = quality_documents(datasets.read_shard(corpus, shard), config)
+        for shard in shards.manifest_shards(shards.read_manifest(corpus)):
+            result = quality_documents(shards.read_shard(corpus, shard), config)
             n += result.docs_in
             for doc_id in result.kept.column("id").to_pylist():
                 f.write(json.dumps({"id": doc_id, "kept": True, "reason": None}) + "\n")
@@ -133,17 +135,17 @@ def worker_quality(corpus: str, out: Path) -> int:
 def worker_dedup(corpus: str, out: Path) -> int:
     import pyarrow.parquet as pq
 
-    from llmflow.tasks import datasets
-    from llmflow.tasks.dedup import DedupConfig, deduplicate
+    from llmflow.tasks.core import shards
+    from llmflow.tasks.curate.dedup import DedupConfig, deduplicate
 
     stage = out.parent / "ours-dedup"
     manifest = deduplicate(corpus, str(stage), DedupConfig(), index_dir=str(stage / "_index_bench"))
     with open(out, "w") as f:
-        for shard in datasets.manifest_shards(manifest):
+        for shard in shards.manifest_shards(manifest):
             for doc_id in pq.read_table(stage / shard.path, columns=["id"]).column(0).to_pylist():
                 f.write(json.dumps({"id": doc_id, "kept": True}) + "\n")
         columns = ["id", "reason", "duplicate_of", "duplicate_similarity"]
-        for shard in datasets.manifest_shards(manifest, "rejected_shards"):
+        for shard in shards.manifest_shards(manifest, "rejected_shards"):
             for row in pq.read_table(stage / shard.path, columns=columns).to_pylist():
                 f.write(json.dumps({"kept": False} | row) + "\n")
     return manifest["counts"]["docs_in"]
@@ -496,7 +498,8 @@ def render(results: dict[str, Any]) -> str:
             "",
             "Rules: datatrove's GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter"
             "(filter_no_terminal_punct=False) -> FineWebQualityFilter, defaults (FineWeb's"
-            " pipeline) against `llmflow.tasks.quality` (`quality_documents`, shard by shard, one"
+            " pipeline) against `llmflow.tasks.curate.quality` (`quality_documents`, shard by"
+            " shard, one"
             " process) with its defaults except the language rule. datatrove's LanguageFilter is"
             " left out (its fastText model downloads from the Hugging Face hub, unreachable here);"
             " ours cannot be switched off, so it runs as near to off as QualityConfig allows:"

@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from llmflow.tasks.documents import DOCUMENT_SCHEMA, document_id, rejected_schema
-from llmflow.tasks.stage import (
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, document_id, rejected_schema
+from llmflow.tasks.core.stage import (
     ShardResult,
     StageConfig,
     StageSpec,
@@ -223,9 +223,9 @@ def nltk_documents(data: Path, seed: int) -> Iterator[Doc]:
 
 
 def web_documents(data: Path) -> Iterator[Doc]:
-    from llmflow.tasks.documents import Document
-    from llmflow.tasks.file_sources import expand_file_seed, iter_file_documents
-    from llmflow.tasks.html_text import BoundedExtractor
+    from llmflow.tasks.core.documents import Document
+    from llmflow.tasks.ingest.file_sources import expand_file_seed, iter_file_documents
+    from llmflow.tasks.ingest.html_text import BoundedExtractor
 
     web = data / "web"
     if not web.exists():

@@ -29,10 +29,10 @@ SHARD_DOCS = 50_000
 
 def build(root: Path, n: int) -> tuple[str, str]:
     """An input dataset of ``n`` documents and the dedup stage dir with their signatures."""
-    from llmflow.tasks import datasets
-    from llmflow.tasks.dedup import DedupConfig, band_column, band_keys, signatures_path
-    from llmflow.tasks.documents import DOCUMENT_SCHEMA
-    from llmflow.tasks.stage import StageSpec, UnitRecord, finalize_stage
+    from llmflow.tasks.core import shards
+    from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
+    from llmflow.tasks.core.stage import StageSpec, UnitRecord, finalize_stage
+    from llmflow.tasks.curate.dedup import DedupConfig, band_column, band_keys, signatures_path
 
     config = DedupConfig(incremental=False)
     rng = np.random.default_rng(n)
@@ -46,7 +46,7 @@ def build(root: Path, n: int) -> tuple[str, str]:
             schema=DOCUMENT_SCHEMA,
         )
         name = f"part-{s:05d}"
-        shard = datasets.write_shard(source, f"{name}.parquet", table)
+        shard = shards.write_shard(source, f"{name}.parquet", table)
         records.append(UnitRecord(name, name, count, shard, None, {}, {}, [], 0.0))
         signatures = rng.integers(0, 2**32, size=(count, config.num_perm), dtype=np.uint32)
         planted = rng.choice(count, size=count // 100, replace=False)
@@ -62,14 +62,14 @@ def build(root: Path, n: int) -> tuple[str, str]:
         flat = pa.array(signatures.reshape(-1))
         columns["minhash"] = pa.FixedSizeListArray.from_arrays(flat, config.num_perm)
         path = signatures_path(stage, name)
-        datasets.write_shard(path.rpartition("/")[0], f"{name}.parquet", pa.table(columns))
+        shards.write_shard(path.rpartition("/")[0], f"{name}.parquet", pa.table(columns))
     finalize_stage(source, StageSpec("source", "1"), config, records, None)
     return source, stage
 
 
 def measure(source: str, stage: str) -> dict[str, float]:
     """Run in a fresh process: baseline RSS after imports, then peak RSS of the resolve step."""
-    from llmflow.tasks.dedup import DedupConfig, plan_dedup_units, resolve_duplicates
+    from llmflow.tasks.curate.dedup import DedupConfig, plan_dedup_units, resolve_duplicates
 
     config = DedupConfig(incremental=False)
     units, _ = plan_dedup_units(config, source, stage)

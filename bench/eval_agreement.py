@@ -82,7 +82,7 @@ def hf_folder(gguf: Path, workdir: Path) -> Path:
 
 def write_lm_eval_tasks(items_by_task: dict, directory: Path) -> list[str]:
     """One lm-eval task per benchmark over exactly our items (see the module docstring)."""
-    from llmflow.tasks.benchmarks import METRICS, TARGET_DELIMITER
+    from llmflow.tasks.evaluate.benchmarks import METRICS, TARGET_DELIMITER
 
     directory.mkdir(parents=True, exist_ok=True)
     names = []
@@ -168,10 +168,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
-    from llmflow.tasks.benchmarks import load_task
-    from llmflow.tasks.eval_models import load_causal_lm
-    from llmflow.tasks.evaluate import evaluate_task, find_benchmark
-    from llmflow.tasks.loglikelihood import LoglikelihoodScorer
+    from llmflow.tasks.evaluate.benchmarks import load_task
+    from llmflow.tasks.evaluate.evaluation import evaluate_task, find_benchmark
+    from llmflow.tasks.evaluate.loglikelihood import LoglikelihoodScorer
+    from llmflow.tasks.evaluate.model_loading import load_causal_lm
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = hf_folder(fetch_gguf(args.workdir), args.workdir)

@@ -1,6 +1,6 @@
 """Benchmark: trafilatura against resiliparse for HTML-to-text, on quality and speed.
 
-Decides ``DEFAULT_EXTRACTOR`` in ``tasks/html_text.py``. Three sources:
+Decides ``DEFAULT_EXTRACTOR`` in ``tasks/ingest/html_text.py``. Three sources:
 
 * the Python 3.11 HTML documentation (Debian package ``python3.11-doc``): Sphinx pages with real
   boilerplate (navigation bars, sidebars, footers) whose main content is known, because each
@@ -45,8 +45,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmflow.tasks.crawl_config import PYDOC_UNSAFE_PAGES
-from llmflow.tasks.html_text import (
+from llmflow.tasks.ingest.crawl_config import PYDOC_UNSAFE_PAGES
+from llmflow.tasks.ingest.html_text import (
     RESILIPARSE_OPTIONS,
     TRAFILATURA_OPTIONS,
     BoundedExtractor,
@@ -55,7 +55,7 @@ from llmflow.tasks.html_text import (
     _extract,
     decode_body,
 )
-from llmflow.tasks.pydoc_site import pydoc_site
+from llmflow.tasks.ingest.pydoc_site import pydoc_site
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")

@@ -1,8 +1,10 @@
 """Benchmark: the toxicity stage's default backend (alt-profanity-check) on real labelled data.
 
-Decides ``DEFAULT_PROFANITY_THRESHOLD`` and the default ``chunk_chars`` in ``tasks/toxicity.py``,
+Decides ``DEFAULT_PROFANITY_THRESHOLD`` and the default ``chunk_chars`` in
+``tasks/curate/toxicity.py``,
 and says plainly what the default backend catches and misses. Every score comes from the stage's
-own code (``load_scorer`` and ``score_texts`` from ``llmflow.tasks.toxicity``, the same chunking
+own code (``load_scorer`` and ``score_texts`` from ``llmflow.tasks.curate.toxicity``, the same
+chunking
 and batching the stage uses). Sources, all under ``shared/data``:
 
 * Davidson et al. 2017 (``toxicity/davidson/labeled_data.csv``): 24,783 tweets, class 0 hate,
@@ -43,8 +45,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from llmflow.tasks.documents import DOCUMENT_SCHEMA
-from llmflow.tasks.toxicity import (
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
+from llmflow.tasks.curate.toxicity import (
     DEFAULT_PROFANITY_THRESHOLD,
     PROFANITY_LABEL,
     ToxicityConfig,

@@ -1,7 +1,8 @@
 """Benchmark: training throughput (tokens/s, MFU) of llmflow's decoder against nanoGPT's GPT.
 
 The question it answers is whether llmflow's Llama-style decoder, trained the way
-``llmflow.tasks.trainer`` trains it, keeps up with the well-known fast baseline at the same size:
+``llmflow.tasks.train.trainer`` trains it, keeps up with the well-known fast baseline at the same
+size:
 nanoGPT's ``model.py`` (GPT-2 architecture: learned positions, LayerNorm, GELU MLP, fused qkv),
 with the same layers, heads, width, vocabulary and sequence length, on the same device and batch.
 The reference is re-written here from nanoGPT's source (``GPT`` below) rather than vendored or
@@ -47,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmflow.models.decoder import PRESETS, Decoder, DecoderConfig
-from llmflow.tasks.datasets import write_json_atomic
-from llmflow.tasks.train_config import PretrainConfig
-from llmflow.tasks.trainer import build_optimizer, peak_flops
+from llmflow.tasks.core.shards import write_json_atomic
+from llmflow.tasks.train.train_config import PretrainConfig
+from llmflow.tasks.train.trainer import build_optimizer, peak_flops
 
 # The reference has no grouped-query attention and a 4x GELU MLP, so only presets it can mirror
 # (llama-1b's GQA and 8192-wide SwiGLU would make it a different model) are offered.
@@ -182,7 +183,8 @@ def train_step(
     batch: Batch,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> torch.Tensor:
-    """One optimizer step as ``llmflow.tasks.trainer`` takes it (one micro-batch): the same code
+    """One optimizer step as ``llmflow.tasks.train.trainer`` takes it (one micro-batch): the same
+    code
     for both models, so the comparison is of the models alone."""
     x, y = batch
     with autocast():

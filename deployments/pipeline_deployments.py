@@ -5,8 +5,8 @@ One flow (:func:`llmflow.flows.pipeline.pipeline`), four ways to run it from the
 - ``pipeline``: every stage, crawl to evaluation, on demand;
 - ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default; each
   run is an incremental refresh that adds a new version of the documents
-  (:mod:`llmflow.tasks.document_versions`), and one that finds the data still being written by
-  another run fails at once, saying which (:mod:`llmflow.tasks.dataset_lock`);
+  (:mod:`llmflow.tasks.core.document_versions`), and one that finds the data still being written by
+  another run fails at once, saying which (:mod:`llmflow.tasks.core.dataset_lock`);
 - ``train``: the tokenizer, token shards, pretraining and SFT on the data already curated;
 - ``evaluate``: the evaluation of the SFT model (or of ``config.evaluate.model``).
 

@@ -30,7 +30,7 @@ from llmflow.flows.config import (
     stage_inputs,
 )
 from llmflow.flows.ui_servers import ui
-from llmflow.tasks.document_versions import DOCUMENTS
+from llmflow.tasks.core.document_versions import DOCUMENTS
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -65,14 +65,14 @@ def _prefect_environment(workdir: Path) -> dict[str, str]:
 
 def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
     """A stage run without the one before it reads that stage's dataset: it must be there."""
-    from llmflow.tasks import datasets
+    from llmflow.tasks.core import shards
 
     for stage in stages:
         for previous in stage_inputs(stage):
             if previous in stages or (previous == DOCUMENTS and DOCUMENT_STAGES[-1] in stages):
                 continue
-            manifest = datasets.join(config.stage_dir(previous), datasets.MANIFEST_NAME)
-            if not datasets.exists(manifest):
+            manifest = shards.join(config.stage_dir(previous), shards.MANIFEST_NAME)
+            if not shards.exists(manifest):
                 first = ",".join(DOCUMENT_STAGES) if previous == DOCUMENTS else previous
                 raise ConfigError(
                     f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r}"
@@ -136,7 +136,7 @@ def run(
     from llmflow.flows.pipeline import run_pipeline
     from llmflow.flows.prefect_api import temporary_api
     from llmflow.flows.ui_servers import UIServerError
-    from llmflow.tasks.dataset_lock import DatasetBusyError
+    from llmflow.tasks.core.dataset_lock import DatasetBusyError
 
     own_api = not os.environ.get("PREFECT_API_URL")
     try:
@@ -276,7 +276,7 @@ def evaluate(
     ] = Path("eval-results.json"),
 ) -> None:
     """Score a model on benchmarks as lm-evaluation-harness does; print and save the results."""
-    from llmflow.tasks.benchmarks import TASKS
+    from llmflow.tasks.evaluate.benchmarks import TASKS
 
     wanted = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in TASKS]
@@ -288,10 +288,10 @@ def evaluate(
             soft_wrap=True,
         )
         raise typer.Exit(code=2)
-    from llmflow.tasks.embedded_data import BENCHMARKS_DIR
-    from llmflow.tasks.eval_models import load_causal_lm
-    from llmflow.tasks.evaluate import evaluate_model, find_benchmark, results_rows
-    from llmflow.tasks.progress import progress_per_task
+    from llmflow.tasks.core.progress import progress_per_task
+    from llmflow.tasks.evaluate.evaluation import evaluate_model, find_benchmark, results_rows
+    from llmflow.tasks.evaluate.model_loading import load_causal_lm
+    from llmflow.tasks.ingest.embedded_data import BENCHMARKS_DIR
 
     data_dir = data_dir or BENCHMARKS_DIR
     try:

@@ -15,17 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.dedup import DedupConfig
-from llmflow.tasks.document_versions import DOCUMENTS, version_name, working_version
-from llmflow.tasks.evaluate_config import EvaluateConfig
-from llmflow.tasks.normalize import NormalizeConfig
-from llmflow.tasks.pii import PiiConfig
-from llmflow.tasks.quality import QualityConfig
-from llmflow.tasks.tokenize import TokenizeConfig
-from llmflow.tasks.tokenizer import TokenizerConfig
-from llmflow.tasks.toxicity import ToxicityConfig
-from llmflow.tasks.train_config import PretrainConfig, SftConfig
+from llmflow.tasks.core.document_versions import DOCUMENTS, version_name, working_version
+from llmflow.tasks.curate.dedup import DedupConfig
+from llmflow.tasks.curate.normalize import NormalizeConfig
+from llmflow.tasks.curate.pii import PiiConfig
+from llmflow.tasks.curate.quality import QualityConfig
+from llmflow.tasks.curate.toxicity import ToxicityConfig
+from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
+from llmflow.tasks.ingest.crawl_config import CrawlConfig
+from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig
+from llmflow.tasks.train.tokenize import TokenizeConfig
+from llmflow.tasks.train.train_config import PretrainConfig, SftConfig
 
 # The pipeline's stages, in order.
 STAGES: tuple[str, ...] = (
@@ -42,7 +42,7 @@ STAGES: tuple[str, ...] = (
     "evaluate",
 )
 # The stages that make the curated documents; each refresh runs them over what is new, and their
-# final output joins the versioned documents dataset (llmflow.tasks.document_versions).
+# final output joins the versioned documents dataset (llmflow.tasks.core.document_versions).
 DOCUMENT_STAGES: tuple[str, ...] = STAGES[: STAGES.index("pii") + 1]
 # The datasets a stage reads, where that is not just the stage before it: the tokenizer and the
 # token shards are both made from the documents' newest version; training reads the tokens and

@@ -1,7 +1,8 @@
 """The pipeline flow: which stage runs after which, on which task runner, tracked where.
 
 Wiring only. A stage's work lives in its ``tasks/`` module; how units are skipped, written and
-counted lives in ``tasks/stage.py``; this file plans each stage's units, maps the stage's task over
+counted lives in ``tasks/core/stage.py``; this file plans each stage's units, maps the stage's task
+over
 them, and records the outcome in MLflow (a child run per stage) and Prefect (artifacts).
 """
 
@@ -33,25 +34,10 @@ from llmflow.flows.config import (
 )
 from llmflow.flows.deployment_guard import check_deployment_run
 from llmflow.flows.tracking import PipelineTracker, flatten, resolve_tracking_uri
-from llmflow.tasks import (
-    crawl,
-    datasets,
-    dedup,
-    document_versions,
-    evaluate,
-    normalize,
-    pii,
-    pretrain,
-    progress,
-    quality,
-    sft,
-    tokenize,
-    tokenizer,
-    toxicity,
-)
-from llmflow.tasks.dataset_lock import exclusive_writer
-from llmflow.tasks.progress import StepProgress, artifact_key, progress_per_task
-from llmflow.tasks.stage import (
+from llmflow.tasks.core import document_versions, progress, shards
+from llmflow.tasks.core.dataset_lock import exclusive_writer
+from llmflow.tasks.core.progress import StepProgress, artifact_key, progress_per_task
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -61,8 +47,12 @@ from llmflow.tasks.stage import (
     plan_shard_units,
     unit_key,
 )
-from llmflow.tasks.train_config import TrainJob
-from llmflow.tasks.trainer import read_metrics
+from llmflow.tasks.curate import dedup, normalize, pii, quality, toxicity
+from llmflow.tasks.evaluate import evaluation
+from llmflow.tasks.ingest import crawl
+from llmflow.tasks.train import bpe_tokenizer, pretrain, sft, tokenize
+from llmflow.tasks.train.train_config import TrainJob
+from llmflow.tasks.train.trainer import read_metrics
 
 _REJECTED_SAMPLE = 20
 _LIVE_INTERVAL_S = 3.0
@@ -106,7 +96,7 @@ def _stage_config(config: PipelineConfig, name: str) -> Any:
     every version of the documents, so each refresh is checked against all that was kept."""
     stage_config = getattr(config, name)
     if name == "dedup" and stage_config.index_dir is None:
-        index_dir = datasets.join(
+        index_dir = shards.join(
             config.stage_dir(document_versions.DOCUMENTS), document_versions.INDEX_DIR
         )
         stage_config = stage_config.model_copy(update={"index_dir": index_dir})
@@ -125,7 +115,7 @@ def _plan_dedup(config: PipelineConfig) -> tuple[list[WorkUnit], str]:
         _stage_config(config, "dedup"),
         config.stage_dir(_previous("dedup")),
         config.stage_dir("dedup"),
-        withdrawn=datasets.join(config.stage_dir("crawl"), document_versions.WITHDRAWN_NAME),
+        withdrawn=shards.join(config.stage_dir("crawl"), document_versions.WITHDRAWN_NAME),
     )
 
 
@@ -283,8 +273,8 @@ def _rejected_sample(stage_dir: str, manifest: dict[str, Any]) -> list[dict[str,
     store raw text, so every free-text field (text, url, detail, ...; not the id or the reason)
     leaves redacted as the pii stage would redact it, the text cut to 500 characters."""
     sample: list[dict[str, Any]] = []
-    for shard in datasets.manifest_shards(manifest, "rejected_shards"):
-        for row in datasets.read_shard(stage_dir, shard).slice(0, _REJECTED_SAMPLE).to_pylist():
+    for shard in shards.manifest_shards(manifest, "rejected_shards"):
+        for row in shards.read_shard(stage_dir, shard).slice(0, _REJECTED_SAMPLE).to_pylist():
             lang = row.get("lang")
             for name, value in row.items():
                 if isinstance(value, str) and name not in ("id", "reason"):
@@ -326,12 +316,12 @@ def _documents_digest(config: PipelineConfig, name: str) -> str | None:
     from (a model trained before a refresh names the older version)."""
     documents_dir = config.stage_dir(document_versions.DOCUMENTS)
     if name in ("tokenizer", "tokenize"):
-        if datasets.exists(datasets.join(documents_dir, datasets.MANIFEST_NAME)):
+        if shards.exists(shards.join(documents_dir, shards.MANIFEST_NAME)):
             return manifest_sha256(documents_dir)
         return None
-    tokenize_manifest = datasets.join(config.stage_dir("tokenize"), datasets.MANIFEST_NAME)
-    if datasets.exists(tokenize_manifest):
-        return datasets.read_json(tokenize_manifest)["input_manifest_sha256"]
+    tokenize_manifest = shards.join(config.stage_dir("tokenize"), shards.MANIFEST_NAME)
+    if shards.exists(tokenize_manifest):
+        return shards.read_json(tokenize_manifest)["input_manifest_sha256"]
     return None
 
 
@@ -464,12 +454,15 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
         name,
         params=flatten(config.tokenizer.model_dump(mode="json"))
         | {"val_fraction": str(config.tokenize.val_fraction)},
-        tags={"llmflow.code_version": tokenizer.STAGE.code_version(), "llmflow.dataset": stage_dir},
+        tags={
+            "llmflow.code_version": bpe_tokenizer.STAGE.code_version(),
+            "llmflow.dataset": stage_dir,
+        },
     )
     started = time.perf_counter()
     _log_inputs(name, config, tracker, run_id)
     try:
-        manifest, skipped = tokenizer.tokenizer_train(
+        manifest, skipped = bpe_tokenizer.tokenizer_train(
             config.stage_dir(document_versions.DOCUMENTS),
             stage_dir,
             config.tokenizer,
@@ -492,8 +485,8 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
         tags={"llmflow.compression_on": manifest["compression_on"]},
     )
     tracker.log_dict(run_id, manifest, "manifest.json")
-    for file in tokenizer.HF_TOKENIZER_FILES:
-        tracker.log_artifacts(run_id, datasets.join(stage_dir, file), "tokenizer")
+    for file in bpe_tokenizer.HF_TOKENIZER_FILES:
+        tracker.log_artifacts(run_id, shards.join(stage_dir, file), "tokenizer")
     tracker.finish(run_id, ok=True)
     _step_table(
         name,
@@ -507,7 +500,7 @@ def run_tokenizer(name: str, config: PipelineConfig, tracker: PipelineTracker) -
         run_id,
     )
     size = sum(
-        len(datasets.read_bytes(datasets.join(stage_dir, f))) for f in tokenizer.HF_TOKENIZER_FILES
+        len(shards.read_bytes(shards.join(stage_dir, f))) for f in bpe_tokenizer.HF_TOKENIZER_FILES
     )
     return _step_report(
         name,
@@ -577,7 +570,7 @@ def _run_training(
             export = pretrain.export_hf(checkpoint, job.tokenizer_dir, run_dir / pretrain.HF_DIR)
             tracker.log_artifacts(run_id, checkpoint, "checkpoint")
             tracker.log_artifacts(run_id, export, "hf_model")
-            for file in tokenizer.HF_TOKENIZER_FILES:
+            for file in bpe_tokenizer.HF_TOKENIZER_FILES:
                 tracker.log_artifacts(run_id, Path(job.tokenizer_dir) / file, "tokenizer")
             tracker.log_artifacts(run_id, run_dir / "metrics.jsonl", "")
             curves = run_charts.training_curves(
@@ -633,7 +626,7 @@ def run_pretrain(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
         },
         run_id,
     )
-    tokens = datasets.read_manifest(tokens_dir)
+    tokens = shards.read_manifest(tokens_dir)
     summary = _loss_summary(result)
     if result.get("val_loss") is not None:
         summary += f" vs unigram entropy {result['unigram_entropy']:.3f}"
@@ -735,7 +728,7 @@ def _evaluation_inputs(config: PipelineConfig) -> tuple[str, str | None, list[st
     tokens_dir = config.stage_dir("tokenize")
     val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
     sft_dir = config.stage_dir("sft")
-    base = datasets.read_json(datasets.join(sft_dir, datasets.MANIFEST_NAME))
+    base = shards.read_json(shards.join(sft_dir, shards.MANIFEST_NAME))
     model_path = str(pretrain.manifest_run_dir(sft_dir, base) / pretrain.HF_DIR)
     digest = manifest_sha256(sft_dir) + manifest_sha256(tokens_dir)
     return model_path, config.stage_dir("tokenizer"), val_shards, digest
@@ -750,7 +743,7 @@ def _register_sft_model(
     """Register the evaluated SFT model (the export its training run logged) with its scores as
     tags; returns ``name/version``, or None when that run's export is not in MLflow."""
     name = config.evaluate.registered_model
-    trained = datasets.read_json(datasets.join(config.stage_dir("sft"), datasets.MANIFEST_NAME))
+    trained = shards.read_json(shards.join(config.stage_dir("sft"), shards.MANIFEST_NAME))
     source_run = trained.get("mlflow_run_id")
     if not name or not source_run:
         return None
@@ -765,38 +758,38 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     settings = config.evaluate
     stage_dir = config.stage_dir(name)
     model_path, tokenizer_dir, val_shards, inputs_sha = _evaluation_inputs(config)
-    key = unit_key(evaluate.STAGE, settings, inputs_sha)
+    key = unit_key(evaluation.STAGE, settings, inputs_sha)
     run_id = tracker.start_child(
         name,
         params=flatten(settings.model_dump(mode="json")) | {"model_path": model_path},
-        tags={"llmflow.code_version": evaluate.STAGE.code_version(), "llmflow.model": model_path},
+        tags={"llmflow.code_version": evaluation.STAGE.code_version(), "llmflow.model": model_path},
     )
     started = time.perf_counter()
     if settings.model is None:
         _log_inputs(name, config, tracker, run_id)
-    results_path = datasets.join(stage_dir, datasets.MANIFEST_NAME)
+    results_path = shards.join(stage_dir, shards.MANIFEST_NAME)
     try:
-        previous = datasets.read_json(results_path) if datasets.exists(results_path) else None
+        previous = shards.read_json(results_path) if shards.exists(results_path) else None
         outcome: dict[str, Any]
         skipped = previous is not None and previous.get("key") == key
         if previous is not None and skipped:
             outcome = previous
         else:
             with progress_per_task("evaluate") as on_task:
-                outcome = evaluate.run_evaluation(
+                outcome = evaluation.run_evaluation(
                     settings, model_path, tokenizer_dir, val_shards, on_task
                 )
             outcome |= {
-                "format": datasets.MANIFEST_FORMAT,
+                "format": shards.MANIFEST_FORMAT,
                 "stage": name,
-                "code_version": evaluate.STAGE.code_version(),
+                "code_version": evaluation.STAGE.code_version(),
                 "key": key,
             }
-            datasets.write_json_atomic(results_path, outcome)
+            shards.write_json_atomic(results_path, outcome)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
-    rows = evaluate.results_rows(outcome)
+    rows = evaluation.results_rows(outcome)
     metrics: dict[str, float] = {}
     for row in rows:
         metric_name = f"eval/{row['task']}/{row['metric']}"
@@ -816,7 +809,7 @@ def run_evaluate(name: str, config: PipelineConfig, tracker: PipelineTracker) ->
     tracker.finish(run_id, ok=True)
     create_markdown_artifact(
         key="evaluate-results",
-        markdown=evaluate.results_markdown(outcome, run_id),
+        markdown=evaluation.results_markdown(outcome, run_id),
         description="Benchmark scores, held-out bits per byte and chat samples of the model",
     )
     headline = []

@@ -28,7 +28,7 @@ from llmflow.flows.ui_servers import (
     stop_all,
     wait_healthy,
 )
-from llmflow.tasks.pydoc_site import free_port
+from llmflow.tasks.ingest.pydoc_site import free_port
 
 # Honour Prefect's own setting when the user set it; otherwise be patient: a loaded 2-core machine
 # took minutes to start the server (migrations on a fresh SQLite database).

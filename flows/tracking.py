@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from llmflow.tasks.crawl_config import redact_url
+from llmflow.tasks.ingest.crawl_config import redact_url
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 _BATCH = 100

@@ -63,7 +63,7 @@ def shared_data() -> Path:
 
 
 def free_port() -> int:
-    from llmflow.tasks.pydoc_site import free_port as _free_port
+    from llmflow.tasks.ingest.pydoc_site import free_port as _free_port
 
     return _free_port()
 

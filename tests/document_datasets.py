@@ -7,8 +7,8 @@ import pydoc_data.topics
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmflow.tasks.documents import Document
-from llmflow.tasks.stage import (
+from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -62,14 +62,14 @@ def reference_documents(size: int = 1500) -> list[tuple[str, str]]:
 def build_token_dirs(root: Path, vocab_size: int = 512) -> tuple[str, str]:
     """(tokenize dir, tokenizer dir) made from :func:`reference_documents` by the real tokenizer
     and tokenize stages, as training reads them in a pipeline run."""
-    from llmflow.tasks import tokenize, tokenizer
+    from llmflow.tasks.train import bpe_tokenizer, tokenize
 
     source_dir = str(root / "pii")
     docs = [Document(url, text, "test", WHEN) for url, text in reference_documents()]
     write_documents(source_dir, {"part-00000": docs[0::2], "part-00001": docs[1::2]})
     tokenizer_dir = str(root / "tokenizer")
-    tokenizer.train_tokenizer(
-        source_dir, tokenizer_dir, tokenizer.TokenizerConfig(vocab_size=vocab_size), 0.1
+    bpe_tokenizer.train_tokenizer(
+        source_dir, tokenizer_dir, bpe_tokenizer.TokenizerConfig(vocab_size=vocab_size), 0.1
     )
     tokens_dir = str(root / "tokenize")
     tok_config = tokenize.TokenizeConfig(val_fraction=0.1)

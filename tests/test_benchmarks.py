@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.tasks.benchmarks import (
+from llmflow.tasks.evaluate.benchmarks import (
     TASKS,
     hellaswag_preprocess,
     hellaswag_query,

@@ -11,19 +11,19 @@ from document_datasets import write_texts
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmflow.tasks import chat_format
-from llmflow.tasks.chat_format import (
-    CHAT_TEMPLATE,
-    chat_template_config,
-    encode_chat,
-    validate_messages,
-)
-from llmflow.tasks.tokenizer import (
+from llmflow.tasks.train import chat_format
+from llmflow.tasks.train.bpe_tokenizer import (
     SPECIAL_TOKENS,
     TOKENIZER_CONFIG_FILE,
     TokenizerConfig,
     load_tokenizer,
     train_tokenizer,
+)
+from llmflow.tasks.train.chat_format import (
+    CHAT_TEMPLATE,
+    chat_template_config,
+    encode_chat,
+    validate_messages,
 )
 
 IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}

@@ -22,10 +22,11 @@ from document_datasets import build_token_dirs
 from test_pretrain import TINY_MODEL
 from test_pretrain import make_job as pretrain_job
 
-from llmflow.tasks import checkpoints, datasets, pretrain, sft, trainer
-from llmflow.tasks.eval_models import load_causal_lm
-from llmflow.tasks.train_config import SftConfig, TrainJob
-from llmflow.tasks.trainer import read_metrics, train
+from llmflow.tasks.core import shards
+from llmflow.tasks.evaluate.model_loading import load_causal_lm
+from llmflow.tasks.train import checkpoints, pretrain, sft, trainer
+from llmflow.tasks.train.train_config import SftConfig, TrainJob
+from llmflow.tasks.train.trainer import read_metrics, train
 
 
 class Payload:
@@ -183,7 +184,7 @@ def test_latest_json_with_a_bad_step_or_shape_is_a_clear_error(tmp_path: Path) -
 def _manifest(stage_dir: Path, run_dir: str) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"key": "k" * 64, "run_dir": run_dir, "decoder": TINY_MODEL | {"vocab_size": 64}}
-    datasets.write_json_atomic(str(stage_dir / datasets.MANIFEST_NAME), manifest)
+    shards.write_json_atomic(str(stage_dir / shards.MANIFEST_NAME), manifest)
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot"])
@@ -195,7 +196,7 @@ def test_a_manifest_run_dir_outside_the_stage_folder_is_refused(tmp_path: Path, 
     stage = tmp_path / "data" / "pretrain"
     value = str(victim) if how == "absolute" else "../../victim"
     _manifest(stage, value)
-    manifest_file = str(stage / datasets.MANIFEST_NAME)
+    manifest_file = str(stage / shards.MANIFEST_NAME)
 
     with pytest.raises(ValueError) as error:
         pretrain.completed(str(stage), "k" * 64)
@@ -246,7 +247,7 @@ def test_training_with_mlflow_down_finishes_and_warns_once(
     uri = f"http://127.0.0.1:{_closed_port()}"
     job = make_job(token_dirs, tmp_path / "down", max_steps=12, eval_interval=6)
     job = job.model_copy(update={"tracking_uri": uri, "mlflow_run_id": "a" * 32})
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
 
     began = time.monotonic()
     result = train(job)
@@ -276,7 +277,7 @@ def test_training_does_not_wait_out_mlflows_own_retries(
     job = make_job(token_dirs, tmp_path / "slow").model_copy(
         update={"tracking_uri": uri, "mlflow_run_id": "b" * 32}
     )
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
     began = time.monotonic()
     train(job)
     took = time.monotonic() - began
@@ -297,7 +298,7 @@ def test_metrics_and_samples_reach_a_working_tracking_store(
     job = make_job(token_dirs, tmp_path / "ok").model_copy(
         update={"tracking_uri": uri, "mlflow_run_id": run_id}
     )
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
     train(job)
 
     local = {r["step"]: r["loss"] for r in read_metrics(job.run_dir) if "loss" in r}

@@ -23,12 +23,12 @@ import pytest
 from pydantic import ValidationError
 from warcio.archiveiterator import ArchiveIterator
 
-from llmflow.tasks import crawl
-from llmflow.tasks.crawl_config import CrawlConfig, redact_url
-from llmflow.tasks.documents import Document, FetchFailure
-from llmflow.tasks.html_text import BoundedExtractor
-from llmflow.tasks.stage import run_unit
-from llmflow.tasks.web_crawler import _Scope, crawl_web
+from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.core.stage import run_unit
+from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
+from llmflow.tasks.ingest.html_text import BoundedExtractor
+from llmflow.tasks.ingest.web_crawler import _Scope, crawl_web
 
 sys.path.insert(0, str(Path(__file__).parent))
 import http_test_site  # noqa: E402
@@ -277,9 +277,9 @@ INTERRUPTED_CRAWL = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from llmflow.tasks import crawl
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.stage import run_unit
+from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.crawl_config import CrawlConfig
+from llmflow.tasks.core.stage import run_unit
 
 seed, stage_dir = sys.argv[1], sys.argv[2]
 cfg = CrawlConfig(

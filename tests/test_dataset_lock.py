@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_llmflow
 
-from llmflow.tasks.dataset_lock import LOCK_NAME, DatasetBusyError, exclusive_writer
+from llmflow.tasks.core.dataset_lock import LOCK_NAME, DatasetBusyError, exclusive_writer
 
 
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from llmflow.tasks.dataset_lock import exclusive_writer\n"
+            "from llmflow.tasks.core.dataset_lock import exclusive_writer\n"
             f"with exclusive_writer({str(root)!r}, 'doomed run'):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(600)\n",
@@ -81,8 +81,8 @@ def test_temporary_files_of_killed_writers_are_swept_by_the_next_holder(tmp_path
     code = (
         "import os, uuid\n"
         "from pathlib import Path\n"
-        "from llmflow.tasks import datasets\n"
-        "datasets.write_bytes_atomic(os.environ['ROOT'] + '/stage/kept.parquet', b'kept')\n"
+        "from llmflow.tasks.core import shards\n"
+        "shards.write_bytes_atomic(os.environ['ROOT'] + '/stage/kept.parquet', b'kept')\n"
         "Path(os.environ['ROOT'], 'stage', f'part.parquet.tmp-{uuid.uuid4().hex}')"
         ".write_bytes(b'half')\n"
         "ckpt = Path(os.environ['ROOT'], 'pretrain', f'.step-000010.tmp-{uuid.uuid4().hex}')\n"

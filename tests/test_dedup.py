@@ -1,4 +1,4 @@
-"""dedup: exact and MinHash near-duplicates across shards, deterministic, incremental."""
+"""dedup: exact and MinHash near-duplicates across shard_files, deterministic, incremental."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from datasketch import MinHash
 from document_datasets import WHEN, write_documents
 
-from llmflow.tasks import datasets
-from llmflow.tasks.dedup import (
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
+from llmflow.tasks.curate.dedup import (
     DedupConfig,
     DedupIndexError,
     deduplicate,
@@ -20,7 +21,6 @@ from llmflow.tasks.dedup import (
     signature_table,
     simplify,
 )
-from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document
 
 WORDS = re.findall(
     r"\w+",
@@ -30,10 +30,10 @@ WORDS = re.findall(
 )
 
 
-def make_dataset(root: Path, shards: dict[str, list[tuple[str, str]]]) -> str:
+def make_dataset(root: Path, shard_files: dict[str, list[tuple[str, str]]]) -> str:
     """A documents dataset with one shard per entry of (url, text) pairs."""
     stage_dir = str(root / "source")
-    docs = {n: [Document(u, t, "test", WHEN) for u, t in pairs] for n, pairs in shards.items()}
+    docs = {n: [Document(u, t, "test", WHEN) for u, t in pairs] for n, pairs in shard_files.items()}
     write_documents(stage_dir, docs)
     return stage_dir
 
@@ -52,11 +52,11 @@ def edit(text: str, rate: float, seed: int) -> str:
 
 
 def outcome(stage_dir: str) -> tuple[dict[str, dict], dict[str, dict]]:
-    kept = {d["id"]: d for d in datasets.iter_documents(stage_dir)}
-    manifest = datasets.read_manifest(stage_dir)
+    kept = {d["id"]: d for d in shards.iter_documents(stage_dir)}
+    manifest = shards.read_manifest(stage_dir)
     rejected = {}
-    for shard in datasets.manifest_shards(manifest, "rejected_shards"):
-        for row in datasets.read_shard(stage_dir, shard).to_pylist():
+    for shard in shards.manifest_shards(manifest, "rejected_shards"):
+        for row in shards.read_shard(stage_dir, shard).to_pylist():
             rejected[row["id"]] = row
     return kept, rejected
 
@@ -88,7 +88,7 @@ def test_signatures_match_datasketch_minhash(tmp_path: Path) -> None:
 
 def test_exact_and_near_duplicates_are_removed_with_what_they_duplicate(tmp_path: Path) -> None:
     base = [prose(i) for i in range(6)]
-    shards = {
+    shard_files = {
         "a": [(f"u{i}", t) for i, t in enumerate(base)],
         "b": [
             ("copy0", base[0].upper().replace(" ", "   ")),  # exact up to case and spacing
@@ -96,7 +96,7 @@ def test_exact_and_near_duplicates_are_removed_with_what_they_duplicate(tmp_path
             ("far2", edit(base[2], 0.6, 8)),  # mostly rewritten: not a duplicate
         ],
     }
-    source = make_dataset(tmp_path, shards)
+    source = make_dataset(tmp_path, shard_files)
     manifest = deduplicate(source, str(tmp_path / "dedup"), DedupConfig(incremental=False))
     kept, rejected = outcome(str(tmp_path / "dedup"))
     assert manifest["counts"]["docs_in"] == 9
@@ -149,12 +149,12 @@ def test_pride_and_prejudice_editions_are_near_duplicates_and_other_books_are_no
         return [(f"{path.name}#{i}", p) for i, p in enumerate(paras[:limit])]
 
     book = shared_data / "text" / "gutenberg"
-    shards = {
+    shard_files = {
         "pandp": paragraphs(book / "1342" / "1342-0.txt", 400),
         "old": paragraphs(book / "1342" / "old_pandp12.txt", 400),
         "devil": paragraphs(book / "972" / "972.txt", 300),
     }
-    source = make_dataset(tmp_path, shards)
+    source = make_dataset(tmp_path, shard_files)
     deduplicate(source, str(tmp_path / "dedup"), DedupConfig(incremental=False))
     kept, rejected = outcome(str(tmp_path / "dedup"))
     all_docs = {**kept, **rejected}

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.tasks.benchmarks import MMLU_DEFAULT_SHOTS, TASKS, load_task
-from llmflow.tasks.embedded_data import (
+from llmflow.tasks.evaluate.benchmarks import MMLU_DEFAULT_SHOTS, TASKS, load_task
+from llmflow.tasks.evaluate.evaluation import find_benchmark
+from llmflow.tasks.ingest.embedded_data import (
     BENCHMARKS_DIR,
     EMBEDDED_DIR,
     EMBEDDED_TASKS,
     INSTRUCTIONS_FILE,
 )
-from llmflow.tasks.evaluate import find_benchmark
-from llmflow.tasks.sft_data import read_conversations
+from llmflow.tasks.train.sft_data import read_conversations
 
 # items each shipped task must load (README: the first 200 of each source; MMLU 4 subjects x 50)
 EXPECTED_ITEMS = dict.fromkeys(EMBEDDED_TASKS, 200)

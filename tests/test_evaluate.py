@@ -13,10 +13,10 @@ from document_datasets import write_texts
 from typer.testing import CliRunner
 
 from llmflow.flows.cli import app
-from llmflow.tasks.benchmarks import load_task
-from llmflow.tasks.evaluate import evaluate_task, find_benchmark
-from llmflow.tasks.loglikelihood import LoglikelihoodScorer
-from llmflow.tasks.tokenizer import TokenizerConfig, train_tokenizer
+from llmflow.tasks.evaluate.benchmarks import load_task
+from llmflow.tasks.evaluate.evaluation import evaluate_task, find_benchmark
+from llmflow.tasks.evaluate.loglikelihood import LoglikelihoodScorer
+from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,14 +24,14 @@ import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from llmflow.tasks.documents import Document, FetchFailure
-from llmflow.tasks.file_sources import (
+from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.ingest.file_sources import (
     FILE_SUFFIXES,
     expand_file_seed,
     is_file_seed,
     iter_file_documents,
 )
-from llmflow.tasks.html_text import BoundedExtractor, ExtractionError
+from llmflow.tasks.ingest.html_text import BoundedExtractor, ExtractionError
 
 MAX = 5_000_000
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from llmflow.tasks.html_text import (
+from llmflow.tasks.ingest.html_text import (
     DEFAULT_EXTRACTOR,
     EXTRACTORS,
     BoundedExtractor,

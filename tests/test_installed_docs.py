@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from llmflow.tasks.crawl import plan_crawl_units
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.documents import Document
-from llmflow.tasks.installed_docs import installed_digest, installed_documents
+from llmflow.tasks.core.documents import Document
+from llmflow.tasks.ingest.crawl import plan_crawl_units
+from llmflow.tasks.ingest.crawl_config import CrawlConfig
+from llmflow.tasks.ingest.installed_docs import installed_digest, installed_documents
 
 
 def test_reads_descriptions_and_licences_of_installed_packages() -> None:

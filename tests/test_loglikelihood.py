@@ -7,15 +7,15 @@ import pytest
 import torch
 from document_datasets import write_texts
 
-from llmflow.tasks.eval_models import load_causal_lm
-from llmflow.tasks.loglikelihood import (
+from llmflow.tasks.evaluate.loglikelihood import (
     LoglikelihoodScorer,
     _pack,
     choice_metrics,
     encode_pair,
     mean_and_stderr,
 )
-from llmflow.tasks.tokenizer import TokenizerConfig, train_tokenizer
+from llmflow.tasks.evaluate.model_loading import load_causal_lm
+from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from llmflow.tasks.documents import DOCUMENT_SCHEMA
-from llmflow.tasks.normalize import NormalizeConfig, normalize_documents, normalize_text
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
+from llmflow.tasks.curate.normalize import NormalizeConfig, normalize_documents, normalize_text
 
 DEFAULT = NormalizeConfig()
 

@@ -13,19 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from llmflow.tasks import datasets
-from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document
-from llmflow.tasks.pii import (
-    PII_COUNTS_TYPE,
-    STAGE,
-    PiiConfig,
-    pii_documents,
-    pii_shard,
-    redact_excerpt,
-    redact_text,
-)
-from llmflow.tasks.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
-from llmflow.tasks.stage import (
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -36,6 +26,16 @@ from llmflow.tasks.stage import (
     split_result,
     unit_key,
 )
+from llmflow.tasks.curate.pii import (
+    PII_COUNTS_TYPE,
+    STAGE,
+    PiiConfig,
+    pii_documents,
+    pii_shard,
+    redact_excerpt,
+    redact_text,
+)
+from llmflow.tasks.curate.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
 
 DEFAULT = PiiConfig()
 # jwt.io's example token (HS256; header {"alg": "HS256", "typ": "JWT"}).
@@ -426,7 +426,7 @@ WHEN = datetime(2026, 1, 2, tzinfo=UTC)
 
 def test_task_through_run_unit_on_a_real_shard(tmp_path: Path) -> None:
     root = str(tmp_path / "data")
-    source_dir = datasets.join(root, "source")
+    source_dir = shards.join(root, "source")
     docs = [
         Document(url="http://x/1", text="Nothing here but prose.", source="t", fetched_at=WHEN),
         Document(
@@ -442,7 +442,7 @@ def test_task_through_run_unit_on_a_real_shard(tmp_path: Path) -> None:
     record = run_unit(source_dir, unit, lambda: documents_result(docs))
     finalize_stage(source_dir, SOURCE, StageConfig(), [record], None)
 
-    stage_dir = datasets.join(root, "pii")
+    stage_dir = shards.join(root, "pii")
     units, digest = plan_shard_units(STAGE, DEFAULT, source_dir)
     records = [pii_shard.fn(u, DEFAULT, stage_dir) for u in units]
     manifest = finalize_stage(stage_dir, STAGE, DEFAULT, records, digest)
@@ -551,7 +551,7 @@ def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
     stage_dir = str(tmp_path / "quality")
     ids = write_documents(stage_dir, {"part-00000": docs})
 
-    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+    sample = _rejected_sample(stage_dir, shards.read_manifest(stage_dir))
 
     dumped = json.dumps(sample, default=str)
     assert [s for s in secrets if s in dumped] == []
@@ -579,6 +579,6 @@ def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: P
         stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda: result)], None
     )
 
-    sample = _rejected_sample(stage_dir, datasets.read_manifest(stage_dir))
+    sample = _rejected_sample(stage_dir, shards.read_manifest(stage_dir))
 
     assert [row["text"] for row in sample] == ["Rufen Sie uns an: <PHONE>.", text]

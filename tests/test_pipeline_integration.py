@@ -19,8 +19,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES, PipelineConfig
 from llmflow.flows.pipeline import STEPS
-from llmflow.tasks import datasets
-from llmflow.tasks.stage import manifest_sha256
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.stage import manifest_sha256
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
@@ -105,8 +105,8 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     layout = PipelineConfig(workdir=str(workdir))
     crawl_dir, normalize_dir = layout.stage_dir("crawl"), layout.stage_dir("normalize")
     assert crawl_dir == str(workdir / "data" / "documents" / "v0001" / "crawl")
-    crawl_manifest = datasets.read_manifest(crawl_dir)
-    normalize_manifest = datasets.read_manifest(normalize_dir)
+    crawl_manifest = shards.read_manifest(crawl_dir)
+    normalize_manifest = shards.read_manifest(normalize_dir)
     crawl_counts = crawl_manifest["counts"]
     # Every page fetched is either kept, rejected or a fetch failure; the note is one more doc.
     assert crawl_counts["kept"] + crawl_counts["rejected"] == crawl_counts["docs_in"]
@@ -117,7 +117,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "harbour",
         "rant",
     }
-    docs = list(datasets.iter_documents(crawl_dir))
+    docs = list(shards.iter_documents(crawl_dir))
     web_urls = [d["url"] for d in docs if d["source"] == "http"]
     # pydoc's pages are kept as pydoc:<path>, whatever port its server had this run
     assert web_urls and all(u.startswith("pydoc:") for u in web_urls)
@@ -126,7 +126,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert (Path(crawl_dir) / "warc" / "web.warc.gz").stat().st_size > 0
 
     assert normalize_manifest["counts"]["docs_in"] == crawl_counts["kept"]
-    normalized = {d["id"]: d["text"] for d in datasets.iter_documents(normalize_dir)}
+    normalized = {d["id"]: d["text"] for d in shards.iter_documents(normalize_dir)}
     note_doc = next(d for d in docs if (d["url"] or "").endswith("notes.txt"))
     assert normalized[note_doc["id"]] == "A local note.\nIt has odd spacing."
     assert all(stage in first.stdout for stage in STAGES)
@@ -134,11 +134,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     # The curation stages: each removal is in its stage's rejected set with its reason.
     def rejected(stage: str) -> list[dict]:
         stage_dir = layout.stage_dir(stage)
-        manifest = datasets.read_manifest(stage_dir)
+        manifest = shards.read_manifest(stage_dir)
         return [
             row
-            for shard in datasets.manifest_shards(manifest, "rejected_shards")
-            for row in datasets.read_shard(stage_dir, shard).to_pylist()
+            for shard in shards.manifest_shards(manifest, "rejected_shards")
+            for row in shards.read_shard(stage_dir, shard).to_pylist()
         ]
 
     by_name = {Path(d["url"] or "").name: d["id"] for d in docs if d["source"] == "file"}
@@ -151,9 +151,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {r["id"] for r in near} & {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
     toxic = {r["id"]: r["reason"] for r in rejected("toxicity")}
     assert toxic.get(by_name["rant.txt"]) == "toxic_profanity"
-    pii_docs = list(datasets.iter_documents(layout.stage_dir("pii")))
+    pii_docs = list(shards.iter_documents(layout.stage_dir("pii")))
     # the first version of the documents is the pii stage's output
-    assert {d["id"] for d in datasets.iter_documents(layout.stage_dir("documents"))} == {
+    assert {d["id"] for d in shards.iter_documents(layout.stage_dir("documents"))} == {
         d["id"] for d in pii_docs
     }
     harbour = {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
@@ -181,7 +181,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     for stage, stage_dir in stage_dirs.items():
         if stage in STEPS:
             continue  # one step over the whole input, no document counts: checked below
-        manifest = datasets.read_manifest(stage_dir)
+        manifest = shards.read_manifest(stage_dir)
         child = children[stage]
         assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
         assert child.data.metrics["docs_kept"] == manifest["counts"]["kept"]
@@ -192,7 +192,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert children["crawl"].data.params["max_pages"] == str(MAX_PAGES)
 
     # The tokenizer, the token shards and a checkpoint with its curves, export and artifacts.
-    tokens = datasets.read_manifest(stage_dirs["tokenize"])
+    tokens = shards.read_manifest(stage_dirs["tokenize"])
     assert tokens["tokens"]["train"] > 0
     assert tokens["tokens"]["train"] == sum(s["tokens"] for s in tokens["token_shards"]["train"])
     assert children["tokenizer"].data.metrics["bytes_per_token"] > 1

@@ -13,9 +13,9 @@ import pytest
 import torch
 from document_datasets import build_token_dirs
 
-from llmflow.tasks import checkpoints, pretrain
-from llmflow.tasks.train_config import PretrainConfig, TrainJob
-from llmflow.tasks.trainer import NonFiniteLossError, lr_multiplier, read_metrics, train
+from llmflow.tasks.train import checkpoints, pretrain
+from llmflow.tasks.train.train_config import PretrainConfig, TrainJob
+from llmflow.tasks.train.trainer import NonFiniteLossError, lr_multiplier, read_metrics, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 

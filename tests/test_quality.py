@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from llmflow.tasks import datasets, quality, quality_signals
-from llmflow.tasks.documents import Document
-from llmflow.tasks.quality import STAGE, QualityConfig, quality_documents
-from llmflow.tasks.stage import (
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -22,6 +21,8 @@ from llmflow.tasks.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.curate import quality, quality_signals
+from llmflow.tasks.curate.quality import STAGE, QualityConfig, quality_documents
 
 CLEAN = (
     "The old library at the end of our street opens early on Saturday mornings. "
@@ -432,7 +433,7 @@ SOURCE = StageSpec(name="source", version="1")
 
 
 def make_source(root: str, texts: list[str]) -> str:
-    stage_dir = datasets.join(root, "source")
+    stage_dir = shards.join(root, "source")
     when = datetime(2026, 1, 2, tzinfo=UTC)
     docs = [
         Document(url=f"http://x/{i}", text=t, source="t", fetched_at=when)
@@ -445,8 +446,8 @@ def make_source(root: str, texts: list[str]) -> str:
 
 
 def run_quality(root: str, config: QualityConfig) -> tuple[list, dict]:
-    input_dir = datasets.join(root, "source")
-    stage_dir = datasets.join(root, "quality")
+    input_dir = shards.join(root, "source")
+    stage_dir = shards.join(root, "quality")
     units, digest = plan_shard_units(STAGE, config, input_dir)
     records = [quality.quality_shard.fn(u, config, stage_dir) for u in units]
     return records, finalize_stage(stage_dir, STAGE, config, records, digest)
@@ -466,7 +467,7 @@ def test_stage_reuses_signals_when_only_thresholds_change(
         "gopher_min_words": 1,
     }
     assert (tmp_path / "quality" / "_signals" / "part-00000.parquet").is_file()
-    kept = list(datasets.iter_documents(datasets.join(root, "quality")))
+    kept = list(shards.iter_documents(shards.join(root, "quality")))
     assert {"lang", "lang_score", "quality_gopher_words"} <= set(kept[0])
 
     # A new threshold: the unit is redone, but from the stored signals; measuring would raise.

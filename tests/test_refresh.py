@@ -22,7 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from test_crash_resume import QUALITY_OFF, finish, prose
 
 from llmflow.flows.config import DOCUMENT_STAGES, PipelineConfig
-from llmflow.tasks import datasets, document_versions
+from llmflow.tasks.core import document_versions, shards
 
 SITE_SERVER = Path(__file__).with_name("static_site_server.py")
 
@@ -86,12 +86,12 @@ def test_a_second_refresh_adds_only_what_is_new(
 
     layout = PipelineConfig(workdir=str(workdir))
     documents = layout.stage_dir("documents")
-    first = datasets.read_manifest(documents)
+    first = shards.read_manifest(documents)
     assert first["version"] == 1
-    first_urls = {d["url"] for d in datasets.iter_documents(documents)}
+    first_urls = {d["url"] for d in shards.iter_documents(documents)}
     assert first_urls == {f"{url}/p{i}.html" for i in range(1, 6)}
     v1_files = tree_bytes(Path(documents) / "v0001")
-    old = {d["url"].rsplit("/", 1)[1]: d["id"] for d in datasets.iter_documents(documents)}
+    old = {d["url"].rsplit("/", 1)[1]: d["id"] for d in shards.iter_documents(documents)}
 
     # The site changes: p2 is rewritten, p3 deleted, p6 added, p7 is p1 with one sentence changed.
     pages["p2"] = prose(22)
@@ -115,25 +115,25 @@ def test_a_second_refresh_adds_only_what_is_new(
     # Only the new and changed pages went through the stages of version 2.
     crawl_dir = layout.stage_dir("crawl")
     assert crawl_dir.endswith("/documents/v0002/crawl")
-    crawled = {d["url"].rsplit("/", 1)[1] for d in datasets.iter_documents(crawl_dir)}
+    crawled = {d["url"].rsplit("/", 1)[1] for d in shards.iter_documents(crawl_dir)}
     assert crawled == {"p2.html", "p6.html", "p7.html"}
-    crawl_stats = datasets.read_manifest(crawl_dir)["stats"]
+    crawl_stats = shards.read_manifest(crawl_dir)["stats"]
     assert crawl_stats["unchanged_not_modified"] >= 3
-    assert datasets.read_manifest(layout.stage_dir("normalize"))["counts"]["docs_in"] == 3
+    assert shards.read_manifest(layout.stage_dir("normalize"))["counts"]["docs_in"] == 3
     # p7 is a near-duplicate of p1, which only the persistent index holds (version 1 kept it)
     dedup_dir = layout.stage_dir("dedup")
     (rejected,) = [
         row
-        for shard in datasets.manifest_shards(datasets.read_manifest(dedup_dir), "rejected_shards")
-        for row in datasets.read_shard(dedup_dir, shard).to_pylist()
+        for shard in shards.manifest_shards(shards.read_manifest(dedup_dir), "rejected_shards")
+        for row in shards.read_shard(dedup_dir, shard).to_pylist()
     ]
     assert rejected["url"].endswith("/p7.html") and rejected["reason"] == "near_duplicate"
     assert rejected["duplicate_of"] == old["p1.html"]
 
     # Version 2: the old documents less the changed and the gone, plus the new ones.
-    second = datasets.read_manifest(documents)
+    second = shards.read_manifest(documents)
     assert second["version"] == 2 and second["previous"] == 1
-    docs = {d["url"].rsplit("/", 1)[1]: d for d in datasets.iter_documents(documents)}
+    docs = {d["url"].rsplit("/", 1)[1]: d for d in shards.iter_documents(documents)}
     assert set(docs) == {"p1.html", "p2.html", "p4.html", "p5.html", "p6.html"}
     assert docs["p2.html"]["id"] != old["p2.html"] and "morning" in docs["p2.html"]["text"]
     assert docs["p1.html"]["id"] == old["p1.html"]
@@ -148,8 +148,8 @@ def test_a_second_refresh_adds_only_what_is_new(
     v1 = document_versions.read_version(documents, 1)
     v1_ids = {
         row["id"]
-        for shard in datasets.manifest_shards(v1)
-        for row in datasets.read_shard(documents, shard, ["id"]).to_pylist()
+        for shard in shards.manifest_shards(v1)
+        for row in shards.read_shard(documents, shard, ["id"]).to_pylist()
     }
     assert v1_ids == set(old.values())
 
@@ -171,7 +171,7 @@ def test_a_second_refresh_adds_only_what_is_new(
     finish([*args, "--refresh"], prefect_api, tmp_path / "again.log")
     asked = requests_since(log, seen)
     assert all(asked[f"/{n}.html"] == (304, True) for n in pages)
-    third = datasets.read_manifest(documents)
+    third = shards.read_manifest(documents)
     assert third["version"] == 3
     assert third["shards"] == second["shards"]
     assert third["refresh"]["added"] == 0 and third["refresh"]["removed"] == 0
@@ -180,8 +180,8 @@ def test_a_second_refresh_adds_only_what_is_new(
 def test_an_interrupted_refresh_is_resumed_not_abandoned(tmp_path: Path) -> None:
     documents = str(tmp_path / "documents")
     assert document_versions.begin(documents, refresh=True) == 1  # the first version
-    datasets.write_json_atomic(
-        datasets.join(documents, "versions", "v0001.json"), {"version": 1}
+    shards.write_json_atomic(
+        shards.join(documents, "versions", "v0001.json"), {"version": 1}
     )  # published
     assert document_versions.begin(documents, refresh=False) == 1  # a plain run re-runs it
     assert document_versions.begin(documents, refresh=True) == 2  # a refresh starts the next
@@ -207,7 +207,7 @@ def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
     finish(args, prefect_api, tmp_path / "first.log")
     layout = PipelineConfig(workdir=str(workdir))
     documents = layout.stage_dir("documents")
-    old = {Path(d["url"]).name: d["id"] for d in datasets.iter_documents(documents)}
+    old = {Path(d["url"]).name: d["id"] for d in shards.iter_documents(documents)}
     assert set(old) == {"doc-0.txt", "doc-1.txt", "doc-2.txt"}
 
     (folder / "doc-1.txt").write_text(prose(11) + "\n")  # changed (a new size and time)
@@ -217,10 +217,10 @@ def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
     finish([*args, "--refresh"], prefect_api, tmp_path / "refresh.log")
 
     crawl_dir = layout.stage_dir("crawl")
-    read_again = {Path(d["url"]).name for d in datasets.iter_documents(crawl_dir)}
+    read_again = {Path(d["url"]).name for d in shards.iter_documents(crawl_dir)}
     assert read_again == {"doc-1.txt", "doc-3.txt"}  # doc-0 is unchanged: not read again
-    second = datasets.read_manifest(documents)
-    docs = {Path(d["url"]).name: d["id"] for d in datasets.iter_documents(documents)}
+    second = shards.read_manifest(documents)
+    docs = {Path(d["url"]).name: d["id"] for d in shards.iter_documents(documents)}
     assert set(docs) == {"doc-0.txt", "doc-1.txt", "doc-3.txt"}
     assert docs["doc-0.txt"] == old["doc-0.txt"] and docs["doc-1.txt"] != old["doc-1.txt"]
     assert second["refresh"]["removed_by_reason"] == {"source_changed": 1, "source_removed": 1}

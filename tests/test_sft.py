@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from document_datasets import build_token_dirs
 
-from llmflow.tasks import checkpoints, pretrain, sft
-from llmflow.tasks.evaluate import chat_samples
-from llmflow.tasks.sft_data import IGNORE_INDEX
-from llmflow.tasks.train_config import PretrainConfig, SftConfig
-from llmflow.tasks.trainer import PackedConversations, _samples, read_metrics, train
+from llmflow.tasks.evaluate.evaluation import chat_samples
+from llmflow.tasks.train import checkpoints, pretrain, sft
+from llmflow.tasks.train.sft_data import IGNORE_INDEX
+from llmflow.tasks.train.train_config import PretrainConfig, SftConfig
+from llmflow.tasks.train.trainer import PackedConversations, _samples, read_metrics, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -178,7 +178,7 @@ def test_exported_model_answers_through_transformers_as_through_our_generator(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmflow.tasks.tokenizer import load_tokenizer
+    from llmflow.tasks.train.bpe_tokenizer import load_tokenizer
 
     job, _, _ = sft.plan_job(
         sft_config(base, max_steps=12), base["pretrain"], base["tokenizer"], str(tmp_path)
@@ -214,7 +214,7 @@ def test_bad_sft_settings_are_clear_errors(base: dict[str, str], tmp_path: Path)
 def test_a_checkpoint_and_its_run_folder_load_for_evaluation(
     base: dict[str, str], tmp_path: Path
 ) -> None:
-    from llmflow.tasks.eval_models import load_causal_lm
+    from llmflow.tasks.evaluate.model_loading import load_causal_lm
 
     job, _, _ = sft.plan_job(
         sft_config(base, max_steps=3), base["pretrain"], base["tokenizer"], str(tmp_path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmflow.models.decoder import block_causal_mask
-from llmflow.tasks.sft_data import (
+from llmflow.tasks.train.sft_data import (
     IGNORE_INDEX,
     pack_examples,
     read_conversations,

@@ -1,4 +1,4 @@
-"""The mechanism every stage uses: shards, rejected sets, manifests, keyed skip and resume."""
+"""The mechanism every stage uses: shard_files, rejected sets, manifests, keyed skip and resume."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ from datetime import UTC, datetime
 import pyarrow.parquet as pq
 import pytest
 
-from llmflow.tasks import datasets
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.documents import Document, FetchFailure
-from llmflow.tasks.normalize import STAGE as NORMALIZE
-from llmflow.tasks.normalize import NormalizeConfig, normalize_documents
-from llmflow.tasks.stage import (
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -23,6 +20,9 @@ from llmflow.tasks.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.curate.normalize import STAGE as NORMALIZE
+from llmflow.tasks.curate.normalize import NormalizeConfig, normalize_documents
+from llmflow.tasks.ingest.crawl_config import CrawlConfig
 
 SOURCE = StageSpec(name="source", version="1")
 WHEN = datetime(2026, 1, 2, tzinfo=UTC)
@@ -46,12 +46,12 @@ def _docs(prefix: str, n: int) -> list[Document | FetchFailure]:
     return docs
 
 
-def make_source(root: str, shards: dict[str, int]) -> str:
+def make_source(root: str, shard_files: dict[str, int]) -> str:
     """A source dataset with one unit per entry, written through the real mechanism."""
-    stage_dir = datasets.join(root, "source")
+    stage_dir = shards.join(root, "source")
     config = StageConfig()
     records = []
-    for name, n in shards.items():
+    for name, n in shard_files.items():
         unit = WorkUnit(name=name, key=unit_key(SOURCE, config, f"{name}:{n}"), source={})
         records.append(
             run_unit(stage_dir, unit, lambda name=name, n=n: documents_result(_docs(name, n)))
@@ -61,8 +61,8 @@ def make_source(root: str, shards: dict[str, int]) -> str:
 
 
 def run_normalize(root: str, config: NormalizeConfig) -> tuple[list, dict]:
-    input_dir = datasets.join(root, "source")
-    stage_dir = datasets.join(root, "normalize")
+    input_dir = shards.join(root, "source")
+    stage_dir = shards.join(root, "normalize")
     units, digest = plan_shard_units(NORMALIZE, config, input_dir)
     records = [
         run_unit(stage_dir, u, lambda u=u: normalize_documents(read_unit_input(u), config))
@@ -80,7 +80,7 @@ def root(request: pytest.FixtureRequest, tmp_path) -> str:
 
 def test_source_dataset_accounts_for_every_outcome(root: str) -> None:
     stage_dir = make_source(root, {"a": 3, "b": 2})
-    manifest = datasets.read_manifest(stage_dir)
+    manifest = shards.read_manifest(stage_dir)
     counts = manifest["counts"]
     # 3 + 2 documents, one blank per unit kept (blank is a normalize matter), one binary rejected.
     assert counts == {
@@ -98,15 +98,13 @@ def test_source_dataset_accounts_for_every_outcome(root: str) -> None:
         "rejected/b.parquet",
     ]
     assert [c["name"] for c in manifest["schema"]] == ["id", "text", "url", "source", "fetched_at"]
-    rejected = datasets.read_shard(
-        stage_dir, datasets.manifest_shards(manifest, "rejected_shards")[0]
-    )
+    rejected = shards.read_shard(stage_dir, shards.manifest_shards(manifest, "rejected_shards")[0])
     assert rejected.column("reason").to_pylist() == ["binary_content"]
     # The hashes in the manifest are the hashes of the files on disk.
-    for shard in datasets.manifest_shards(manifest):
+    for shard in shards.manifest_shards(manifest):
         import hashlib
 
-        data = datasets.read_bytes(datasets.join(stage_dir, shard.path))
+        data = shards.read_bytes(shards.join(stage_dir, shard.path))
         assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.bytes
 
 
@@ -116,7 +114,7 @@ def test_normalize_stage_rejects_blank_documents_with_reason(root: str) -> None:
     assert manifest["counts"]["kept"] == 5
     assert manifest["counts"]["rejected_by_reason"] == {"empty_after_normalize": 2}
     assert manifest["stats"]["changed_whitespace"] == 7
-    texts = sorted(d["text"] for d in datasets.iter_documents(datasets.join(root, "normalize")))
+    texts = sorted(d["text"] for d in shards.iter_documents(shards.join(root, "normalize")))
     assert texts[0] == "Text a 0"  # no-break space and double spaces collapsed, stripped
     assert not any(r.skipped for r in records)
 
@@ -124,11 +122,11 @@ def test_normalize_stage_rejects_blank_documents_with_reason(root: str) -> None:
 def test_rerun_skips_every_unit_and_rewrites_identical_manifest(root: str) -> None:
     make_source(root, {"a": 3, "b": 2})
     run_normalize(root, NormalizeConfig())
-    manifest_path = datasets.join(root, "normalize", datasets.MANIFEST_NAME)
-    before = datasets.read_bytes(manifest_path)
+    manifest_path = shards.join(root, "normalize", shards.MANIFEST_NAME)
+    before = shards.read_bytes(manifest_path)
     records, _ = run_normalize(root, NormalizeConfig())
     assert all(r.skipped for r in records)
-    assert datasets.read_bytes(manifest_path) == before
+    assert shards.read_bytes(manifest_path) == before
 
 
 def test_config_change_redoes_work_and_runtime_only_fields_do_not(root: str) -> None:
@@ -146,7 +144,7 @@ def test_interrupted_run_resumes_at_the_missing_unit(root: str) -> None:
     make_source(root, {"a": 3, "b": 2, "c": 1})
     run_normalize(root, NormalizeConfig())
     # A crash after unit b's shard was written but before its marker: b is redone, a and c not.
-    datasets.remove(datasets.join(root, "normalize", datasets.DONE_DIR, "b.json"))
+    shards.remove(shards.join(root, "normalize", shards.DONE_DIR, "b.json"))
     records, manifest = run_normalize(root, NormalizeConfig())
     assert {r.name: r.skipped for r in records} == {"a": True, "b": False, "c": True}
     assert manifest["counts"]["kept"] == 6
@@ -156,19 +154,17 @@ def test_changed_input_shard_redoes_only_that_unit_and_drops_vanished_units(root
     make_source(root, {"a": 3, "b": 2})
     run_normalize(root, NormalizeConfig())
     # The source now has a new version of b and no a.
-    source_dir = datasets.join(root, "source")
-    datasets.remove(datasets.join(source_dir, datasets.DONE_DIR, "a.json"))
+    source_dir = shards.join(root, "source")
+    shards.remove(shards.join(source_dir, shards.DONE_DIR, "a.json"))
     config = StageConfig()
     unit_b = WorkUnit(name="b", key=unit_key(SOURCE, config, "b:changed"), source={})
     record = run_unit(source_dir, unit_b, lambda: documents_result(_docs("b", 4)))
     finalize_stage(source_dir, SOURCE, config, [record], None)
     records, manifest = run_normalize(root, NormalizeConfig())
     assert [(r.name, r.skipped) for r in records] == [("b", False)]
-    normalize_dir = datasets.join(root, "normalize")
-    assert datasets.list_names(normalize_dir, ".parquet") == ["b.parquet"]
-    assert datasets.list_names(datasets.join(normalize_dir, "rejected"), ".parquet") == [
-        "b.parquet"
-    ]
+    normalize_dir = shards.join(root, "normalize")
+    assert shards.list_names(normalize_dir, ".parquet") == ["b.parquet"]
+    assert shards.list_names(shards.join(normalize_dir, "rejected"), ".parquet") == ["b.parquet"]
     assert manifest["counts"]["kept"] == 4
 
 
@@ -176,7 +172,7 @@ def test_marker_whose_shard_vanished_is_not_trusted(tmp_path) -> None:
     root = str(tmp_path)
     make_source(root, {"a": 2})
     run_normalize(root, NormalizeConfig())
-    datasets.remove(datasets.join(root, "normalize", "a.parquet"))
+    shards.remove(shards.join(root, "normalize", "a.parquet"))
     records, _ = run_normalize(root, NormalizeConfig())
     assert not records[0].skipped
     assert pq.read_table(tmp_path / "normalize" / "a.parquet").num_rows == 2
@@ -190,7 +186,7 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path) -> None:
 
 def test_missing_dataset_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
-        datasets.read_manifest(str(tmp_path / "nothing"))
+        shards.read_manifest(str(tmp_path / "nothing"))
 
 
 def test_stage_config_rejects_unknown_fields() -> None:
@@ -205,7 +201,7 @@ def test_flipped_bit_in_a_finished_shard_fails_the_reader_naming_the_file(tmp_pa
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, same size: only the hash can tell
     victim.write_bytes(bytes(data))
-    with pytest.raises(datasets.CorruptShardError, match=r"source/a\.parquet is corrupt") as error:
+    with pytest.raises(shards.CorruptShardError, match=r"source/a\.parquet is corrupt") as error:
         run_normalize(root, NormalizeConfig())
     assert "Delete the file and run the stage that wrote it again" in str(error.value)
     # Doing what the message says repairs it: the writer redoes the shard, the reader goes on.
@@ -218,8 +214,8 @@ def test_flipped_bit_in_a_finished_shard_fails_the_reader_naming_the_file(tmp_pa
 def test_undecodable_parquet_is_named(tmp_path) -> None:
     path = tmp_path / "garbage.parquet"
     path.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
-    with pytest.raises(datasets.CorruptShardError, match="garbage.parquet is not a readable"):
-        datasets.read_parquet(str(path))
+    with pytest.raises(shards.CorruptShardError, match="garbage.parquet is not a readable"):
+        shards.read_parquet(str(path))
 
 
 def test_a_lone_surrogate_is_replaced_and_counted_and_the_unit_lands(tmp_path) -> None:
@@ -249,7 +245,7 @@ def test_history_counters_stay_out_of_the_hashed_manifest(tmp_path) -> None:
         record = run_unit(stage_dir, unit, lambda: documents_result(_docs("u", 1)))
         record.stats = {"real": 1} | stats
         manifest = finalize_stage(stage_dir, SOURCE, config, [record], None)
-        return datasets.read_bytes(datasets.join(stage_dir, datasets.MANIFEST_NAME)), manifest
+        return shards.read_bytes(shards.join(stage_dir, shards.MANIFEST_NAME)), manifest
 
     fresh, fresh_manifest = finish({"signals_computed": 5})
     resumed, resumed_manifest = finish({"signals_reused": 5})

@@ -12,9 +12,10 @@ import pytest
 from document_datasets import WHEN, write_texts
 from pydantic import ValidationError
 
-from llmflow.tasks.documents import Document
-from llmflow.tasks.heldout_split import is_validation
-from llmflow.tasks.token_shards import (
+from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.heldout_split import is_validation
+from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+from llmflow.tasks.train.token_shards import (
     TokenShardError,
     TokenStream,
     open_token_shard,
@@ -22,14 +23,13 @@ from llmflow.tasks.token_shards import (
     token_dtype,
     write_token_shard,
 )
-from llmflow.tasks.tokenize import (
+from llmflow.tasks.train.tokenize import (
     TokenizeConfig,
     plan_tokenize_units,
     token_shard_paths,
     tokenize,
     tokenize_shard,
 )
-from llmflow.tasks.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
 CONFIG = TokenizeConfig(val_fraction=0.3, batch_size=7)
 # Emoji, CJK and a literal "<|eos|>" that must stay text.

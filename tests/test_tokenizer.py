@@ -11,9 +11,9 @@ from document_datasets import write_texts
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
-from llmflow.tasks.documents import Document
-from llmflow.tasks.heldout_split import is_validation
-from llmflow.tasks.tokenizer import (
+from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.heldout_split import is_validation
+from llmflow.tasks.train.bpe_tokenizer import (
     SPECIAL_TOKENS,
     TokenizerConfig,
     load_tokenizer,

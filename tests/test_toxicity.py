@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from llmflow.tasks import datasets
-from llmflow.tasks.documents import DOCUMENT_SCHEMA, Document
-from llmflow.tasks.stage import (
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
+from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -24,7 +24,7 @@ from llmflow.tasks.stage import (
     run_unit,
     unit_key,
 )
-from llmflow.tasks.toxicity import (
+from llmflow.tasks.curate.toxicity import (
     STAGE,
     DetoxifyCheckpointInvalid,
     DetoxifyCheckpointNotFound,
@@ -190,9 +190,7 @@ def test_stage_runs_through_its_task_on_a_parquet_shard(tmp_path: Path) -> None:
     assert manifest["stats"]["removed_profanity"] == 1 and manifest["stats"]["documents_empty"] == 1
     names = [c["name"] for c in manifest["schema"]]
     assert names == ["id", "text", "url", "source", "fetched_at", "toxicity_profanity"]
-    rejected = datasets.read_shard(
-        stage_dir, datasets.manifest_shards(manifest, "rejected_shards")[0]
-    )
+    rejected = shards.read_shard(stage_dir, shards.manifest_shards(manifest, "rejected_shards")[0])
     assert rejected.column("text").to_pylist() == [PROFANE]
     # A second run with the same input and config skips the finished unit.
     assert all(toxicity_shard.fn(u, config, stage_dir).skipped for u in units)

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from warcio.archiveiterator import ArchiveIterator
 
-from llmflow.tasks.crawl_config import CrawlConfig
-from llmflow.tasks.documents import Document, FetchFailure
-from llmflow.tasks.html_text import BoundedExtractor
-from llmflow.tasks.warc_writer import WarcRecorder
-from llmflow.tasks.web_crawler import crawl_web, normalize_url
+from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.ingest.crawl_config import CrawlConfig
+from llmflow.tasks.ingest.html_text import BoundedExtractor
+from llmflow.tasks.ingest.warc_writer import WarcRecorder
+from llmflow.tasks.ingest.web_crawler import crawl_web, normalize_url
 
 SITE_PROGRAM = Path(__file__).with_name("http_test_site.py")
 sys.path.insert(0, str(SITE_PROGRAM.parent))

@@ -1,0 +1,519 @@
+"""How every stage runs: units of work keyed by content, completion markers, manifests.
+
+A stage is a module in ``tasks/`` with three things: a pydantic config, a plain function that turns
+one unit of input (a shard, a file, a crawl) into a :class:`ShardResult`, and a thin Prefect task
+that hands that function to :func:`run_unit`. Everything else lives here, once:
+
+* A unit's key is the hash of its input's content, the stage config and the stage's code version
+  (its own version string plus the versions of the libraries doing the work). A unit whose
+  completion marker carries the same key is skipped; a re-run does no work and an interrupted run
+  resumes at the first unit without a marker. This is the one resume mechanism (datatrove's
+  completion markers, not Prefect's result cache: the markers live with the data, on any fsspec
+  root, and work the same with or without a Prefect API).
+* Kept rows go to ``<stage>/<unit>.parquet``, removed rows to ``<stage>/rejected/<unit>.parquet``
+  with their reason, fetch failures into the marker; all writes are atomic.
+* :func:`finalize_stage` builds the manifest from the markers and removes outputs of units that no
+  longer exist, so the manifest always describes exactly the files beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, ClassVar, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.documents import (
+    DOCUMENT_SCHEMA,
+    Document,
+    FetchFailure,
+    Unchanged,
+    rejected_schema,
+)
+
+SHARD_SUFFIX = ".parquet"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, and some fields never change output.
+
+    ``RUNTIME_FIELDS`` names fields that change how fast or how politely work is done but not what
+    it produces (concurrency, for instance); they are left out of the unit key so that changing
+    them does not redo finished work. NaN and infinities are refused: a threshold or learning
+    rate of ``Infinity`` (valid JSON to ``--set``) is a typo, never a setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def output_hash(self) -> str:
+        """Hash of the fields that decide the stage's output."""
+        return self.fields_hash(exclude=self.RUNTIME_FIELDS)
+
+    def fields_hash(
+        self, include: frozenset[str] | None = None, exclude: frozenset[str] = frozenset()
+    ) -> str:
+        """Hash of some of the fields (a stage's key for a derived table, such as its signals)."""
+        payload = self.model_dump(
+            mode="json", include=set(include) if include is not None else None, exclude=set(exclude)
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Identity of a stage: bump ``version`` whenever the same input would give different output."""
+
+    name: str
+    version: str
+    libraries: tuple[str, ...] = ()
+
+    def code_version(self) -> str:
+        """The stage version plus the versions of the libraries whose output it keeps."""
+        parts = [self.version]
+        for library in self.libraries:
+            try:
+                parts.append(f"{library}=={version(library)}")
+            except PackageNotFoundError:
+                parts.append(f"{library}==missing")
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One unit of a stage's work: its output name, its key, and what it reads."""
+
+    name: str
+    key: str
+    source: dict[str, Any]
+
+
+def unit_key(spec: StageSpec, config: StageConfig, input_digest: str) -> str:
+    material = json.dumps(
+        {
+            "stage": spec.name,
+            "code": spec.code_version(),
+            "config": config.output_hash(),
+            "input": input_digest,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    """What a stage's plain function returns for one unit of work."""
+
+    kept: pa.Table
+    rejected: pa.Table
+    docs_in: int
+    stats: Counter[str] = field(default_factory=Counter)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class UnitRecord:
+    """The completion marker of one unit: what it wrote and what it counted."""
+
+    name: str
+    key: str
+    docs_in: int
+    shard: shards.ShardFile
+    rejected: shards.ShardFile | None
+    reasons: dict[str, int]
+    stats: dict[str, int]
+    failures: list[dict[str, Any]]
+    seconds: float
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "docs_in": self.docs_in,
+            "shard": self.shard.to_dict(),
+            "rejected": self.rejected.to_dict() if self.rejected else None,
+            "reasons": self.reasons,
+            "stats": self.stats,
+            "failures": self.failures,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], skipped: bool = False) -> UnitRecord:
+        return cls(
+            name=d["name"],
+            key=d["key"],
+            docs_in=d["docs_in"],
+            shard=shards.ShardFile.from_dict(d["shard"]),
+            rejected=shards.ShardFile.from_dict(d["rejected"]) if d["rejected"] else None,
+            reasons=d["reasons"],
+            stats=d["stats"],
+            failures=d["failures"],
+            seconds=d["seconds"],
+            skipped=skipped,
+        )
+
+
+def marker_path(stage_dir: str, unit_name: str) -> str:
+    return shards.join(stage_dir, shards.DONE_DIR, f"{unit_name}.json")
+
+
+def completed_record(stage_dir: str, unit: WorkUnit) -> UnitRecord | None:
+    """The unit's marker if it was made with the same key and its files are still there."""
+    path = marker_path(stage_dir, unit.name)
+    if not shards.exists(path):
+        return None
+    try:
+        record = UnitRecord.from_dict(shards.read_json(path), skipped=True)
+    except (ValueError, KeyError):
+        return None  # a marker from an older format: redo the unit
+    if record.key != unit.key:
+        return None
+    outputs = [record.shard] + ([record.rejected] if record.rejected else [])
+    if not all(shards.exists(shards.join(stage_dir, s.path)) for s in outputs):
+        return None
+    return record
+
+
+def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult]) -> UnitRecord:
+    """Skip the unit if it is complete; else run ``process`` and write its outputs atomically.
+
+    The marker is written last: a crash before it means the unit is redone, never half-trusted.
+    """
+    done = completed_record(stage_dir, unit)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    result = process()
+    kept_rows, rejected_rows = result.kept.num_rows, result.rejected.num_rows
+    if kept_rows + rejected_rows > result.docs_in:
+        raise RuntimeError(
+            f"unit {unit.name}: {kept_rows} kept + {rejected_rows} rejected exceeds"
+            f" {result.docs_in} documents in"
+        )
+    shard = shards.write_shard(stage_dir, unit.name + SHARD_SUFFIX, result.kept)
+    rejected_path = f"{shards.REJECTED_DIR}/{unit.name}{SHARD_SUFFIX}"
+    rejected = None
+    if rejected_rows:
+        rejected = shards.write_shard(stage_dir, rejected_path, result.rejected)
+    else:
+        shards.remove(shards.join(stage_dir, rejected_path))
+    reasons = Counter(result.rejected.column("reason").to_pylist()) if rejected_rows else Counter()
+    record = UnitRecord(
+        name=unit.name,
+        key=unit.key,
+        docs_in=result.docs_in,
+        shard=shard,
+        rejected=rejected,
+        reasons=dict(sorted(reasons.items())),
+        stats=dict(sorted(result.stats.items())),
+        failures=result.failures,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    shards.write_json_atomic(marker_path(stage_dir, unit.name), record.to_dict())
+    return record
+
+
+CACHE_KEY_METADATA = b"llmflow.cache_key"
+# Counters that say how much work was reused rather than what the data is (see finalize_stage).
+WORK_COUNTER_SUFFIXES = ("_reused", "_computed")
+# Folders of per-unit derived tables (quality signals, dedup signatures and decisions, the crawl's
+# page states and withdrawals): files of units that no longer exist go with the units' outputs.
+UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions", "_state", "_withdrawn")
+
+
+def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[pa.Table, bool]:
+    """A table derived from one unit's input, kept at ``path`` and reused while ``key`` matches.
+
+    For the expensive half of a stage whose other half is cheap: quality signals that thresholds
+    re-decide, dedup signatures that a new global resolution reuses. The key travels inside the
+    Parquet file's schema metadata, so the table and the key that made it cannot drift apart;
+    the write is atomic. Returns the table and whether it was reused.
+    """
+    if shards.exists(path):
+        fs, p = shards.filesystem(path)
+        try:
+            with fs.open(p, "rb") as f:
+                table = pq.read_table(f)
+        except (OSError, pa.ArrowInvalid):
+            table = None  # unreadable leftovers are recomputed, never trusted
+        if (
+            table is not None
+            and (table.schema.metadata or {}).get(CACHE_KEY_METADATA) == key.encode()
+        ):
+            return table, True
+    table = compute()
+    metadata = dict(table.schema.metadata or {}) | {CACHE_KEY_METADATA: key.encode()}
+    table = table.replace_schema_metadata(metadata)
+    directory, _, name = path.rpartition("/")
+    shards.write_shard(directory, name, table)
+    return table, False
+
+
+def finalize_stage(
+    stage_dir: str,
+    spec: StageSpec,
+    config: StageConfig,
+    records: Iterable[UnitRecord],
+    input_manifest_sha256: str | None,
+    extra_stats: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Write the stage's manifest from its unit records and drop files of units that are gone.
+
+    Units are listed by name so the manifest does not depend on the order in which workers
+    finished; nothing time-dependent goes in, so a re-run that skipped every unit rewrites the
+    same bytes. ``extra_stats`` are counts of the stage as a whole (dedup's resolve step).
+
+    Counters of reused or recomputed work (names ending in ``_reused`` or ``_computed``) depend
+    on what earlier, perhaps interrupted, runs left behind rather than on the data, so they stay
+    out of the file, whose hash keys every later stage; the returned manifest carries them under
+    ``work`` for the run's report.
+    """
+    records = sorted(records, key=lambda r: r.name)
+    live = {r.name for r in records}
+    for name in shards.list_names(shards.join(stage_dir, shards.DONE_DIR), ".json"):
+        if name.removesuffix(".json") not in live:
+            shards.remove(shards.join(stage_dir, shards.DONE_DIR, name))
+    for sub in ("", shards.REJECTED_DIR, *UNIT_CACHE_DIRS):
+        directory = shards.join(stage_dir, sub) if sub else stage_dir
+        for name in shards.list_names(directory, SHARD_SUFFIX):
+            if name.removesuffix(SHARD_SUFFIX) not in live:
+                shards.remove(shards.join(directory, name))
+
+    reasons: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
+    for r in records:
+        reasons.update(r.reasons)
+        stats.update(r.stats)
+    stats.update(extra_stats or {})
+    work = {k: v for k, v in stats.items() if k.endswith(WORK_COUNTER_SUFFIXES)}
+    shard_files = [r.shard for r in records]
+    rejected = [r.rejected for r in records if r.rejected]
+    schema = _first_schema(stage_dir, shard_files)
+    manifest = {
+        "format": shards.MANIFEST_FORMAT,
+        "stage": spec.name,
+        "code_version": spec.code_version(),
+        "config_hash": config.output_hash(),
+        "config": config.model_dump(mode="json"),
+        "input_manifest_sha256": input_manifest_sha256,
+        "schema": shards.schema_description(schema) if schema else [],
+        "shards": [s.to_dict() for s in shard_files],
+        "rejected_shards": [s.to_dict() for s in rejected],
+        "counts": {
+            "docs_in": sum(r.docs_in for r in records),
+            "kept": sum(s.rows for s in shard_files),
+            "rejected": sum(s.rows for s in rejected),
+            "bytes": sum(s.bytes for s in shard_files),
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "fetch_failures": sum(len(r.failures) for r in records),
+        },
+        "stats": {k: v for k, v in sorted(stats.items()) if k not in work},
+        "failures": [f for r in records for f in r.failures],
+    }
+    shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), manifest)
+    return manifest | {"work": dict(sorted(work.items()))}
+
+
+def manifest_sha256(stage_dir: str) -> str:
+    """The digest that names a dataset version: the hash of its manifest's bytes."""
+    data = shards.read_bytes(shards.join(stage_dir, shards.MANIFEST_NAME))
+    return hashlib.sha256(data).hexdigest()
+
+
+def _first_schema(stage_dir: str, shard_files: list[shards.ShardFile]) -> pa.Schema | None:
+    for shard in shard_files:
+        fs, p = shards.filesystem(shards.join(stage_dir, shard.path))
+        with fs.open(p, "rb") as f:
+            return pq.read_schema(f)
+    return None
+
+
+def plan_shard_units(
+    spec: StageSpec,
+    config: StageConfig,
+    input_dir: str,
+    context: str = "",
+    source: dict[str, Any] | None = None,
+) -> tuple[list[WorkUnit], str]:
+    """One unit per shard of the input dataset, keyed by that shard's content hash.
+
+    ``context`` names anything else a unit's output depends on (the tokenizer that encodes it,
+    the dedup index it is checked against): it joins the key, and ``source`` joins what each unit
+    reads. Returns the units and the input manifest's digest. The output shard keeps the input
+    shard's name, so a document can be followed from stage to stage by file name.
+    """
+    manifest = shards.read_manifest(input_dir)
+    units = []
+    for shard in shards.manifest_shards(manifest):
+        # a versioned dataset's shards sit in folders (v0002/pii/web.parquet): one flat name
+        name = shard.path.removesuffix(SHARD_SUFFIX).replace("/", "-")
+        digest = f"{shard.sha256}:{context}" if context else shard.sha256
+        units.append(
+            WorkUnit(
+                name=name,
+                key=unit_key(spec, config, digest),
+                source={"dir": input_dir, "shard": shard.to_dict()} | (source or {}),
+            )
+        )
+    return units, manifest_sha256(input_dir)
+
+
+def read_unit_input(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
+    """The input shard of a unit planned by :func:`plan_shard_units` (or some of its columns)."""
+    shard = shards.ShardFile.from_dict(unit.source["shard"])
+    return shards.read_shard(unit.source["dir"], shard, columns)
+
+
+def put_column(table: pa.Table, field: pa.Field, column: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Add a column, or replace it where the input already has one (a stage run again over its
+    own output, or a column such as ``text`` that a stage rewrites)."""
+    index = table.schema.get_field_index(field.name)
+    if index >= 0:
+        return table.set_column(index, field, column)
+    return table.append_column(field, column)
+
+
+class Rejection(NamedTuple):
+    """Why a curation rule removed a document: a stable ``reason`` (a metric name) and a
+    ``detail`` a person can read (the measured value against its threshold)."""
+
+    reason: str
+    detail: str
+
+
+def route(
+    table: pa.Table, decisions: Sequence[Rejection | None], stats: Counter[str] | None = None
+) -> ShardResult:
+    """A shard's result from one decision per row: ``None`` keeps the row, a :class:`Rejection`
+    sends it, in order, to the rejected set with its reason and detail.
+
+    Rules return values and this one helper counts and routes, so no stage keeps aligned lists
+    of flags, reasons and details."""
+    if len(decisions) != table.num_rows:
+        raise ValueError(f"{len(decisions)} decisions for {table.num_rows} rows")
+    rejections = [d for d in decisions if d is not None]
+    return split_result(
+        table,
+        [d is None for d in decisions],
+        [r.reason for r in rejections],
+        [r.detail for r in rejections],
+        stats if stats is not None else Counter(),
+    )
+
+
+def split_result(
+    table: pa.Table,
+    keep: list[bool],
+    reasons: list[str],
+    details: list[str],
+    stats: Counter[str],
+) -> ShardResult:
+    """A shard's result from one keep flag per row: the removed rows, in order, get the
+    ``reasons`` and ``details`` given for them."""
+    mask = pa.array(keep, pa.bool_())
+    return ShardResult(
+        kept=table.filter(mask),
+        rejected=with_reason(table.filter(pc.invert(mask)), reasons, details),
+        docs_in=table.num_rows,
+        stats=stats,
+    )
+
+
+def with_reason(table: pa.Table, reasons: list[str], details: list[str]) -> pa.Table:
+    """A rejected-set table: the removed rows plus why each was removed."""
+    schema = rejected_schema(table.schema)
+    table = table.append_column(schema.field("reason"), pa.array(reasons, pa.string()))
+    return table.append_column(schema.field("detail"), pa.array(details, pa.string()))
+
+
+def documents_result(
+    outcomes: Iterable[Document | FetchFailure | Unchanged], docs_in: int | None = None
+) -> ShardResult:
+    """Route a reader's outcomes: documents kept, rejections with reasons, fetch failures listed.
+
+    Used by source stages (crawl), whose input is not a table: every document read counts as one
+    in, so nothing is dropped without a trace. Kept documents with an id already seen in the unit
+    are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason; pages a
+    refresh found unchanged are counted under ``stats['unchanged_<why>']``; documents whose text
+    held a lone UTF-16 surrogate are kept with U+FFFD in its place and counted under
+    ``stats['lone_surrogates_replaced']``.
+    """
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    stats: Counter[str] = Counter()
+    for outcome in outcomes:
+        if isinstance(outcome, Unchanged):
+            stats[f"unchanged_{outcome.reason}"] += 1
+            continue
+        if isinstance(outcome, FetchFailure):
+            failures.append(outcome.row())
+            continue
+        if _replace_lone_surrogates(outcome):
+            stats["lone_surrogates_replaced"] += 1
+        row = outcome.row()
+        if outcome.reject_reason is None and row["id"] in seen:
+            outcome.reject_reason, outcome.detail = "duplicate_id_in_unit", "same url and text"
+            stats["duplicate_id_in_unit"] += 1
+        if outcome.reject_reason is None:
+            seen.add(row["id"])
+            kept.append(row)
+        else:
+            rejected.append(row | {"reason": outcome.reject_reason, "detail": outcome.detail})
+    n = len(kept) + len(rejected)
+    for failure in failures:
+        failure["url"], _ = without_lone_surrogates(failure["url"])
+        failure["detail"], _ = without_lone_surrogates(failure["detail"])
+    failures.sort(key=lambda f: (f["url"], f["reason"]))
+    return ShardResult(
+        kept=pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA),
+        rejected=pa.Table.from_pylist(rejected, schema=rejected_schema(DOCUMENT_SCHEMA)),
+        docs_in=n if docs_in is None else docs_in,
+        stats=stats,
+        failures=failures,
+    )
+
+
+def without_lone_surrogates(value: str | None) -> tuple[str | None, bool]:
+    """``value`` with every lone UTF-16 surrogate (U+D800-U+DFFF) replaced by U+FFFD.
+
+    JSON escapes such as ``"\\ud800"`` decode to Python strings that no UTF-8 writer (Parquet,
+    JSON manifests) accepts; half a pair carries no character, so U+FFFD loses nothing. Returns
+    the string and whether anything was replaced; the ASCII check keeps the common case cheap.
+    """
+    if value is None or value.isascii():
+        return value, False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value), True
+    return value, False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(document: Document) -> bool:
+    """Make a document's strings storable in place; whether any had to change."""
+    text, in_text = without_lone_surrogates(document.text)
+    url, in_url = without_lone_surrogates(document.url)
+    source, in_source = without_lone_surrogates(document.source)
+    detail, in_detail = without_lone_surrogates(document.detail)
+    document.text, document.url = text or "", url
+    document.source, document.detail = source or "", detail or ""
+    return in_text or in_url or in_source or in_detail

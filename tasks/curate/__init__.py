@@ -1,0 +1,1 @@
+"""Curation: normalize, quality, dedup, toxicity and PII, each a shard stage."""

@@ -1,0 +1,633 @@
+"""toxicity: score documents with a toxicity classifier; those over a threshold are removed.
+
+Two backends share one small interface (:class:`ToxicityScorer`). The default, ``profanity``, is
+alt-profanity-check: a calibrated linear SVM over TF-IDF word features whose model ships inside
+its wheel, so it runs with no network and nothing to configure, fast enough for web scale. It
+catches explicit profanity, slurs and sexual language and misses hate said politely (see
+bench/toxicity_eval.md). ``detoxify`` runs a fine-tuned transformer through detoxify's own model
+code. Its official checkpoints are GitHub downloads, so they must be on disk beforehand (under the
+file names detoxify's own downloader uses, in the torch hub cache, or at a path given in the
+config): nothing is downloaded at run time. The checkpoint file is read with
+``torch.load(weights_only=True)``: tensors and plain containers, no code from the file runs.
+detoxify's own loader would unpickle it fully, so it never opens the file (:class:`DetoxifyScorer`).
+
+Classifiers are trained on comments and tweets, not on 50 kB web pages, and their scores dilute
+over long text. A document is therefore scored in chunks of about ``chunk_chars`` characters cut on
+line or space boundaries, and its score for a label is the highest over its chunks: one toxic
+passage is enough. Very long documents are sampled (``max_chunks`` chunks spread evenly over the
+text) so that a 50 MB document costs the same as a 64 kB one.
+
+Every document keeps one float column per label, ``toxicity_<label>`` (null for a document with no
+text to score), on kept and rejected rows alike, so a stricter cut can be made later without
+scoring again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field, field_validator, model_validator
+
+from llmflow.tasks.core.stage import (
+    ShardResult,
+    StageConfig,
+    StageSpec,
+    UnitRecord,
+    WorkUnit,
+    put_column,
+    read_unit_input,
+    run_unit,
+    split_result,
+)
+
+# detoxify and transformers decide the scores of the detoxify backend; alt-profanity-check pins
+# the scikit-learn version its model was trained with, so its own version names the model.
+STAGE = StageSpec(
+    name="toxicity", version="1", libraries=("alt-profanity-check", "detoxify", "transformers")
+)
+
+COLUMN_PREFIX = "toxicity_"
+PROFANITY_LABEL = "profanity"
+# The knee of the sweep in bench/toxicity_eval.md. From 0.5 (the model's own predict() cut) to 0.6
+# false removals fall by more than half (ToxiGen neutral statements 13 -> 5 of 297, mostly text
+# about lesbian and gay people; clean long documents 9 -> 4 of 230) for 1.2 points of recall on
+# Davidson's toxic tweets; above 0.6 false removals barely fall while recall keeps dropping.
+DEFAULT_PROFANITY_THRESHOLD = 0.6
+# detoxify's labels that name a harm. Its "unbiased" model also predicts identity mentions (male,
+# muslim, black, ...): those say who a text is about, not that it is toxic, and never remove.
+DETOXIFY_HARM_LABELS = (
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+    "sexual_explicit",
+)
+# The cut detoxify's authors use in their own examples and evaluation (a sigmoid's midpoint).
+DEFAULT_DETOXIFY_THRESHOLD = 0.5
+DetoxifyModel = Literal["original", "unbiased", "multilingual", "original-small", "unbiased-small"]
+
+_SPACE = re.compile(r"\s")
+
+
+class ToxicityConfig(StageConfig):
+    """Which classifier scores documents, and where each label's score removes a document."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+
+    backend: Literal["profanity", "detoxify"] = Field(
+        "profanity",
+        description=(
+            "profanity: alt-profanity-check, a linear model inside its wheel (offline, fast;"
+            " explicit profanity and slurs). detoxify: a transformer classifier (needs its"
+            " checkpoint on disk, see detoxify_checkpoint; slower, catches more)."
+        ),
+    )
+    thresholds: dict[str, float] | None = Field(
+        None,
+        description=(
+            "Per label, the score at or above which a document is removed. A label of the backend"
+            " missing here is scored but never removes. Default: profanity backend"
+            f" {{'{PROFANITY_LABEL}': {DEFAULT_PROFANITY_THRESHOLD}}} (chosen by the sweep in"
+            " bench/toxicity_eval.md); detoxify backend"
+            f" {DEFAULT_DETOXIFY_THRESHOLD} for each harm label the checkpoint has"
+            f" ({', '.join(DETOXIFY_HARM_LABELS)}), identity-mention labels never remove."
+        ),
+    )
+    chunk_chars: int = Field(
+        2000,
+        ge=100,
+        le=100_000,
+        description=(
+            "Documents are scored in chunks of about this many characters, cut at a line or space;"
+            " a document's score is its highest chunk's. Both models were trained on comments and"
+            " tweets; 2000 characters is about 400-500 BERT tokens, inside detoxify's 512."
+        ),
+    )
+    max_chunks: int = Field(
+        32,
+        ge=1,
+        description=(
+            "At most this many chunks per document, spread evenly over longer documents: bounds"
+            " the time and memory one huge document can take (32 x 2000 = 64 kB scored)."
+        ),
+    )
+    detoxify_model: DetoxifyModel = Field(
+        "original",
+        description=(
+            "Which official detoxify checkpoint to look for in the torch hub cache when"
+            " detoxify_checkpoint is not set (detoxify's own names)."
+        ),
+    )
+    detoxify_checkpoint: str | None = Field(
+        None,
+        description=(
+            "Path of a detoxify checkpoint (.ckpt). Default: the file detoxify's downloader would"
+            " have saved, $TORCH_HOME/hub/checkpoints/<name from its download URL>."
+        ),
+    )
+    detoxify_model_dir: str | None = Field(
+        None,
+        description=(
+            "Folder with the base transformer's config.json and tokenizer files, used instead of"
+            " the hub id the checkpoint names (e.g. bert-base-uncased), which would otherwise have"
+            " to be in the Hugging Face cache. Nothing is downloaded."
+        ),
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Chunks scored per model call; speed and memory only."
+    )
+    device: str = Field(
+        "cpu", description="torch device for the detoxify backend (cpu, cuda, cuda:1 ...)."
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_are_probabilities(cls, value: dict[str, float] | None) -> Any:
+        if value is None:
+            return value
+        bad = {label: t for label, t in value.items() if not 0.0 <= t <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds must be in [0, 1]; got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds_fit_backend(self) -> ToxicityConfig:
+        """Fill the profanity default; refuse labels the profanity model does not have.
+
+        detoxify's labels come from its checkpoint, so they are checked when it is loaded,
+        still before any document is scored.
+        """
+        if self.backend == "profanity":
+            if self.thresholds is None:
+                self.thresholds = {PROFANITY_LABEL: DEFAULT_PROFANITY_THRESHOLD}
+            unknown = sorted(set(self.thresholds) - {PROFANITY_LABEL})
+            if unknown:
+                raise ValueError(
+                    f"thresholds: labels {unknown} do not exist for backend 'profanity';"
+                    f" its only label is '{PROFANITY_LABEL}'"
+                )
+        return self
+
+
+class ToxicityScorer(Protocol):
+    """A classifier: for each of its labels, one probability-like score in [0, 1] per text."""
+
+    labels: tuple[str, ...]
+
+    def score(self, texts: list[str]) -> dict[str, list[float]]: ...
+
+
+class DetoxifyCheckpointNotFound(FileNotFoundError):
+    """The detoxify backend has no checkpoint on disk (nothing is downloaded at run time)."""
+
+
+class DetoxifyModelNotFound(FileNotFoundError):
+    """The checkpoint's base transformer (config and tokenizer) is neither local nor cached."""
+
+
+class DetoxifyCheckpointInvalid(ValueError):
+    """The file is not a detoxify checkpoint (a dict with its training config and state dict)."""
+
+
+class ToxicityLabelError(ValueError):
+    """Thresholds name labels the loaded classifier does not produce."""
+
+
+class ProfanityScorer:
+    """alt-profanity-check: TF-IDF over words and a calibrated linear SVM, shipped in its wheel."""
+
+    labels: tuple[str, ...] = (PROFANITY_LABEL,)
+
+    def __init__(self) -> None:
+        # Importing loads the model from the wheel (about 1.5 s), so it happens once, here.
+        from profanity_check import predict_prob
+
+        self._predict_prob = predict_prob
+
+    def score(self, texts: list[str]) -> dict[str, list[float]]:
+        if not texts:
+            return {PROFANITY_LABEL: []}
+        return {PROFANITY_LABEL: [float(p) for p in self._predict_prob(texts)]}
+
+
+def torch_hub_checkpoints_dir() -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` (detoxify's downloader) keeps its files.
+
+    Same rule as ``torch.hub.get_dir()``, without importing torch for a config check.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.environ.get("TORCH_HOME", os.path.join(cache, "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
+
+
+def detoxify_download_url(model: str) -> str:
+    """detoxify's own download URL for an official model name (read from the installed package)."""
+    from detoxify.detoxify import MODEL_URLS  # imports torch and transformers, lazily
+
+    return MODEL_URLS[model]
+
+
+def resolve_detoxify_checkpoint(config: ToxicityConfig) -> Path:
+    """The checkpoint file to load, or an error saying where it was looked for and how to add it."""
+    if config.detoxify_checkpoint:
+        looked = [Path(config.detoxify_checkpoint).expanduser()]
+    else:
+        looked = [torch_hub_checkpoints_dir() / _official_file_name(config.detoxify_model)]
+    for path in looked:
+        if path.is_file():
+            return path
+    url = _official_url(config.detoxify_model)
+    raise DetoxifyCheckpointNotFound(
+        f"toxicity backend 'detoxify' needs a checkpoint and none was found; looked at:"
+        f" {', '.join(str(p) for p in looked)}. Nothing is downloaded at run time. Either download"
+        f" {url} and put it at {torch_hub_checkpoints_dir() / url.rsplit('/', 1)[-1]} (the file"
+        " detoxify's own downloader writes; $TORCH_HOME defaults to ~/.cache/torch), or set"
+        " toxicity.detoxify_checkpoint to the path of a .ckpt file. Its base transformer's"
+        " config and tokenizer must be in the Hugging Face cache or in toxicity.detoxify_model_dir."
+    )
+
+
+# The official file names, as in detoxify 0.5.4's MODEL_URLS; read from the package when it is
+# importable so that a newer release's names win.
+_RELEASES = "https://github.com/unitaryai/detoxify/releases/download/"
+_OFFICIAL_URLS = {
+    "original": _RELEASES + "v0.1-alpha/toxic_original-c1212f89.ckpt",
+    "unbiased": _RELEASES + "v0.3-alpha/toxic_debiased-c7548aa0.ckpt",
+    "multilingual": _RELEASES + "v0.4-alpha/multilingual_debiased-0b549669.ckpt",
+    "original-small": _RELEASES + "v0.1.2/original-albert-0e1d6498.ckpt",
+    "unbiased-small": _RELEASES + "v0.1.2/unbiased-albert-c8519128.ckpt",
+}
+
+
+def _official_url(model: str) -> str:
+    try:
+        _hub_offline()
+        return detoxify_download_url(model)
+    except (ImportError, KeyError):
+        return _OFFICIAL_URLS[model]
+
+
+def _official_file_name(model: str) -> str:
+    return _official_url(model).rsplit("/", 1)[-1]
+
+
+def _hub_offline() -> None:
+    """Make the Hugging Face libraries local-only unless the user said otherwise.
+
+    The flag is read when huggingface_hub is imported, so it is set in the environment first and,
+    if another stage already imported the library, on its constants too.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if os.environ["HF_HUB_OFFLINE"].upper() in {"1", "ON", "YES", "TRUE"}:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+_DETOXIFY_MODEL_CLASS = re.compile(r"[A-Za-z0-9]+ForSequenceClassification")
+_DETOXIFY_TOKENIZER_CLASS = re.compile(r"[A-Za-z0-9]+Tokenizer(Fast)?")
+# detoxify 0.5's load_checkpoint standardises the label names of its models this way.
+_DETOXIFY_RENAMED = {
+    "toxic": "toxicity",
+    "identity_hate": "identity_attack",
+    "severe_toxic": "severe_toxicity",
+}
+
+
+def read_detoxify_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """A detoxify checkpoint's dict, read without running any code from the file.
+
+    detoxify's own ``Detoxify(checkpoint=...)`` opens the file with ``torch.load(...,
+    weights_only=False)``: a full unpickle, in which a crafted file runs whatever it names. The
+    format needs nothing of the kind (a ``config`` dict of plain values from the training JSON
+    and a ``state_dict`` of tensors, as detoxify's ``convert_weights.py`` writes it), so it is
+    read here with ``weights_only=True``, which refuses any other Python object before calling
+    it. The entries detoxify uses are then checked: ``config.arch.args`` must name a
+    ``transformers`` ``...ForSequenceClassification`` class and a ``...Tokenizer`` class
+    (detoxify looks both up by name with ``getattr``), ``config.dataset.args.classes`` the
+    labels.
+    """
+    import torch
+
+    from llmflow.tasks.train.checkpoints import unpickler_detail
+
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"detoxify checkpoint {checkpoint}: refused, it holds Python objects other than"
+            " tensors and plain containers (nothing in it was run). A detoxify checkpoint is a"
+            " dict of 'config' (plain values) and 'state_dict' (tensors); if the file comes from"
+            f" a source you trust, re-save just those two entries. {unpickler_detail(exc)}"
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: torch.load cannot read it ({exc})"
+        ) from exc
+    try:
+        args = loaded["config"]["arch"]["args"]
+        classes = loaded["config"]["dataset"]["args"]["classes"]
+        state_dict = loaded["state_dict"]
+        names = (args["model_type"], args["model_name"], args["tokenizer_name"])
+    except (KeyError, TypeError) as exc:
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: expected a torch.save'd dict with"
+            " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
+            f" num_classes; dataset.args.classes). Missing: {exc!r}"
+        ) from exc
+    if not isinstance(state_dict, dict) or not (
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    ):
+        raise DetoxifyCheckpointInvalid(
+            f"{checkpoint} is not a detoxify checkpoint: state_dict must be a dict of tensors"
+            " and config.dataset.args.classes a list of label names"
+        )
+    model_type, model_name, tokenizer_name = names
+    if not (
+        isinstance(model_type, str)
+        and isinstance(model_name, str)
+        and _DETOXIFY_MODEL_CLASS.fullmatch(model_name)
+        and isinstance(tokenizer_name, str)
+        and _DETOXIFY_TOKENIZER_CLASS.fullmatch(tokenizer_name)
+    ):
+        raise DetoxifyCheckpointInvalid(
+            f"detoxify checkpoint {checkpoint}: config.arch.args names model_name={model_name!r}"
+            f" and tokenizer_name={tokenizer_name!r}; expected transformers classes such as"
+            " 'BertForSequenceClassification' and 'BertTokenizer'"
+        )
+    return loaded
+
+
+class DetoxifyScorer:
+    """A detoxify checkpoint run through detoxify's own model code, its labels from the file.
+
+    What runs: the file is read by :func:`read_detoxify_checkpoint` (weights only: nothing in it
+    is executed), then the model is built as ``Detoxify(checkpoint=...)`` builds it, with
+    detoxify's ``get_model_and_tokenizer`` (``transformers`` ``from_pretrained`` of the named
+    classes with the checkpoint's state dict; configs and tokenizer files are read as data, no
+    remote code) and detoxify's label renaming. ``Detoxify.__init__`` itself is bypassed
+    because its first act is an unrestricted ``torch.load`` of the file.
+    """
+
+    def __init__(self, checkpoint: Path, model_dir: str | None = None, device: str = "cpu"):
+        _hub_offline()
+        folder = None if model_dir is None else Path(model_dir).expanduser()
+        if folder is not None and not (folder / "config.json").is_file():
+            raise DetoxifyModelNotFound(
+                f"toxicity.detoxify_model_dir={model_dir!r} has no config.json: it must hold"
+                " the base transformer's config.json and tokenizer files (save_pretrained)"
+            )
+        loaded = read_detoxify_checkpoint(checkpoint)
+        if folder is not None:
+            # detoxify builds the transformer from the hub id inside the checkpoint; pointing
+            # that id at the local folder is the one way its model code loads fully offline.
+            loaded["config"]["arch"]["args"]["model_type"] = str(folder.resolve())
+        self._lock = threading.Lock()
+        self._model = self._build(loaded, checkpoint, device)
+        self.labels = tuple(self._model.class_names)
+        _cap_tokenizer_length(self._model)
+
+    @staticmethod
+    def _build(loaded: dict[str, Any], named: Path, device: str) -> Any:
+        """A ``Detoxify`` object holding the model, made from the loaded dict as detoxify 0.5's
+        ``load_checkpoint`` makes it from the file."""
+        from detoxify import Detoxify
+        from detoxify.detoxify import get_model_and_tokenizer
+
+        try:
+            model, tokenizer = get_model_and_tokenizer(
+                **loaded["config"]["arch"]["args"], state_dict=loaded["state_dict"]
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise DetoxifyCheckpointInvalid(
+                f"{named} is not a detoxify checkpoint: expected a torch.save'd dict with"
+                " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
+                f" num_classes; dataset.args.classes). Cause: {exc!r}"
+            ) from exc
+        except OSError as exc:
+            raise DetoxifyModelNotFound(
+                f"detoxify checkpoint {named} loaded, but its base transformer (config and"
+                " tokenizer) could not be found offline. Put that model's config.json and"
+                " tokenizer files in a folder and set toxicity.detoxify_model_dir to it, or"
+                f" pre-fill the Hugging Face cache. Cause: {exc}"
+            ) from exc
+        detoxify = Detoxify.__new__(Detoxify)  # its __init__ would torch.load the file unsafely
+        detoxify.model = model.to(device)
+        detoxify.tokenizer = tokenizer
+        classes = loaded["config"]["dataset"]["args"]["classes"]
+        detoxify.class_names = [_DETOXIFY_RENAMED.get(c, c) for c in classes]
+        detoxify.device = device
+        return detoxify
+
+    def score(self, texts: list[str]) -> dict[str, list[float]]:
+        if not texts:
+            return {label: [] for label in self.labels}
+        with self._lock:  # one forward pass at a time: torch already uses every core
+            result = self._model.predict(texts)
+        # detoxify squeezes a batch of one into bare floats.
+        return {
+            label: [float(v) for v in (values if isinstance(values, list) else [values])]
+            for label, values in result.items()
+        }
+
+
+def _cap_tokenizer_length(model: Any) -> None:
+    """detoxify truncates at the tokenizer's model_max_length; make sure one is set.
+
+    A tokenizer saved without it reports a huge number, and a chunk longer than the model's
+    position table would crash the forward pass instead of being truncated.
+    """
+    tokenizer, config = model.tokenizer, model.model.config
+    limit = getattr(config, "max_position_embeddings", 512)
+    if getattr(config, "model_type", "") in {"roberta", "xlm-roberta", "camembert"}:
+        limit -= 2  # their position ids start after the padding index
+    if tokenizer.model_max_length > limit:
+        tokenizer.model_max_length = limit
+
+
+_SCORERS: dict[tuple[Any, ...], ToxicityScorer] = {}
+_SCORERS_LOCK = threading.Lock()
+
+
+def load_scorer(config: ToxicityConfig) -> ToxicityScorer:
+    """The config's classifier, loaded once per process and shared by the units it runs.
+
+    Raises before any document is scored when the model is missing or the thresholds name labels
+    it does not have, so a bad setup fails the first unit, not the hundredth.
+    """
+    if config.backend == "profanity":
+        key: tuple[Any, ...] = ("profanity",)
+    else:
+        checkpoint = resolve_detoxify_checkpoint(config)
+        key = ("detoxify", str(checkpoint.resolve()), config.detoxify_model_dir, config.device)
+    with _SCORERS_LOCK:
+        scorer = _SCORERS.get(key)
+        if scorer is None:
+            if config.backend == "profanity":
+                scorer = ProfanityScorer()
+            else:
+                scorer = DetoxifyScorer(checkpoint, config.detoxify_model_dir, config.device)
+            _SCORERS[key] = scorer
+    resolve_thresholds(config, scorer.labels)
+    return scorer
+
+
+def resolve_thresholds(config: ToxicityConfig, labels: Sequence[str]) -> dict[str, float]:
+    """The thresholds in force for a classifier with these labels (defaults filled in)."""
+    if config.thresholds is None:
+        if config.backend == "profanity":
+            return {PROFANITY_LABEL: DEFAULT_PROFANITY_THRESHOLD}
+        return {
+            label: DEFAULT_DETOXIFY_THRESHOLD for label in labels if label in DETOXIFY_HARM_LABELS
+        }
+    unknown = sorted(set(config.thresholds) - set(labels))
+    if unknown:
+        raise ToxicityLabelError(
+            f"toxicity.thresholds names labels {unknown} that backend '{config.backend}' does not"
+            f" produce; its labels are {list(labels)}"
+        )
+    return dict(config.thresholds)
+
+
+def text_chunks(text: str, chunk_chars: int, max_chunks: int) -> tuple[list[str], bool]:
+    """The pieces of a text to score, and whether some of the text was left out (sampled).
+
+    Pieces are cut at the last newline (else space) in the second half of each window, so words
+    and usually lines stay whole; a text without spaces is cut hard. A text needing more than
+    ``max_chunks`` pieces gets ``max_chunks`` windows spread evenly from its start to its end:
+    the work is bounded whatever the length, and no region is systematically skipped.
+    """
+    n = len(text)
+    if n <= chunk_chars:
+        piece = text.strip()
+        return ([piece] if piece else []), False
+    if -(-n // chunk_chars) <= max_chunks:
+        chunks: list[str] = []
+        start = 0
+        while start < n and len(chunks) < max_chunks:
+            end = _cut(text, start, chunk_chars)
+            piece = text[start:end].strip()
+            if piece:
+                chunks.append(piece)
+            start = end
+        if start >= n:
+            return chunks, False
+        # Cuts at spaces made the pieces short enough to overflow max_chunks: sample instead.
+    chunks = []
+    span = n - chunk_chars
+    for i in range(max_chunks):
+        start = round(i * span / (max_chunks - 1)) if max_chunks > 1 else 0
+        if start and not text[start - 1].isspace():
+            space = _SPACE.search(text, start, min(n, start + chunk_chars // 4))
+            if space:
+                start = space.end()
+        piece = text[start : _cut(text, start, chunk_chars)].strip()
+        if piece:
+            chunks.append(piece)
+    return chunks, True
+
+
+def _cut(text: str, start: int, size: int) -> int:
+    end = start + size
+    if end >= len(text):
+        return len(text)
+    for sep in ("\n", " "):
+        at = text.rfind(sep, start + size // 2, end)
+        if at != -1:
+            return at + 1
+    return end
+
+
+def score_texts(
+    texts: Sequence[str | None],
+    scorer: ToxicityScorer,
+    chunk_chars: int = 2000,
+    max_chunks: int = 32,
+    batch_size: int = 64,
+) -> tuple[dict[str, list[float | None]], Counter[str]]:
+    """Each text's score per label (the highest over its chunks; None for nothing to score).
+
+    Chunks of all texts are pooled and scored in batches of similar length, so short and long
+    documents do not pad each other out. Returns the scores and counts (documents_scored,
+    chunks_scored, documents_sampled, documents_empty).
+    """
+    owners: list[int] = []
+    pieces: list[str] = []
+    stats: Counter[str] = Counter()
+    for i, text in enumerate(texts):
+        chunks, sampled = text_chunks(text or "", chunk_chars, max_chunks)
+        if not chunks:
+            stats["documents_empty"] += 1
+            continue
+        stats["documents_scored"] += 1
+        stats["documents_sampled"] += sampled
+        owners.extend([i] * len(chunks))
+        pieces.extend(chunks)
+    stats["chunks_scored"] += len(pieces)
+    scores: dict[str, list[float | None]] = {label: [None] * len(texts) for label in scorer.labels}
+    order = sorted(range(len(pieces)), key=lambda k: len(pieces[k]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        result = scorer.score([pieces[k] for k in batch])
+        for label in scorer.labels:
+            column = scores[label]
+            for k, value in zip(batch, result[label], strict=True):
+                owner = owners[k]
+                value = min(1.0, max(0.0, value))
+                current = column[owner]
+                if current is None or value > current:
+                    column[owner] = value
+    return scores, stats
+
+
+def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
+    """Score a shard's documents; those at or over a label's threshold go to the rejected set."""
+    scorer = load_scorer(config)
+    thresholds = resolve_thresholds(config, scorer.labels)
+    scores, stats = score_texts(
+        table.column("text").to_pylist(),
+        scorer,
+        chunk_chars=config.chunk_chars,
+        max_chunks=config.max_chunks,
+        batch_size=config.batch_size,
+    )
+    keep_mask: list[bool] = []
+    reasons: list[str] = []
+    details: list[str] = []
+    for row in range(table.num_rows):
+        over = [
+            (scores[label][row], label)
+            for label, threshold in thresholds.items()
+            if (s := scores[label][row]) is not None and s >= threshold
+        ]
+        if not over:
+            keep_mask.append(True)
+            continue
+        score, label = max(over)
+        keep_mask.append(False)
+        reasons.append(f"toxic_{label}")
+        details.append(f"{label}={score:.3f} ≥ {thresholds[label]}")
+        stats[f"removed_{label}"] += 1
+    scored = table
+    for label in scorer.labels:  # scored again: the new scores replace the old
+        field = pa.field(COLUMN_PREFIX + label, pa.float64())
+        scored = put_column(scored, field, pa.array(scores[label], pa.float64()))
+    return split_result(scored, keep_mask, reasons, details, stats)
+
+
+@task(name="toxicity-shard", cache_policy=NO_CACHE, persist_result=False)
+def toxicity_shard(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> UnitRecord:
+    return run_unit(stage_dir, unit, lambda: toxicity_documents(read_unit_input(unit), config))

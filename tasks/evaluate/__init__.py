@@ -1,0 +1,1 @@
+"""Evaluation: benchmark files, log-likelihood scoring, model loading and the evaluation stage."""

@@ -1,0 +1,457 @@
+"""crawl: documents from the web, from Common Crawl WARC/WET files, or from local files.
+
+The seeds decide the reader: http(s) URLs (and ``pydoc:``, the embedded default's local site) are
+crawled together as one unit of work, since they share one frontier; every file a seed names is
+a unit of its own, so a directory of WARC files resumes file by file. Every document read is
+accounted for: kept, rejected with a reason, or listed as a fetch failure in the manifest.
+
+In a refresh (a version after the first, :mod:`llmflow.tasks.core.document_versions`) the crawl
+reads
+only what may have changed: the web is re-crawled with conditional requests against the last
+crawl's page states, a file whose size and time (or ETag) are unchanged is not read again, and a
+changed file is read whole. The documents that leave the dataset are written down with a reason:
+``changed`` (the page's text is not what it was), ``gone_<why>`` (the page now fails: 404,
+robots.txt, out of scope), ``source_changed`` (no longer in its changed file) and
+``source_removed`` (its file left the seeds). Transient failures (timeouts, 5xx) withdraw nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow.tasks.core import document_versions, shards
+from llmflow.tasks.core.document_versions import SOURCES_NAME, WITHDRAWN_NAME, WITHDRAWN_SCHEMA
+from llmflow.tasks.core.documents import Document, FetchFailure, Unchanged
+from llmflow.tasks.core.progress import StepProgress
+from llmflow.tasks.core.stage import (
+    ShardResult,
+    StageSpec,
+    UnitRecord,
+    WorkUnit,
+    documents_result,
+    finalize_stage,
+    run_unit,
+    unit_key,
+)
+from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
+from llmflow.tasks.ingest.file_sources import expand_file_seed, is_file_seed, iter_file_documents
+from llmflow.tasks.ingest.html_text import BoundedExtractor
+from llmflow.tasks.ingest.installed_docs import (
+    INSTALLED_SEED,
+    installed_digest,
+    installed_documents,
+)
+from llmflow.tasks.ingest.pydoc_site import PYDOC_SEED, pydoc_site
+from llmflow.tasks.ingest.warc_writer import WarcRecorder
+from llmflow.tasks.ingest.web_crawler import PageState, crawl_web, install_interrupt_handler
+
+STAGE = StageSpec(
+    name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")
+)
+WEB_UNIT = "web"
+INSTALLED_UNIT = "installed"
+WARC_DIR = "warc"
+STATE_DIR = "_state"
+WITHDRAWN_DIR = "_withdrawn"
+# Failures that say nothing about the page (it may be back tomorrow): its document stays.
+TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx"})
+STATE_SCHEMA = pa.schema(
+    [
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
+        pa.field("doc_id", pa.string()),
+        pa.field("links", pa.list_(pa.string())),
+    ]
+)
+
+__all__ = [
+    "STAGE",
+    "CrawlConfig",
+    "PreviousCrawl",
+    "crawl_documents",
+    "crawl_unit",
+    "finish",
+    "plan_crawl_units",
+    "previous_crawl",
+]
+
+
+@dataclass(frozen=True)
+class PreviousCrawl:
+    """What a refresh builds on: the last published version and the crawl units it holds."""
+
+    documents_dir: str
+    version: int
+    sources: dict[str, dict[str, Any]]
+
+    def crawl_dir(self, version: int) -> str:
+        return shards.join(self.documents_dir, document_versions.version_name(version), STAGE.name)
+
+
+def previous_crawl(stage_dir: str) -> PreviousCrawl | None:
+    """The version a crawl into ``stage_dir`` (``<documents>/vNNNN/crawl``) refreshes, if any."""
+    located = document_versions.stage_version(stage_dir)
+    if located is None:
+        return None
+    documents_dir, number = located
+    previous = document_versions.previous_version(documents_dir, number)
+    if previous is None:
+        return None
+    sources = document_versions.read_version(documents_dir, previous)["sources"]
+    return PreviousCrawl(documents_dir, previous, sources)
+
+
+def _is_web_seed(seed: str) -> bool:
+    return seed.startswith((PYDOC_SEED, "http://", "https://"))
+
+
+def _file_unit_name(path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", path.rsplit("/", 1)[-1]).strip("-")[:40] or "file"
+    return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+
+def plan_crawl_units(config: CrawlConfig, previous: PreviousCrawl | None = None) -> list[WorkUnit]:
+    """The crawl's units of work, keyed by what they read; in a refresh, only what may be new.
+
+    A file's key uses fsspec's ``ukey`` (size and modification time locally, the ETag on object
+    stores): cheap for multi-GB WARC files, and it changes when the file does. The web unit is
+    keyed by its seeds (and, in a refresh, the page states it starts from); pydoc's pages also
+    depend on the Python version serving them.
+    """
+    units = _all_units(config, previous)
+    if any(u.source["kind"] == "web" for u in units):
+        # Planning runs in the flow's main thread, the crawl in a task runner's worker thread,
+        # where Ctrl-C never arrives: this lets it stop the crawl (a no-op off the main thread).
+        install_interrupt_handler()
+    if previous is None:
+        return units
+    return [
+        u
+        for u in units
+        if u.source["kind"] == "web" or previous.sources.get(u.name, {}).get("key") != u.key
+    ]
+
+
+def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[WorkUnit]:
+    units: list[WorkUnit] = []
+    web_seeds = [s for s in config.seeds if _is_web_seed(s)]
+    if web_seeds:
+        state = None
+        if previous is not None and WEB_UNIT in previous.sources:
+            state_dir = shards.join(previous.crawl_dir(previous.version), STATE_DIR)
+            state = shards.join(state_dir, f"{WEB_UNIT}.parquet")
+        # Credentials change the key (a hash), but the unit carries the seeds without them: a
+        # unit is passed around (task parameters, logs), and crawl_documents takes them back
+        # from the config.
+        material = {"seeds": web_seeds, "python": sys.version}
+        if state is not None and shards.exists(state):
+            material["state"] = hashlib.sha256(shards.read_bytes(state)).hexdigest()
+        else:
+            state = None
+        digest = json.dumps(material, sort_keys=True)
+        units.append(
+            WorkUnit(
+                name=WEB_UNIT,
+                key=unit_key(STAGE, config, hashlib.sha256(digest.encode()).hexdigest()),
+                source={
+                    "kind": "web",
+                    "seeds": [redact_url(s) for s in web_seeds],
+                    "previous_state": state,
+                },
+            )
+        )
+    if INSTALLED_SEED in config.seeds:
+        units.append(
+            WorkUnit(
+                name=INSTALLED_UNIT,
+                key=unit_key(STAGE, config, installed_digest()),
+                source={
+                    "kind": "installed",
+                    "previous_shard": _previous_shard(previous, INSTALLED_UNIT),
+                },
+            )
+        )
+    for seed in config.seeds:
+        if _is_web_seed(seed) or seed == INSTALLED_SEED:
+            continue
+        if not is_file_seed(seed):
+            raise ValueError(
+                f"crawl.seeds: {redact_url(seed)!r} is neither an http(s) URL, 'pydoc:', nor a"
+                " file path"
+            )
+        for path in expand_file_seed(seed):
+            fs, p = shards.filesystem(path)
+            name = _file_unit_name(path)
+            units.append(
+                WorkUnit(
+                    name=name,
+                    key=unit_key(STAGE, config, f"{path}\0{fs.ukey(p)}"),
+                    source={
+                        "kind": "file",
+                        "path": path,
+                        "previous_shard": _previous_shard(previous, name),
+                    },
+                )
+            )
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ValueError("crawl.seeds: the same file is named by more than one seed")
+    return units
+
+
+def _previous_shard(previous: PreviousCrawl | None, name: str) -> str | None:
+    """The kept crawl shard the last version holds for a file unit (what a changed file's new
+    read is compared with)."""
+    if previous is None or name not in previous.sources:
+        return None
+    crawl_dir = previous.crawl_dir(previous.sources[name]["version"])
+    return shards.join(crawl_dir, f"{name}.parquet")
+
+
+def _write_withdrawn(stage_dir: str, unit: WorkUnit, rows: list[dict[str, Any]]) -> None:
+    """A unit's withdrawn documents (id, url, reason), replaced on every run of the unit."""
+    path = shards.join(stage_dir, WITHDRAWN_DIR, f"{unit.name}.parquet")
+    if not rows:
+        shards.remove(path)
+        return
+    table = pa.Table.from_pylist([r | {"version": 0} for r in rows], schema=WITHDRAWN_SCHEMA)
+    shards.write_shard(stage_dir, f"{WITHDRAWN_DIR}/{unit.name}.parquet", table)
+
+
+def _no_longer_in(previous_shard: str | None, result: ShardResult) -> list[dict[str, Any]]:
+    """Documents of a file's last read that its new read does not have."""
+    if previous_shard is None or not shards.exists(previous_shard):
+        return []
+    old = shards.read_parquet(previous_shard, ["id", "url"])
+    gone = pc.invert(pc.is_in(old.column("id"), value_set=result.kept.column("id")))
+    return [r | {"reason": "source_changed"} for r in old.filter(gone).to_pylist()]
+
+
+def _read_states(path: str | None) -> dict[str, PageState]:
+    if path is None:
+        return {}
+    table = shards.read_parquet(path)
+    return {
+        r["url"]: PageState(r["url"], r["etag"], r["last_modified"], r["doc_id"], tuple(r["links"]))
+        for r in table.to_pylist()
+    }
+
+
+def _account_refresh(
+    previous: dict[str, PageState],
+    states: dict[str, PageState],
+    outcomes: list[Document | FetchFailure | Unchanged],
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Which earlier documents leave the dataset, and the states the next refresh starts from.
+
+    A page whose text changed withdraws its old document; a page that now fails for good (404,
+    robots.txt, out of scope...) withdraws it as gone; a page not reached, or failing for a
+    while (timeout, 5xx), keeps its document and its old state.
+    """
+    failed = {o.url: o.reason for o in outcomes if isinstance(o, FetchFailure)}
+    withdrawn: list[dict[str, Any]] = []
+    stats: Counter[str] = Counter()
+    for url, before in sorted(previous.items()):
+        now = states.get(url)
+        if now is not None:
+            if before.doc_id and now.doc_id != before.doc_id:
+                withdrawn.append({"id": before.doc_id, "url": url, "reason": "changed"})
+            continue
+        reason = failed.get(url)
+        if reason is not None and reason not in TRANSIENT_FAILURES:
+            if before.doc_id:
+                withdrawn.append({"id": before.doc_id, "url": url, "reason": f"gone_{reason}"})
+            continue
+        stats["kept_after_fetch_failure" if reason else "not_revisited"] += 1
+        states[url] = before
+    return withdrawn, stats
+
+
+def _respell(url: str, old: str, new: str) -> str:
+    return new + url.removeprefix(old) if url.startswith(old) else url
+
+
+def _respell_states(states: dict[str, PageState], old: str, new: str) -> dict[str, PageState]:
+    """Page states with URLs under ``old`` moved under ``new`` (pydoc's port, and back)."""
+    return {
+        _respell(url, old, new): replace(
+            state,
+            url=_respell(state.url, old, new),
+            links=tuple(_respell(link, old, new) for link in state.links),
+        )
+        for url, state in states.items()
+    }
+
+
+def _write_states(stage_dir: str, unit: WorkUnit, states: dict[str, PageState]) -> None:
+    rows = [
+        {
+            "url": s.url,
+            "etag": s.etag,
+            "last_modified": s.last_modified,
+            "doc_id": s.doc_id,
+            "links": list(s.links),
+        }
+        for _, s in sorted(states.items())
+    ]
+    table = pa.Table.from_pylist(rows, schema=STATE_SCHEMA)
+    shards.write_shard(stage_dir, f"{STATE_DIR}/{unit.name}.parquet", table)
+
+
+def crawl_documents(
+    unit: WorkUnit, config: CrawlConfig, stage_dir: str, on_document: Callable[[], None]
+) -> ShardResult:
+    """Read one unit: crawl the web seeds, or read one file, and account for every outcome."""
+    with ExitStack() as stack:
+        extractor = stack.enter_context(
+            BoundedExtractor(timeout_s=config.extract_timeout_s, memory_mb=config.extract_memory_mb)
+        )
+        if unit.source["kind"] in ("installed", "file"):
+            if unit.source["kind"] == "installed":
+                outcomes: Iterator[Document | FetchFailure] = installed_documents(
+                    config.max_page_bytes
+                )
+            else:
+                outcomes = iter_file_documents(
+                    unit.source["path"], extractor, config.max_page_bytes, config.content_types
+                )
+            result = documents_result(_counting(outcomes, on_document))
+            withdrawn = _no_longer_in(unit.source.get("previous_shard"), result)
+            _write_withdrawn(stage_dir, unit, withdrawn)
+            result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
+            return result
+        # The unit names its seeds without credentials; the config has them as given.
+        with_credentials = {redact_url(s): s for s in config.seeds}
+        seeds = [with_credentials.get(s, s) for s in unit.source["seeds"]]
+        site = ""
+        if any(s.startswith(PYDOC_SEED) for s in seeds):
+            site = stack.enter_context(pydoc_site()).rstrip("/") + "/"
+            if all(s.startswith(PYDOC_SEED) for s in seeds):
+                # Our own server on localhost, started for this crawl: politeness protects
+                # other people's servers, and here it would only make the default run slow; the
+                # private-address guard protects other services, and this one is ours.
+                config = config.model_copy(
+                    update={"politeness_delay_s": 0.0, "allow_private_addresses": True}
+                )
+            seeds = [_respell(s, PYDOC_SEED, site) for s in seeds]
+        warc = None
+        if config.write_warc:
+            warc_path = shards.join(stage_dir, WARC_DIR, f"{unit.name}.warc.gz")
+            warc = stack.enter_context(WarcRecorder(warc_path))
+        previous = _read_states(unit.source.get("previous_state"))
+        states: dict[str, PageState] = {}
+        outcomes_list = crawl_web(
+            seeds,
+            config,
+            extractor,
+            warc=warc,
+            on_page=on_document,
+            previous=_respell_states(previous, PYDOC_SEED, site) if site else previous,
+            states=states,
+            kept_as=lambda url: _respell(url, site, PYDOC_SEED) if site else url,
+        )
+        if site:
+            # pydoc's server listens on a new port every run: its pages are kept as pydoc:<path>,
+            # so their ids and the next refresh's page states do not depend on the port.
+            for outcome in outcomes_list:
+                if outcome.url:
+                    outcome.url = _respell(outcome.url, site, PYDOC_SEED)
+            states = _respell_states(states, site, PYDOC_SEED)
+        withdrawn, stats = _account_refresh(previous, states, outcomes_list)
+        _write_states(stage_dir, unit, states)
+        _write_withdrawn(stage_dir, unit, withdrawn)
+        result = documents_result(outcomes_list)
+        result.stats.update(stats)
+        result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
+        return result
+
+
+def _counting(
+    outcomes: Iterator[Document | FetchFailure], tick: Callable[[], None]
+) -> Iterator[Document | FetchFailure]:
+    for outcome in outcomes:
+        tick()
+        yield outcome
+
+
+def finish(
+    units: list[WorkUnit],
+    config: CrawlConfig,
+    stage_dir: str,
+    records: list[UnitRecord],
+    input_digest: str | None,
+) -> dict[str, Any]:
+    """The manifest, then what the version needs: its sources and every withdrawal so far.
+
+    ``refresh/sources.json`` names every crawl unit the version holds and the version whose crawl
+    read it (units a refresh did not read again keep their older version).
+    ``refresh/withdrawn.parquet`` is the last version's withdrawals plus this crawl's: what the
+    dedup index must not match and what publishing the version takes out of older shards.
+    """
+    # The manifest shows the config without the seeds' credentials (its config_hash is then the
+    # redacted config's: a description, never compared with the unit keys).
+    shown = config.model_copy(update={"seeds": [redact_url(s) for s in config.seeds]})
+    manifest = finalize_stage(stage_dir, STAGE, shown, records, input_digest)
+    previous = previous_crawl(stage_dir)
+    located = document_versions.stage_version(stage_dir)
+    number = located[1] if located is not None else 1
+    ran = {u.name for u in units}
+    sources = {
+        u.name: {
+            "key": u.key,
+            "version": number
+            if u.name in ran or previous is None
+            else previous.sources[u.name]["version"],
+        }
+        for u in _all_units(config, previous)
+    }
+    parts = [
+        document_versions.withdrawn_table(previous.documents_dir, previous.version)
+        if previous is not None
+        else WITHDRAWN_SCHEMA.empty_table()
+    ]
+    rows: list[dict[str, Any]] = []
+    withdrawn_dir = shards.join(stage_dir, WITHDRAWN_DIR)
+    for name in shards.list_names(withdrawn_dir, ".parquet"):
+        rows += shards.read_parquet(shards.join(withdrawn_dir, name)).to_pylist()
+    if previous is not None:
+        for name in sorted(set(previous.sources) - set(sources)):
+            old = _previous_shard(previous, name)
+            if old is not None and shards.exists(old):
+                table = shards.read_parquet(old, ["id", "url"])
+                rows += [
+                    {"id": r["id"], "url": r["url"], "reason": "source_removed"}
+                    for r in table.select(["id", "url"]).to_pylist()
+                ]
+    parts.append(
+        pa.Table.from_pylist([r | {"version": number} for r in rows], schema=WITHDRAWN_SCHEMA)
+    )
+    shards.write_shard(stage_dir, WITHDRAWN_NAME, pa.concat_tables(parts), keep_identical=True)
+    shards.write_json_atomic(shards.join(stage_dir, SOURCES_NAME), sources)
+    return manifest
+
+
+@task(name="crawl-unit", cache_policy=NO_CACHE, persist_result=False)
+def crawl_unit(unit: WorkUnit, config: CrawlConfig, stage_dir: str) -> UnitRecord:
+    total = config.max_pages if unit.source["kind"] == "web" else None
+    label = "pages" if unit.source["kind"] == "web" else "records"
+    with StepProgress(f"crawl-{unit.name}", f"crawl {unit.name} ({label})", total) as progress:
+        return run_unit(
+            stage_dir,
+            unit,
+            lambda: crawl_documents(unit, config, stage_dir, lambda: progress.advance()),
+        )

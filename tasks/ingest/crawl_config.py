@@ -1,0 +1,165 @@
+"""What a user sets for the crawl stage: seeds, scope, politeness, limits, extraction bounds.
+
+Kept apart from ``tasks/ingest/crawl.py`` so that the crawler, the archive readers and the stage
+can all
+import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+
+from llmflow.tasks.core.stage import StageConfig
+
+# Modules that do something when imported. pydoc renders a module page by importing the module,
+# so the embedded default never asks for these pages (the server runs in its own process as well).
+PYDOC_UNSAFE_PAGES = [
+    r"/antigravity\.html",  # opens a web browser
+    r"/this\.html",  # prints the Zen of Python
+    r"/__hello__\.html",
+    r"/__phello__",  # print on import
+    r"/idlelib\.(idle|pyshell|__main__)",  # start IDLE
+    r"/turtledemo",  # opens windows
+    r"/tkinter\.__main__",
+    r"/(ensurepip|venv|pip|unittest|json\.tool|http\.server|calendar|site)\.__main__",
+    r"/[^/]*__main__\.html",
+    r"/(get|search)\?",  # the search form and its result pages: not content
+]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its userinfo (``user:password@``), for anything stored or logged.
+
+    A seed may carry HTTP basic-auth credentials; they are for the request only, and must not
+    reach MLflow params, manifests, shard columns, WARC records or logs. Anything that is not a
+    URL with a network location (a file path, ``pydoc:``) comes back unchanged, as does a string
+    too malformed to split (it then holds no userinfo this function could find anyway: the
+    ``@`` test below is on the raw string).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.netloc and "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if parts is None and "@" in url and "://" in url:
+        # Unsplittable (a bad IPv6 literal, say) yet possibly holding credentials: drop
+        # everything between the scheme and the last "@" of the authority.
+        scheme, _, rest = url.partition("://")
+        authority, slash, path = rest.partition("/")
+        return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+    return url
+
+
+def default_user_agent() -> str:
+    return f"llmflow/{version('llmflow')} (language-model data crawler)"
+
+
+class CrawlConfig(StageConfig):
+    """Where documents come from and how politely they are fetched."""
+
+    # How fast and how many at once changes no page's text: such changes redo no finished crawl.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"concurrency", "politeness_delay_s"})
+
+    seeds: list[str] = Field(
+        default_factory=lambda: ["pydoc:", "installed:"],
+        description=(
+            "Where to start. http(s) URLs are crawled; local paths or fsspec URLs of .warc(.gz),"
+            " .wet/.wet.gz, .txt, .html, .jsonl(.gz) or .parquet files (or directories or globs of"
+            " them) are read; 'pydoc:' (or 'pydoc:<page>') starts Python's own documentation"
+            " server on a free localhost port and crawls it; 'installed:' reads the descriptions"
+            " and licence files of the installed Python packages. The last two are the embedded"
+            " default: no network needed."
+        ),
+    )
+    allowed_prefixes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Scope: URL prefixes ('https://example.com/docs/', or 'example.com/docs/' for both"
+            " schemes) or host names ('example.com': any port and scheme; 'example.com:8080':"
+            " that port only) the crawler may fetch. Empty means the seeds' hosts, each on its"
+            " seed's port (a seed without a port: its scheme's default port, 80 or 443)."
+        ),
+    )
+    allow_private_addresses: bool = Field(
+        True,
+        description=(
+            "Fetch from hosts whose address is not globally routable (loopback, private,"
+            " link-local such as 169.254.169.254, ...). True suits a laptop (the embedded pydoc"
+            " site is on 127.0.0.1); a deployment crawling the open web sets False, so a link or"
+            " redirect cannot reach internal services. Checked on the address actually connected"
+            " to, so DNS rebinding does not get around it; env proxy settings are not used then."
+        ),
+    )
+    exclude_patterns: list[str] = Field(
+        default_factory=lambda: list(PYDOC_UNSAFE_PAGES),
+        description="Regular expressions; a URL matching any of them is never fetched.",
+    )
+    max_pages: int = Field(200, ge=1, description="Stop after this many fetched pages.")
+    max_depth: int = Field(5, ge=0, description="Links followed from a seed, at most.")
+    max_page_bytes: int = Field(
+        5_000_000, ge=1, description="A response body larger than this is rejected ('oversize')."
+    )
+    max_redirects: int = Field(5, ge=0, description="Redirect hops followed per URL.")
+    politeness_delay_s: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Seconds between two requests to the same host (a longer robots.txt Crawl-delay wins)."
+        ),
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once, over all hosts.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    read_timeout_s: float = Field(20.0, gt=0, description="Seconds to wait for the next bytes.")
+    retries: int = Field(2, ge=0, description="Retries after a 5xx answer or a timeout.")
+    retry_backoff_s: float = Field(
+        0.5, ge=0, description="First retry waits this long; each further retry doubles it."
+    )
+    respect_robots_txt: bool = Field(True, description="Honour robots.txt (RFC 9309).")
+    content_types: list[str] = Field(
+        default_factory=lambda: ["text/html", "application/xhtml+xml", "text/plain"],
+        description="Media types kept; any other response is recorded as a fetch failure.",
+    )
+    user_agent: str = Field(
+        default_factory=default_user_agent, description="User-Agent header and robots.txt agent."
+    )
+    extract_timeout_s: float = Field(
+        10.0, gt=0, description="HTML-to-text extraction of one page is stopped after this long."
+    )
+    extract_memory_mb: int = Field(
+        1024,
+        ge=128,
+        description="Memory bound (MiB) of the HTML-to-text worker; about 70 MiB is its own.",
+    )
+    write_warc: bool = Field(
+        True, description="Keep every HTTP response raw as WARC next to the shards, for replay."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_given(cls, seeds: list[str]) -> list[str]:
+        """No seeds means no source at all: a run that silently crawls nothing is a mistake."""
+        if not seeds:
+            raise ValueError(
+                "no seeds: set crawl.seeds to at least one source (an http(s) URL, 'pydoc:',"
+                " 'installed:', or a file path / fsspec URL)"
+            )
+        blank = [i for i, seed in enumerate(seeds) if not seed.strip()]
+        if blank:
+            raise ValueError(f"seed number {blank[0]} (counting from 0) is an empty string")
+        return seeds
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes_parse(cls, prefixes: list[str]) -> list[str]:
+        """A scope entry that cannot be read would silently match nothing (or too much)."""
+        from llmflow.tasks.ingest.web_crawler import parse_scope_entry  # imports this module
+
+        for entry in prefixes:
+            parse_scope_entry(entry)
+        return prefixes

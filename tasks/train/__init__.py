@@ -1,0 +1,1 @@
+"""Training: the BPE tokenizer, token shards, the trainer, checkpoints, pretraining and SFT."""

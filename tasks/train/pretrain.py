@@ -1,0 +1,241 @@
+"""pretrain: token shards in, a trained checkpoint, its curves and a Hugging Face export out.
+
+The loop itself is :mod:`llmflow.tasks.train.trainer`. This module decides where a run lives and
+whether it is already done, starts the loop (in this process for one device, under ``torchrun``
+as a subprocess for several, streaming its output and progress), and records the outcome: the
+final checkpoint, the tokenizer and a ``LlamaForCausalLM`` export as MLflow artifacts.
+
+A run's folder is named by its key: the hash of the code version, the config fields that change
+the result, the token dataset's manifest and the tokenizer. The same key finds the same folder,
+so a re-run after an interruption resumes from the newest checkpoint there, and a re-run after
+completion does nothing; a changed learning rate or dataset starts a new folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow.models.decoder import Decoder, DecoderConfig
+from llmflow.models.hf_export import export_llama
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.progress import StepProgress, run_logger
+from llmflow.tasks.core.stage import StageSpec
+from llmflow.tasks.train import checkpoints
+from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
+from llmflow.tasks.train.tokenize import token_shard_paths
+from llmflow.tasks.train.train_config import PretrainConfig, TrainConfig, TrainJob
+
+STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
+HF_DIR = "hf"
+_OUTPUT_TAIL = 60
+
+
+def local_dir(path: str) -> Path:
+    return shards.local_path(path, "pretraining writes checkpoints with torch.save")
+
+
+def run_key(config: PretrainConfig, tokens_sha256: str, tokenizer_sha256: str) -> str:
+    material = json.dumps(
+        {
+            "stage": STAGE.name,
+            "code": STAGE.code_version(),
+            "config": config.output_hash(),
+            "tokens": tokens_sha256,
+            "tokenizer": tokenizer_sha256,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def plan_job(
+    config: PretrainConfig,
+    tokenize_dir: str,
+    tokenizer_dir: str,
+    stage_dir: str,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+) -> tuple[TrainJob, str]:
+    """The run's job description and key, from the token dataset and the tokenizer."""
+    from llmflow.tasks.core import stage
+
+    tokens_manifest = shards.read_manifest(tokenize_dir)
+    tokenizer_manifest = shards.read_json(shards.join(tokenizer_dir, "manifest.json"))
+    key = run_key(
+        config, stage.manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"]
+    )
+    run_dir = local_dir(stage_dir) / "runs" / key[:16]
+    decoder = config.decoder_config(tokens_manifest["tokenizer"]["vocab_size"])
+    job = TrainJob(
+        config=config,
+        decoder=decoder,
+        train_shards=[str(p) for p in token_shard_paths(tokenize_dir, "train")],
+        val_shards=[str(p) for p in token_shard_paths(tokenize_dir, "val")],
+        tokenizer_dir=str(local_dir(tokenizer_dir)),
+        run_dir=str(run_dir),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
+    return job, key
+
+
+def processes(config: TrainConfig) -> int:
+    """Training processes: as configured, else one per visible GPU, else one."""
+    if config.nproc_per_node is not None:
+        return config.nproc_per_node
+    if config.device != "cpu" and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def launch(job: TrainJob, nproc: int, on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``job``: in this process for one, under torchrun for several.
+
+    torchrun runs as a subprocess of this task, so the Prefect worker that started it stays the
+    one place that sees its exit; rank 0's progress lines move this task's progress bar and every
+    other line is passed on to the log, as it arrives.
+    """
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # always written: it is what torchrun's workers read, here or started by hand on other nodes
+    job_path = run_dir / "job.json"
+    shards.write_bytes_atomic(str(job_path), job.model_dump_json(indent=2).encode())
+    if nproc == 1:
+        from llmflow.tasks.train.trainer import train
+
+        return train(job, on_step=on_step)
+    from llmflow.tasks.train.trainer import PROGRESS_PREFIX, RESULT_FILE
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "llmflow.tasks.train.trainer",
+        str(job_path),
+    ]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=_OUTPUT_TAIL)
+    logger = run_logger()
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(PROGRESS_PREFIX):
+                step, total = (int(v) for v in line.removeprefix(PROGRESS_PREFIX).split())
+                if on_step is not None:
+                    on_step(step, total)
+                continue
+            tail.append(line)
+            logger.info("%s", line)
+        code = proc.wait()
+    if code != 0:
+        output = "\n".join(tail)
+        raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}:\n{output}")
+    return json.loads((run_dir / RESULT_FILE).read_text())
+
+
+def load_model(checkpoint: Path) -> Decoder:
+    """A checkpoint's weights in a :class:`Decoder` on the CPU (for export and evaluation)."""
+    state = checkpoints.load_checkpoint(checkpoint)
+    model = Decoder(DecoderConfig.model_validate(state["decoder"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def export_hf(checkpoint: Path, tokenizer_dir: str, out_dir: Path) -> Path:
+    """The checkpoint as a ``LlamaForCausalLM`` folder with the tokenizer beside it: what
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_llama(load_model(checkpoint), tmp)
+    for name in HF_TOKENIZER_FILES:
+        source = Path(tokenizer_dir) / name
+        if source.exists():
+            shutil.copy2(source, tmp / name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def write_manifest(
+    stage_dir: str,
+    key: str,
+    job: TrainJob,
+    result: dict[str, Any],
+    spec: StageSpec = STAGE,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """The finished run's manifest (pretraining's or, with its ``spec``, SFT's)."""
+    manifest = {
+        "format": shards.MANIFEST_FORMAT,
+        "stage": spec.name,
+        "code_version": spec.code_version(),
+        "key": key,
+        "mlflow_run_id": job.mlflow_run_id,  # the run that holds the checkpoint and the export
+        "config": job.config.model_dump(mode="json"),
+        "config_hash": job.config.output_hash(),
+        "decoder": job.decoder.model_dump(mode="json"),
+        "run_dir": str(Path(job.run_dir).relative_to(local_dir(stage_dir))),
+        "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
+        **(extra or {}),
+    }
+    shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), manifest)
+    return manifest
+
+
+def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
+    """The run folder a pretraining or SFT manifest names, kept inside the stage's folder.
+
+    The manifest stores it relative to the stage folder (:func:`write_manifest`); a value that is
+    absolute or climbs out with ``..`` is refused with an error naming the manifest, so a
+    tampered manifest cannot point the export, SFT or evaluation at files elsewhere.
+    """
+    return checkpoints.resolve_inside(
+        local_dir(stage_dir),
+        manifest.get("run_dir"),
+        shards.join(stage_dir, shards.MANIFEST_NAME),
+        "run_dir",
+    )
+
+
+def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
+    """The manifest of a finished run with this key whose export is still there, else None."""
+    path = shards.join(stage_dir, shards.MANIFEST_NAME)
+    if not shards.exists(path):
+        return None
+    manifest = shards.read_json(path)
+    if manifest.get("key") != key:
+        return None
+    if not (manifest_run_dir(stage_dir, manifest) / HF_DIR / "config.json").exists():
+        return None
+    return manifest
+
+
+@task(name="pretrain", cache_policy=NO_CACHE, persist_result=False)
+def pretrain_task(job: TrainJob, nproc: int) -> dict[str, Any]:
+    """Train with a progress bar and a Prefect progress artifact counting optimizer steps."""
+    total = job.config.max_steps
+    with StepProgress("pretrain-steps", "pretrain: optimizer steps", total) as progress:
+
+        def on_step(step: int, _total: int) -> None:
+            progress.advance(step - progress.done)
+
+        return launch(job, nproc, on_step)

@@ -1,0 +1,229 @@
+"""What a user sets for training (pretraining and SFT), and the job one training process receives.
+
+Both stages run the same loop (:mod:`llmflow.tasks.train.trainer`), so they share one set of
+optimisation and bookkeeping fields (:class:`TrainConfig`); each adds what only it has (the model
+shape for pretraining, the instruction data for SFT) and its own defaults. Kept apart from the
+trainer so that the pipeline's config (and so the CLI, the Prefect UI form and MLflow's params) can
+be built without importing torch's training machinery.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmflow.models.decoder import PRESETS, DecoderConfig, PresetName
+from llmflow.tasks.core.stage import StageConfig
+
+
+class TrainConfig(StageConfig):
+    """The optimisation and the bookkeeping of one training run (pretraining or SFT)."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "device",
+            "nproc_per_node",
+            "compile",
+            "peak_flops",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "sample_prompts",
+            "sample_tokens",
+        }
+    )
+
+    seq_len: int | None = Field(
+        None, ge=8, description="Tokens per training sequence. None: the model's max_seq_len."
+    )
+    micro_batch_size: int = Field(
+        16, ge=1, description="Sequences per process per forward/backward (memory decides it)."
+    )
+    batch_tokens: int = Field(
+        4096,
+        ge=8,
+        description=(
+            "Tokens per optimizer step over all processes; gradient accumulation makes up the"
+            " difference. Must be a multiple of micro_batch_size × seq_len × processes."
+        ),
+    )
+    max_steps: int = Field(200, ge=1, description="Optimizer steps of the whole run.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (after warmup).")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup from 0 to the peak.")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine",
+        description=(
+            "Decay after warmup: cosine to min_lr_ratio, or WSD (warmup-stable-decay: constant,"
+            " then linear decay over the last decay_fraction of the steps)."
+        ),
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD only: share of the steps spent decaying."
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW's decoupled decay, applied to matrices only (not norms)."
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (0.95 as GPT-3 and Llama).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0: no clip.")
+    seed: int = Field(1337, description="Model initialisation and data order.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else the CPU."
+    )
+    nproc_per_node: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Training processes on this machine. None: one per visible GPU (one on the CPU)."
+            " More than one runs under torchrun with DDP (gloo on the CPU, NCCL on GPUs)."
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Autocast dtype. auto: bfloat16 on CUDA, float32 on the CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model (faster on GPUs).")
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "The device's peak FLOP/s for MFU. None: looked up from the GPU's name (H100, A100…);"
+            " on the CPU MFU is not logged unless this is set."
+        ),
+    )
+    log_interval: int = Field(1, ge=1, description="Log training metrics every N steps.")
+    eval_interval: int = Field(
+        25, ge=1, description="Validation loss, bits per byte and samples every N steps."
+    )
+    eval_batches: int = Field(
+        8, ge=1, description="Micro-batches of held-out sequences per evaluation."
+    )
+    checkpoint_interval: int = Field(
+        50, ge=1, description="Save a checkpoint every N steps (and always at the end)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=0, description="Newest checkpoints kept on disk; 0 keeps them all."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["The", "Permission is hereby granted", "This library"],
+        description="Prompts whose continuations are logged at each evaluation.",
+    )
+    sample_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
+
+
+class PretrainConfig(TrainConfig):
+    """Pretraining: the model's shape, and the loop's settings from :class:`TrainConfig`.
+
+    Defaults are the embedded default's: the ``tiny`` preset trained for a few minutes on two CPU
+    cores. A one-GPU run of the ~124M ``gpt2-small`` preset wants roughly ``batch_tokens=524288``,
+    ``micro_batch_size=32``, ``lr=6e-4``, ``warmup_steps=700`` and many thousands of steps.
+    """
+
+    preset: PresetName = Field(
+        "tiny", description="Model size: tiny (CPU), gpt2-small (~124M, one GPU), llama-1b."
+    )
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Overrides of the preset's DecoderConfig fields (hidden_size, num_layers, qk_norm, …)."
+            " vocab_size always comes from the tokenizer, padded up to a multiple of 64."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_model_overrides(self) -> PretrainConfig:
+        try:
+            self.decoder_config(vocab_size=256)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"model.{'.'.join(str(p) for p in e['loc']) or '(shape)'}:"
+                f" {'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in error.errors()
+            )
+            raise ValueError(problems) from None
+        return self
+
+    def decoder_config(self, vocab_size: int) -> DecoderConfig:
+        """The preset with the overrides and the tokenizer's vocabulary (padded to 64)."""
+        fields = PRESETS[self.preset].model_dump() | self.model
+        if "vocab_size" in self.model:
+            raise ValueError("pretrain.model.vocab_size: set the tokenizer's vocab_size instead")
+        fields["vocab_size"] = 64 * -(-vocab_size // 64)
+        return DecoderConfig.model_validate(fields)
+
+
+class SftConfig(TrainConfig):
+    """Instruction tuning: which conversations, and the loop's settings with SFT's defaults.
+
+    The model is the pretraining stage's final checkpoint (its shape comes with it). Each example
+    is one conversation in the chat template, packed several to a row of ``seq_len`` tokens with
+    attention kept inside each; the loss is on the assistant's tokens only. Defaults suit the
+    embedded default (the ``tiny`` model and the shipped instruction set): a lower peak learning
+    rate than pretraining's and a decay to zero, as SFT recipes (nanochat, Tulu) do.
+    """
+
+    data: str | None = Field(
+        None,
+        description=(
+            "Instruction data: a JSONL, JSON or Parquet file (local path or fsspec URL) of chat"
+            " ({messages: [{role, content}]}), Alpaca ({instruction, input, output}) or"
+            " prompt/response records. None: the instruction set shipped with llmflow."
+        ),
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of the conversations held out for the validation loss (by hash).",
+    )
+    max_steps: int = Field(60, ge=1, description="Optimizer steps of the whole run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (after warmup).")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup from 0 to the peak.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW's decoupled decay, applied to matrices only (not norms)."
+    )
+    eval_interval: int = Field(
+        10, ge=1, description="Validation loss and chat samples every N steps."
+    )
+    checkpoint_interval: int = Field(
+        30, ge=1, description="Save a checkpoint every N steps (and always at the end)."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Who are you?",
+            "What does the len() function do in Python?",
+            "What does the MIT license allow?",
+        ],
+        description="User messages whose replies (greedy, in the chat template) are logged.",
+    )
+
+
+class TrainJob(BaseModel):
+    """Everything one training process needs, written to ``job.json`` for torchrun's workers.
+
+    ``kind`` says what the data files are: token shards read as one stream (pretraining) or
+    packed conversation rows (``.npz``, SFT), and whether samples are chat replies.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pretrain", "sft"] = "pretrain"
+    config: PretrainConfig | SftConfig
+    decoder: DecoderConfig
+    train_shards: list[str]
+    val_shards: list[str]
+    tokenizer_dir: str
+    init_checkpoint: str | None = Field(
+        None, description="Weights a new run starts from (SFT: the pretrained checkpoint)."
+    )
+    run_dir: str
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
