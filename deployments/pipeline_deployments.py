@@ -1,18 +1,21 @@
 """The deployments llmflow serves, and their parameter presets.
 
-One flow (:func:`llmflow.flows.pipeline.pipeline`), four ways to run it from the Prefect UI:
+One deployment per flow of :mod:`llmflow.flows.pipeline`, so that the Prefect UI shows each
+phase's own runs, parameters and task runs:
 
-- ``pipeline``: every stage, crawl to evaluation, on demand;
-- ``data-refresh``: the data stages (crawl to token shards) on a schedule, daily by default; each
-  run is an incremental refresh that adds a new version of the documents
+- ``pipeline`` (the pipeline flow): every phase, crawl to evaluation, on demand;
+- ``data-refresh`` (the data flow): crawl to the curated documents on a schedule, daily by
+  default; each run is an incremental refresh that adds a new version of the documents
   (:mod:`llmflow.tasks.core.document_versions`), and one that finds the data still being written by
   another run fails at once, saying which (:mod:`llmflow.tasks.core.dataset_lock`);
-- ``train``: the tokenizer, token shards, pretraining and SFT on the data already curated;
-- ``evaluate``: the evaluation of the SFT model (or of ``config.evaluate.model``).
+- ``train`` (the train flow): the tokenizer, token shards, pretraining and SFT on the documents;
+- ``evaluate`` (the evaluate flow): the evaluation of the SFT model (or of
+  ``config.evaluate.model``).
 
 Each deployment's parameters are the typed :class:`~llmflow.flows.config.PipelineConfig` (so the
 Prefect UI shows a form with every field's default and description, and Prefect refuses a run
-whose values break the schema, naming the field) and the list of stages. ``llmflow serve`` serves
+whose values break the schema, naming the field) and, where its flow takes them, the stages and
+whether the run is a refresh. The stage sets are the stage graph's phases. ``llmflow serve`` serves
 them from this process; ``prefect.yaml`` declares the same for work pools.
 """
 
@@ -21,36 +24,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmflow.flows.config import STAGES, PipelineConfig
+from llmflow.flows.config import PipelineConfig
+from llmflow.tasks.registry import GRAPH
 
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00 (the server's time zone: UTC by default)
-DATA_STAGES: tuple[str, ...] = STAGES[: STAGES.index("tokenize") + 1]
+DATA_STAGES: tuple[str, ...] = GRAPH.phase("data")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """What a deployment runs: its stages (None: all), whether it runs on a schedule, and whether
-    each run is an incremental refresh of the documents."""
+    """What a deployment runs: its flow (``pipeline`` or a phase), the stages it runs, whether
+    it runs on a schedule, and whether each run is an incremental refresh of the documents."""
 
+    flow: str
     description: str
-    stages: tuple[str, ...] | None
     scheduled: bool = False
     refresh: bool = False
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return GRAPH.names if self.flow == "pipeline" else GRAPH.phase(self.flow)  # type: ignore[arg-type]
+
 
 PRESETS: dict[str, Preset] = {
-    "pipeline": Preset("Every stage: crawl to an instruction-tuned, evaluated model.", None),
+    "pipeline": Preset("pipeline", "Every stage: crawl to an instruction-tuned, evaluated model."),
     "data-refresh": Preset(
-        "A new version of the documents from what changed on the web, then token shards.",
-        DATA_STAGES,
+        "data",
+        "A new version of the documents from what changed on the web.",
         scheduled=True,
         refresh=True,
     ),
-    "train": Preset(
-        "Tokenizer, token shards, pretraining and SFT on the curated documents.",
-        ("tokenizer", "tokenize", "pretrain", "sft"),
-    ),
-    "evaluate": Preset("Benchmarks, held-out bits per byte and chat samples.", ("evaluate",)),
+    "train": Preset("train", "Tokenizer, token shards, pretraining and SFT on the documents."),
+    "evaluate": Preset("evaluate", "Benchmarks, held-out bits per byte and chat samples."),
 }
 
 
@@ -65,11 +70,12 @@ def preset_parameters(name: str, config: PipelineConfig) -> dict[str, Any]:
     if "allow_private_addresses" not in config.crawl.model_fields_set:
         crawl = config.crawl.model_copy(update={"allow_private_addresses": False})
         config = config.model_copy(update={"crawl": crawl})
-    return {
-        "config": config.model_dump(mode="json"),
-        "stages": list(preset.stages) if preset.stages is not None else None,
-        "refresh": preset.refresh,
-    }
+    parameters: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    if preset.flow in ("pipeline", "data", "train"):
+        parameters["stages"] = None  # all of the flow's stages; the UI's form can pick fewer
+    if preset.flow in ("pipeline", "data"):
+        parameters["refresh"] = preset.refresh
+    return parameters
 
 
 def build_deployments(
@@ -77,18 +83,18 @@ def build_deployments(
 ) -> list[Any]:
     """The four deployments as Prefect ``RunnerDeployment`` objects, ready for ``prefect.serve``.
 
-    The flow is referenced by module path (``llmflow.flows.pipeline:pipeline``), so the runner's
-    flow-run processes import it from the installed package wherever they start.
+    Each flow is referenced by module path (``llmflow.flows.pipeline.data``, ...), so the
+    runner's flow-run processes import it from the installed package wherever they start.
     """
     from prefect.deployments.runner import EntrypointType
 
-    from llmflow.flows.pipeline import pipeline
+    from llmflow.flows.pipeline import FLOWS
 
     config = config or PipelineConfig()
     deployments = []
     for name, preset in PRESETS.items():
         deployments.append(
-            pipeline.to_deployment(
+            FLOWS[preset.flow].to_deployment(
                 name=name,
                 description=preset.description,
                 parameters=preset_parameters(name, config),

@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from llmflow.flows.config import (
-    DOCUMENT_STAGES,
     STAGES,
     ConfigError,
     PipelineConfig,
@@ -31,6 +30,7 @@ from llmflow.flows.config import (
 )
 from llmflow.flows.ui_servers import ui
 from llmflow.tasks.core.document_versions import DOCUMENTS
+from llmflow.tasks.registry import GRAPH
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -69,11 +69,13 @@ def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
 
     for stage in stages:
         for previous in stage_inputs(stage):
-            if previous in stages or (previous == DOCUMENTS and DOCUMENT_STAGES[-1] in stages):
+            if previous in stages or (
+                previous == DOCUMENTS and GRAPH.document_stages[-1] in stages
+            ):
                 continue
             manifest = shards.join(config.stage_dir(previous), shards.MANIFEST_NAME)
             if not shards.exists(manifest):
-                first = ",".join(DOCUMENT_STAGES) if previous == DOCUMENTS else previous
+                first = ",".join(GRAPH.document_stages) if previous == DOCUMENTS else previous
                 raise ConfigError(
                     f"--stages {','.join(stages)}: stage {stage!r} reads the {previous!r}"
                     f" output, but {manifest} does not exist; run --stages {first} first"
@@ -383,7 +385,7 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
             out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)
-        if s["stage"] == DOCUMENT_STAGES[-1] and result.get("documents"):
+        if s["stage"] == GRAPH.document_stages[-1] and result.get("documents"):
             _print_documents_version(result["documents"])
     if all(s["units_skipped"] == s["units"] for s in result["stages"]):
         out.print("Nothing to do: every unit of work was already complete.")

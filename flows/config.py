@@ -23,44 +23,21 @@ from llmflow.tasks.curate.quality import QualityConfig
 from llmflow.tasks.curate.toxicity import ToxicityConfig
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
+from llmflow.tasks.registry import GRAPH
 from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig
 from llmflow.tasks.train.tokenize import TokenizeConfig
 from llmflow.tasks.train.train_config import PretrainConfig, SftConfig
 
-# The pipeline's stages, in order.
-STAGES: tuple[str, ...] = (
-    "crawl",
-    "normalize",
-    "quality",
-    "dedup",
-    "toxicity",
-    "pii",
-    "tokenizer",
-    "tokenize",
-    "pretrain",
-    "sft",
-    "evaluate",
-)
-# The stages that make the curated documents; each refresh runs them over what is new, and their
-# final output joins the versioned documents dataset (llmflow.tasks.core.document_versions).
-DOCUMENT_STAGES: tuple[str, ...] = STAGES[: STAGES.index("pii") + 1]
-# The datasets a stage reads, where that is not just the stage before it: the tokenizer and the
-# token shards are both made from the documents' newest version; training reads the tokens and
-# tokenizer; SFT starts from the pretrained model; evaluation scores the SFT model (its held-out
-# bits per byte on the token shards' validation split).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "tokenizer": (DOCUMENTS,),
-    "tokenize": (DOCUMENTS, "tokenizer"),
-    "pretrain": ("tokenize", "tokenizer"),
-    "sft": ("pretrain", "tokenizer"),
-    "evaluate": ("sft", "tokenize", "tokenizer"),
-}
+# The pipeline's stages, in order, as the registry declares them (llmflow.tasks.registry).
+STAGES: tuple[str, ...] = GRAPH.names
+# The stages that make the curated documents (the data phase); each refresh runs them over what
+# is new, and their final output joins the versioned documents (tasks/core/document_versions.py).
+DOCUMENT_STAGES: tuple[str, ...] = GRAPH.document_stages
 
 
 def stage_inputs(stage: str) -> tuple[str, ...]:
-    """The stages whose outputs ``stage`` reads (none for the first)."""
-    index = STAGES.index(stage)
-    return STAGE_INPUTS.get(stage, STAGES[index - 1 : index])
+    """The datasets ``stage`` reads: earlier stages, or the versioned documents."""
+    return GRAPH[stage].inputs
 
 
 class PipelineConfig(BaseModel):
@@ -128,7 +105,7 @@ class PipelineConfig(BaseModel):
         root = self.dataset_root().rstrip("/")
         if stage == DOCUMENTS:
             return f"{root}/{DOCUMENTS}"
-        if stage in DOCUMENT_STAGES:
+        if stage in GRAPH.document_stages:
             documents = f"{root}/{DOCUMENTS}"
             return f"{documents}/{version_name(working_version(documents))}/{stage}"
         return f"{root}/{stage}"
@@ -240,12 +217,12 @@ def load_config(
 def resolve_stages(names: str | None) -> list[str]:
     """``--stages crawl,normalize`` → the stages in pipeline order; unknown names are errors."""
     if not names:
-        return list(STAGES)
+        return list(GRAPH.names)
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in STAGES]
+    unknown = [n for n in wanted if n not in GRAPH.names]
     if unknown or not wanted:
         raise ConfigError(
             f"--stages {names!r}: unknown stage(s) {', '.join(unknown) or '(none given)'};"
-            f" known: {', '.join(STAGES)}"
+            f" known: {', '.join(GRAPH.names)}"
         )
-    return [s for s in STAGES if s in wanted]
+    return [s for s in GRAPH.names if s in wanted]

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from prefect.runtime import flow_run
 
+from llmflow.tasks.core import progress
 from llmflow.tasks.ingest.crawl_config import redact_url
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
@@ -152,7 +158,7 @@ class PipelineTracker:
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure as a PNG artifact, then closed (pyplot keeps every open figure)."""
-        from llmflow.flows.run_charts import close
+        from llmflow.tasks.core.run_charts import close
 
         try:
             self.client.log_figure(run_id, figure, artifact_file)
@@ -224,3 +230,95 @@ class PipelineTracker:
 
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    @contextmanager
+    def stage_run(
+        self, stage: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> Iterator[StageRun]:
+        """A stage's child run, the skeleton every stage shares: started with its config as
+        params (flattened, URLs redacted), marked FAILED if the block raises (Ctrl-C included)
+        and FINISHED when it ends."""
+        run = StageRun(self, self.start_child(stage, flatten(params), tags))
+        try:
+            yield run
+        except BaseException:
+            self.finish(run.run_id, ok=False)
+            raise
+        self.finish(run.run_id, ok=True)
+
+
+@dataclass
+class StageRun:
+    """One stage's MLflow run: the tracker's logging calls bound to the run's id (what
+    :class:`~llmflow.tasks.core.graph.RunRecorder` asks of it)."""
+
+    tracker: PipelineTracker
+    run_id: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracker.tracking_uri
+
+    def log(
+        self,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        self.tracker.log(self.run_id, metrics=metrics, tags=tags, step=step)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.tracker.log_dict(self.run_id, data, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        self.tracker.log_table(self.run_id, rows, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.tracker.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifacts(self, local_path: str | Path, artifact_path: str) -> None:
+        self.tracker.log_artifacts(self.run_id, local_path, artifact_path)
+
+    def log_input(self, name: str, uri: str, digest: str, context: str) -> None:
+        self.tracker.log_input(self.run_id, name, uri, digest, context)
+
+    def register_model(
+        self, name: str, source_run_id: str, artifact_path: str, tags: dict[str, str], key: str
+    ) -> str:
+        return self.tracker.register_model(name, source_run_id, artifact_path, tags, key)
+
+
+def link_flow_run(tracker: PipelineTracker, run_id: str, attempts: int = 4) -> bool:
+    """Labels on the Prefect flow run naming its MLflow parent run (and the run's page when
+    MLflow is a server): the other half of the MLflow run's ``prefect.flow_run_*`` tags.
+
+    A convenience, so it never ends a run: a busy API (a 503 past the client's own retries, a
+    dropped connection) is tried again a few times, then given up with a warning; the MLflow run
+    still names the flow run. Returns whether the labels were written.
+    """
+    from prefect.client.orchestration import get_client
+
+    labels: dict[str, bool | int | float | str] = {
+        "mlflow.run_id": run_id,
+        "mlflow.experiment_id": tracker.experiment_id,
+    }
+    url = tracker.run_url(run_id)
+    if url is not None:
+        labels["mlflow.run_url"] = url
+    for attempt in range(1, attempts + 1):
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run_labels(flow_run.id, labels)
+            return True
+        except (httpx.HTTPError, OSError) as error:
+            if attempt == attempts:
+                progress.run_logger().warning(
+                    "could not label the flow run with its MLflow run %s after %d attempts"
+                    " (%s); the run goes on, and its MLflow run names the flow run",
+                    run_id,
+                    attempts,
+                    error,
+                )
+                return False
+            time.sleep(2.0 * attempt)
+    return False

@@ -9,7 +9,9 @@ screenshot of it (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary fold
 - Prefect's login page: ``llmflow ui`` puts the API behind an auth string, so the UI asks for
   it; the test types the one from the file ``llmflow ui`` names and presses Login;
 - Prefect's deployments page: the four deployments, the refresh with its schedule;
-- the ``data-refresh`` deployment's page, reached by its link there, just before Run is clicked;
+- Prefect's flows page: the data, train and evaluate flows and the pipeline that runs them;
+- the ``data-refresh`` deployment's page (the data flow's), reached by its link there, just
+  before Run is clicked;
 - Run → Quick run (which opens the "Run Deployment" form, the preset filled in) → the form's Run →
   the toast's "View run": the new flow run's id is read from the address the UI goes to, and the
   run is waited to completion through the API;
@@ -58,8 +60,6 @@ STAGE_TASKS = (
     "dedup-shard",
     "toxicity-shard",
     "pii-shard",
-    "tokenizer-train",
-    "tokenize-shard",
 )
 # A listed task run: the task's name, a dash, a short random suffix.
 TASK_RUN_LINE = re.compile(rf"^({'|'.join(STAGE_TASKS)})-[0-9a-z]+$")
@@ -242,6 +242,15 @@ def _check_deployments(page: Page, prefect_url: str, shots: Path) -> Path:
     return page.screenshot(shots / "prefect-deployments.png")
 
 
+def _check_flows(page: Page, prefect_url: str, shots: Path) -> Path:
+    """The Flows page: one flow per phase (data, train, evaluate) and the pipeline that runs
+    them as subflows, each with its own deployment, runs and parameters."""
+    page.goto(f"{prefect_url}/flows")
+    expected = [f"llmflow-{name}" for name in ("pipeline", "data", "train", "evaluate")]
+    page.wait_for(lambda: [e for e in expected if e not in _lines(page)])
+    return page.screenshot(shots / "prefect-flows.png")
+
+
 def _check_flow_run(page: Page, prefect_url: str, run: dict, task_runs: int, shots: Path) -> Path:
     page.goto(f"{prefect_url}/runs/flow-run/{run['id']}")
     # The run's header, above its tabs; its parts arrive from separate API calls.
@@ -340,6 +349,7 @@ def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> 
                 refresh = served_deployments(api, serve, log)["data-refresh"]
                 taken = [_log_in(page, urls["Prefect"], auth_string, shots)]
                 taken.append(_check_deployments(page, urls["Prefect"], shots))
+                taken.append(_check_flows(page, urls["Prefect"], shots))
                 run_id, shot = _run_from_ui(page, shots)
                 taken.append(shot)
                 run = wait_completed(api, run_id, log)

@@ -35,15 +35,17 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
     crawl = config.crawl.model_copy(update={"allow_private_addresses": False})
     served = config.model_copy(update={"crawl": crawl})
     for name, deployment in deployments.items():
-        assert deployment.entrypoint == "llmflow.flows.pipeline.pipeline"
+        # each deployment runs its own flow: the pipeline, or one phase
+        assert deployment.entrypoint == f"llmflow.flows.pipeline.{PRESETS[name].flow}"
         parameters = deployment.parameters
         assert PipelineConfig.model_validate(parameters["config"]) == served
-        assert parameters["stages"] == (list(PRESETS[name].stages or []) or None)
-    assert deployments["data-refresh"].parameters["stages"] == list(DATA_STAGES)
+    assert deployments["data-refresh"].parameters["refresh"] is True
+    assert DATA_STAGES == ("crawl", "normalize", "quality", "dedup", "toxicity", "pii")
+    assert PRESETS["train"].stages == ("tokenizer", "tokenize", "pretrain", "sft")
     # the UI's form: every field with its description, from the pydantic config
     schema = json.dumps(deployments["pipeline"]._parameter_openapi_schema.model_dump())
     assert "Stop after this many fetched pages." in schema  # crawl.max_pages's description
-    assert preset_parameters("evaluate", config)["stages"] == ["evaluate"]
+    assert set(preset_parameters("evaluate", config)) == {"config"}  # the evaluate flow's only one
 
 
 def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202 - a test helper
@@ -167,7 +169,8 @@ def test_a_served_deployment_runs_when_triggered_through_prefect(
     assert parent.data.params["stages"] == ",".join(DATA_STAGES)
     children = {r.data.tags["llmflow.stage"] for r in runs if r is not parent}
     assert children == set(DATA_STAGES)
-    assert (workdir / "data" / "tokenize" / "manifest.json").exists()
+    assert (workdir / "data" / "documents" / "manifest.json").exists()  # a published version
+    assert not (workdir / "data" / "tokenize").exists()  # token shards: the train flow's work
 
 
 def test_prefect_yaml_declares_the_same_deployments() -> None:
@@ -179,11 +182,10 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
     for name, preset in PRESETS.items():
         deployment = by_name[name]
         assert deployment["description"] == preset.description
-        assert deployment["parameters"]["stages"] == (
-            list(preset.stages) if preset.stages is not None else None
-        )
+        assert deployment["entrypoint"] == f"flows/pipeline.py:{preset.flow}"
+        parameters = preset_parameters(name, PipelineConfig())
+        assert deployment["parameters"] == {k: v for k, v in parameters.items() if k != "config"}
         assert bool(deployment.get("schedules")) == preset.scheduled
-        assert deployment["parameters"]["refresh"] == preset.refresh
     assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
 

@@ -11,8 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from llmflow.flows.pipeline import _link_flow_run_to_mlflow
-from llmflow.flows.tracking import DATA_ROOT_TAG, PipelineTracker
+from llmflow.flows.tracking import DATA_ROOT_TAG, PipelineTracker, link_flow_run
 
 
 class _Busy(BaseHTTPRequestHandler):
@@ -51,7 +50,7 @@ def test_a_busy_api_at_flow_start_is_retried_then_warned_not_fatal(
     tracker = PipelineTracker(f"sqlite:///{tmp_path}/mlflow.db", "e", str(tmp_path))
     run_id = tracker.start_parent("p", tags={}, params={})
     with temporary_settings({PREFECT_API_URL: busy_api, PREFECT_CLIENT_MAX_RETRIES: 0}):
-        assert _link_flow_run_to_mlflow(tracker, run_id, attempts=2) is False
+        assert link_flow_run(tracker, run_id, attempts=2) is False
     assert len(_Busy.requests) == 2, _Busy.requests  # tried again before giving up
     assert "could not label the flow run" in caplog.text and "the run goes on" in caplog.text
 

@@ -512,7 +512,7 @@ def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
     must not."""
     from document_datasets import WHEN, write_documents
 
-    from llmflow.flows.pipeline import _rejected_sample
+    from llmflow.flows.reporting import rejected_sample
 
     secrets = [
         "jane.doe@example.com",
@@ -551,7 +551,7 @@ def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
     stage_dir = str(tmp_path / "quality")
     ids = write_documents(stage_dir, {"part-00000": docs})
 
-    sample = _rejected_sample(stage_dir, shards.read_manifest(stage_dir))
+    sample = rejected_sample(stage_dir, shards.read_manifest(stage_dir))
 
     dumped = json.dumps(sample, default=str)
     assert [s for s in secrets if s in dumped] == []
@@ -568,7 +568,7 @@ def test_rejected_sample_for_mlflow_leaks_no_pii(tmp_path: Path) -> None:
 
 def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: Path) -> None:
     """Quality-stage rejections carry ``lang``: a German row's national number is redacted."""
-    from llmflow.flows.pipeline import _rejected_sample
+    from llmflow.flows.reporting import rejected_sample
 
     text = "Rufen Sie uns an: 030 901820."
     table = _table([text, text], {"lang": ["de", "en"]})
@@ -579,6 +579,6 @@ def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: P
         stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda: result)], None
     )
 
-    sample = _rejected_sample(stage_dir, shards.read_manifest(stage_dir))
+    sample = rejected_sample(stage_dir, shards.read_manifest(stage_dir))
 
     assert [row["text"] for row in sample] == ["Rufen Sie uns an: <PHONE>.", text]

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES, PipelineConfig
-from llmflow.flows.pipeline import STEPS
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import manifest_sha256
+from llmflow.tasks.registry import GRAPH
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
@@ -179,7 +179,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert parent.data.tags["llmflow.documents_version"] == "v0001"
     stage_dirs = {stage: layout.stage_dir(stage) for stage in STAGES}
     for stage, stage_dir in stage_dirs.items():
-        if stage in STEPS:
+        if GRAPH[stage].step is not None:
             continue  # one step over the whole input, no document counts: checked below
         manifest = shards.read_manifest(stage_dir)
         child = children[stage]
@@ -272,15 +272,28 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     flow_run = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()
     assert flow_run["state"]["type"] == "COMPLETED"
     assert flow_run["labels"]["mlflow.run_id"] == parent.info.run_id  # linked both ways
+    # one subflow per phase, each its own flow in the UI, with its own task runs and artifacts
+    subflows = httpx.post(
+        f"{prefect_api}/flow_runs/filter",
+        json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}},
+        timeout=10,
+    ).json()
+    flows = {
+        httpx.get(f"{prefect_api}/flows/{run['flow_id']}", timeout=10).json()["name"]
+        for run in subflows
+    }
+    assert flows == {"llmflow-data", "llmflow-train", "llmflow-evaluate"}
+    assert all(run["state"]["type"] == "COMPLETED" for run in subflows)
+    run_ids = [flow_run_id, *(run["id"] for run in subflows)]
     found = httpx.post(
         f"{prefect_api}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
+        json={"artifacts": {"flow_run_id": {"any_": run_ids}}},
         timeout=10,
     ).json()
     keys = {a["key"] for a in found}
     assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
     assert {"sft-summary", "sft-steps", "evaluate-results"} <= keys
-    assert {f"{stage}-funnel" for stage in STAGES if stage not in STEPS} <= keys
+    assert {f"{stage}-funnel" for stage in STAGES if GRAPH[stage].step is None} <= keys
     funnel = next(a for a in found if a["key"] == "toxicity-funnel")["data"]
     assert "| removed: toxic_profanity | 1 |" in funnel
 

@@ -147,16 +147,19 @@ def withdrawn_table(documents_dir: str, number: int) -> pa.Table:
     return shards.read_shard(documents_dir, shard)
 
 
-def publish(documents_dir: str, number: int) -> dict[str, Any]:
+def publish(documents_dir: str, number: int, first: str, last: str) -> dict[str, Any]:
     """Make version ``number`` from its stages' outputs, then move the pointer to it.
+
+    ``first`` and ``last`` are the data phase's first stage (the crawl: what was fetched and
+    withdrawn) and last stage (whose documents join the version), as the stage graph orders them.
 
     Idempotent: the same inputs write the same bytes, so re-running a finished version changes
     nothing. Returns the version's manifest.
     """
     delta = shards.join(documents_dir, version_name(number))
     previous = previous_version(documents_dir, number)
-    crawl_dir = shards.join(delta, "crawl")
-    pii = shards.read_manifest(shards.join(delta, "pii"))
+    crawl_dir = shards.join(delta, first)
+    final = shards.read_manifest(shards.join(delta, last))
     crawl = shards.read_manifest(crawl_dir)
     withdrawn = shards.read_parquet(shards.join(crawl_dir, WITHDRAWN_NAME))
     mine = withdrawn.filter(pc.equal(withdrawn.column("version"), number)).to_pylist()
@@ -180,10 +183,10 @@ def publish(documents_dir: str, number: int) -> dict[str, Any]:
         name = shard.path.removesuffix(".parquet").replace("/", "-")
         path = f"{version_name(number)}/withdrawn/{name}.parquet"
         shard_files.append(shards.write_shard(documents_dir, path, table, keep_identical=True))
-    prefix = f"{version_name(number)}/pii/"
+    prefix = f"{version_name(number)}/{last}/"
     added = [
         shards.ShardFile(prefix + s.path, s.rows, s.bytes, s.sha256)
-        for s in shards.manifest_shards(pii)
+        for s in shards.manifest_shards(final)
         if s.rows
     ]
     shard_files.extend(added)
@@ -211,7 +214,7 @@ def publish(documents_dir: str, number: int) -> dict[str, Any]:
         "stage": DOCUMENTS,
         "version": number,
         "previous": previous,
-        "schema": pii["schema"],
+        "schema": final["schema"],
         "shards": [s.to_dict() for s in shard_files],
         "rejected_shards": [],
         "counts": {

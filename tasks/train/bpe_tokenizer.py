@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.graph import DOCUMENTS, StageContext, StepReport
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageConfig, StageSpec, manifest_sha256
@@ -405,3 +406,50 @@ def tokenizer_train(
     input_dir: str, stage_dir: str, config: TokenizerConfig, val_fraction: float
 ) -> tuple[dict[str, Any], bool]:
     return train_tokenizer(input_dir, stage_dir, config, val_fraction)
+
+
+def tokenizer_step(ctx: StageContext) -> StepReport:
+    """The tokenizer stage: train on the documents' newest version, record it in MLflow.
+
+    ``val_fraction`` is the tokenize stage's: both stages hold out the same documents.
+    """
+    config: TokenizerConfig = ctx.settings
+    val_fraction = ctx.stage_config("tokenize").val_fraction
+    params = config.model_dump(mode="json") | {"val_fraction": val_fraction}
+    tags = {"llmflow.code_version": STAGE.code_version(), "llmflow.dataset": ctx.dir}
+    with ctx.start_run(params, tags) as run:
+        manifest, skipped = tokenizer_train(ctx.stage_dir(DOCUMENTS), ctx.dir, config, val_fraction)
+        run.log(
+            metrics={
+                "vocab_size": manifest["vocab_size"],
+                "bytes_per_token": manifest["bytes_per_token"],
+                "docs_used": manifest["docs_used"],
+                "chars_used": manifest["chars_used"],
+                "heldout_docs": manifest["heldout_docs"],
+                "units": 1,
+                "units_skipped": int(skipped),
+            },
+            tags={"llmflow.compression_on": manifest["compression_on"]},
+        )
+        run.log_dict(manifest, "manifest.json")
+        for file in HF_TOKENIZER_FILES:
+            run.log_artifacts(shards.join(ctx.dir, file), "tokenizer")
+    size = sum(len(shards.read_bytes(shards.join(ctx.dir, f))) for f in HF_TOKENIZER_FILES)
+    return StepReport(
+        run_id=run.run_id,
+        skipped=skipped,
+        table={
+            "vocabulary": manifest["vocab_size"],
+            "bytes per token": manifest["bytes_per_token"],
+            "measured on": f"{manifest['compression_on']} documents",
+            "documents trained on": manifest["docs_used"],
+            "documents held out": manifest["heldout_docs"],
+        },
+        docs_in=manifest["docs_used"] + manifest["heldout_docs"],
+        kept=manifest["docs_used"],
+        bytes=size,
+        summary=(
+            f"vocab {manifest['vocab_size']}, {manifest['bytes_per_token']:.2f} bytes/token on"
+            f" {manifest['compression_on']} documents"
+        ),
+    )

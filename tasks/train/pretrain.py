@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,15 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow.models.decoder import Decoder, DecoderConfig
 from llmflow.models.hf_export import export_llama
-from llmflow.tasks.core import shards
+from llmflow.tasks.core import run_charts, shards
+from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.progress import StepProgress, run_logger
 from llmflow.tasks.core.stage import StageSpec
 from llmflow.tasks.train import checkpoints
 from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
 from llmflow.tasks.train.tokenize import token_shard_paths
 from llmflow.tasks.train.train_config import PretrainConfig, TrainConfig, TrainJob
+from llmflow.tasks.train.trainer import read_metrics
 
 STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
 HF_DIR = "hf"
@@ -239,3 +242,117 @@ def pretrain_task(job: TrainJob, nproc: int) -> dict[str, Any]:
             progress.advance(step - progress.done)
 
         return launch(job, nproc, on_step)
+
+
+@dataclass
+class TrainingRun:
+    """One training run as a stage records it; pretraining and SFT differ in these, not in the
+    bookkeeping of :func:`record_training`.
+
+    ``data_record`` (metrics, tags) describes the training data and is logged before training
+    starts; ``data_input`` (name, URI, digest) is a training input that is no pipeline stage
+    (SFT's conversations); ``extra`` goes into the manifest.
+    """
+
+    job: TrainJob
+    key: str
+    spec: StageSpec
+    train: Any  # the Prefect task: (job, nproc) -> result
+    params: dict[str, Any]
+    dataset: str
+    extra: dict[str, Any] | None = None
+    data_input: tuple[str, str, str] | None = None
+    data_record: tuple[dict[str, float], dict[str, str]] = field(default_factory=lambda: ({}, {}))
+
+
+def record_training(ctx: StageContext, run: TrainingRun) -> tuple[dict[str, Any], str, bool]:
+    """Train (or resume, or skip) one run; record its curves, checkpoint and export in MLflow.
+
+    Returns the run's manifest, its MLflow run id and whether it was skipped.
+    """
+    job = run.job
+    params = run.params | {"decoder": job.decoder.model_dump(mode="json")}
+    tags = {
+        "llmflow.code_version": run.spec.code_version(),
+        "llmflow.dataset": run.dataset,
+        "llmflow.run_dir": job.run_dir,
+    } | ({"llmflow.init_checkpoint": job.init_checkpoint} if job.init_checkpoint else {})
+    with ctx.start_run(params, tags) as mlflow_run:
+        if run.data_input is not None:
+            mlflow_run.log_input(*run.data_input, "training")
+        if any(run.data_record):
+            mlflow_run.log(metrics=run.data_record[0], tags=run.data_record[1])
+        manifest = completed(ctx.dir, run.key)
+        skipped = manifest is not None
+        if manifest is None:
+            job = job.model_copy(
+                update={"tracking_uri": mlflow_run.tracking_uri, "mlflow_run_id": mlflow_run.run_id}
+            )
+            result = run.train(job, processes(job.config))
+            run_dir = Path(job.run_dir)
+            checkpoint = Path(result["checkpoint"])
+            export = export_hf(checkpoint, job.tokenizer_dir, run_dir / HF_DIR)
+            mlflow_run.log_artifacts(checkpoint, "checkpoint")
+            mlflow_run.log_artifacts(export, "hf_model")
+            for file in HF_TOKENIZER_FILES:
+                mlflow_run.log_artifacts(Path(job.tokenizer_dir) / file, "tokenizer")
+            mlflow_run.log_artifacts(run_dir / "metrics.jsonl", "")
+            curves = run_charts.training_curves(
+                read_metrics(run_dir), f"{ctx.name}: {result['steps']} steps"
+            )
+            if curves is not None:
+                mlflow_run.log_figure(curves, "charts/training_curves.png")
+            manifest = write_manifest(ctx.dir, run.key, job, result, run.spec, run.extra)
+        result = manifest["result"]
+        final = {k: result[k] for k in ("val_loss", "val_bpb", "unigram_entropy") if result.get(k)}
+        mlflow_run.log(
+            metrics={f"final_{k}": v for k, v in final.items()}
+            | {"units": 1, "units_skipped": int(skipped)},
+            step=result["steps"],
+        )
+        mlflow_run.log_dict(manifest, "manifest.json")
+    return manifest, mlflow_run.run_id, skipped
+
+
+def loss_summary(result: dict[str, Any]) -> str:
+    """A training result in one line: steps, size and the held-out loss."""
+    summary = f"{result['steps']} steps, {result['parameters']:,} parameters"
+    if result.get("val_loss") is not None:
+        summary += (
+            f"; val loss {result['val_loss']:.3f} nats/token ({result['val_bpb']:.3f} bits/byte)"
+        )
+    return summary
+
+
+def pretrain_step(ctx: StageContext) -> StepReport:
+    """The pretrain stage: train (or resume, or skip) on the token shards, then export."""
+    config: PretrainConfig = ctx.settings
+    tokens_dir, tokenizer_dir = ctx.stage_dir("tokenize"), ctx.stage_dir("tokenizer")
+    job, key = plan_job(config, tokens_dir, tokenizer_dir, ctx.dir)
+    training = TrainingRun(
+        job, key, STAGE, pretrain_task, config.model_dump(mode="json"), tokens_dir
+    )
+    manifest, run_id, skipped = record_training(ctx, training)
+    result = manifest["result"]
+    tokens = shards.read_manifest(tokens_dir)
+    summary = loss_summary(result)
+    if result.get("val_loss") is not None:
+        summary += f" vs unigram entropy {result['unigram_entropy']:.3f}"
+    export = manifest_run_dir(ctx.dir, manifest) / HF_DIR
+    return StepReport(
+        run_id=run_id,
+        skipped=skipped,
+        table={
+            "steps": result["steps"],
+            "parameters": result["parameters"],
+            "training tokens": result["train_tokens"],
+            "validation loss (nats/token)": result.get("val_loss"),
+            "validation bits per byte": result.get("val_bpb"),
+            "unigram entropy (nats/token)": result["unigram_entropy"],
+            "checkpoint": result["checkpoint"],
+        },
+        docs_in=tokens["counts"]["kept"],
+        kept=tokens["counts"]["kept"],
+        bytes=(export / "model.safetensors").stat().st_size,
+        summary=f"{summary}; export {export}",
+    )

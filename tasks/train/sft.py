@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow.models.decoder import DecoderConfig
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageSpec, unit_key
@@ -186,3 +187,63 @@ def sft_task(job: TrainJob, nproc: int) -> dict[str, Any]:
             progress.advance(step - progress.done)
 
         return pretrain.launch(job, nproc, on_step)
+
+
+def sft_step(ctx: StageContext) -> StepReport:
+    """The SFT stage: fine-tune the pretrained model on the conversations, assistant tokens only."""
+    config: SftConfig = ctx.settings
+    job, key, data = plan_job(
+        config, ctx.stage_dir("pretrain"), ctx.stage_dir("tokenizer"), ctx.dir
+    )
+    training = pretrain.TrainingRun(
+        job,
+        key,
+        STAGE,
+        sft_task,
+        config.model_dump(mode="json") | {"data_source": data.source},
+        data.source,
+        extra={"data": asdict(data)},
+        data_input=("instructions", data.source, data.sha256),
+        data_record=(
+            {
+                "conversations": data.conversations,
+                "conversations_skipped": sum(data.skipped.values()),
+                "train_conversations": data.train_conversations,
+                "val_conversations": data.val_conversations,
+                "train_rows": data.train_rows,
+                "padding_fraction": data.padding_fraction,
+                "truncated": data.truncated,
+                "dropped": data.dropped,
+            },
+            {"llmflow.sft_data": data.source, "llmflow.sft_data_sha256": data.sha256},
+        ),
+    )
+    manifest, run_id, skipped = pretrain.record_training(ctx, training)
+    result = manifest["result"]
+    export = pretrain.manifest_run_dir(ctx.dir, manifest) / pretrain.HF_DIR
+    return StepReport(
+        run_id=run_id,
+        skipped=skipped,
+        table={
+            "instruction data": data.source,
+            "conversations (train / held out)": (
+                f"{data.train_conversations} / {data.val_conversations}"
+            ),
+            "records skipped": ", ".join(f"{n} {r}" for r, n in data.skipped.items()) or "none",
+            "packed rows": data.train_rows,
+            "padding": f"{data.padding_fraction:.1%}",
+            "steps": result["steps"],
+            "assistant tokens trained on": result["train_tokens"],
+            "validation loss (nats/assistant token)": result.get("val_loss"),
+            "checkpoint": result["checkpoint"],
+        },
+        docs_in=data.conversations + sum(data.skipped.values()),
+        kept=data.conversations,
+        rejected=sum(data.skipped.values()),
+        rejected_by_reason=data.skipped,
+        bytes=(export / "model.safetensors").stat().st_size,
+        summary=(
+            f"{data.train_conversations} conversations;"
+            f" {pretrain.loss_summary(result)} on held-out replies"
+        ),
+    )

@@ -1,0 +1,192 @@
+"""How the flow runs any stage of the graph: one code path per shape, none per stage.
+
+A stage that maps over units is planned, its task mapped over the units on the flow's task
+runner (with progress, and live counts in MLflow and Prefect while units finish), its manifest
+written; a one-step stage is handed a :class:`~llmflow.tasks.core.graph.StageContext` and runs
+itself. Both open their MLflow child run the same way (:meth:`PipelineTracker.stage_run`, with
+the datasets they read logged as its inputs) and report through :mod:`llmflow.flows.reporting`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import Task
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
+
+from llmflow.flows import reporting
+from llmflow.flows.config import PipelineConfig
+from llmflow.flows.tracking import PipelineTracker, StageRun
+from llmflow.tasks.core import document_versions, shards
+from llmflow.tasks.core.document_versions import DOCUMENTS
+from llmflow.tasks.core.graph import Stage, StageContext
+from llmflow.tasks.core.progress import StepProgress, artifact_key
+from llmflow.tasks.core.stage import UnitRecord, WorkUnit, finalize_stage, manifest_sha256
+from llmflow.tasks.registry import GRAPH
+
+_LIVE_INTERVAL_S = 3.0
+# Stages whose inputs are what the model is trained on (MLflow's dataset context "training").
+_TRAINING_CONTEXT = ("pretrain", "sft")
+
+
+def record_inputs(name: str, config: PipelineConfig, run: StageRun) -> None:
+    """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256),
+    and the version of the documents its output comes from (tag ``llmflow.documents_version``;
+    for a model, also an input: the version's manifest, with that version's digest)."""
+    context = "training" if name in _TRAINING_CONTEXT else "input"
+    stage = GRAPH[name]
+    for source in (*stage.inputs, *stage.side_inputs):
+        source_dir = config.stage_dir(source)
+        run.log_input(source, source_dir, manifest_sha256(source_dir), context)
+    documents_dir = config.stage_dir(DOCUMENTS)
+    version: int | None
+    if name in GRAPH.document_stages:
+        version = document_versions.working_version(documents_dir)
+    else:
+        digest = _documents_digest(config, stage)
+        version = document_versions.version_with_digest(documents_dir, digest) if digest else None
+        if digest and version is not None and DOCUMENTS not in stage.inputs:
+            path = document_versions.version_path(documents_dir, version)
+            run.log_input(DOCUMENTS, path, digest, context)
+    if version is not None:
+        run.log(tags={"llmflow.documents_version": document_versions.version_name(version)})
+
+
+def _documents_digest(config: PipelineConfig, stage: Stage) -> str | None:
+    """The digest of the documents a later stage works from: the newest version for the stages
+    that read the documents; for those after them, the one the token shards were cut from (a
+    model trained before a refresh names the older version)."""
+    documents_dir = config.stage_dir(DOCUMENTS)
+    if DOCUMENTS in stage.inputs:
+        if shards.exists(shards.join(documents_dir, shards.MANIFEST_NAME)):
+            return manifest_sha256(documents_dir)
+        return None
+    tokenize_manifest = shards.join(config.stage_dir("tokenize"), shards.MANIFEST_NAME)
+    if shards.exists(tokenize_manifest):
+        return shards.read_json(tokenize_manifest)["input_manifest_sha256"]
+    return None
+
+
+def stage_config(config: PipelineConfig, name: str) -> Any:
+    """A stage's config as this run uses it: the pipeline's field of that name (the stage's
+    defaults when the pipeline config has none), adjusted by the stage's ``configure``."""
+    stage = GRAPH[name]
+    settings = getattr(config, name, None) or stage.config()
+    return stage.configure(_context(name, config, None), settings) if stage.configure else settings
+
+
+def _context(name: str, config: PipelineConfig, tracker: PipelineTracker | None) -> StageContext:
+    @contextmanager
+    def start_run(
+        params: dict[str, Any], tags: dict[str, str], log_inputs: bool = True
+    ) -> Iterator[StageRun]:
+        assert tracker is not None, "a stage run needs the run's tracker"
+        tags = {"llmflow.code_version": GRAPH[name].spec.code_version()} | tags
+        with tracker.stage_run(name, params, tags) as run:
+            if log_inputs:
+                record_inputs(name, config, run)
+            yield run
+
+    return StageContext(
+        name=name,
+        config=config,
+        stage_dir=config.stage_dir,
+        stage_config=lambda other: stage_config(config, other),
+        start_run=start_run,
+    )
+
+
+def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> reporting.StageReport:
+    """Run one stage of the graph, whatever its shape, and report it."""
+    stage = GRAPH[name]
+    ctx = _context(name, config, tracker)
+    started = time.perf_counter()
+    if stage.step is not None:
+        step = stage.step(ctx)
+        return reporting.step_stage_report(name, ctx.dir, step, time.perf_counter() - started)
+    return _run_mapped(stage, ctx, started)
+
+
+def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.StageReport:
+    """Plan the units, map the task over them, write the manifest; live counts as units end."""
+    assert stage.plan is not None
+    name, settings, stage_dir = stage.name, ctx.settings, ctx.dir
+    units, input_digest = stage.plan(ctx)
+
+    def map_task(
+        task: Task[..., Any],
+        items: list[WorkUnit],
+        label: str,
+        on_result: Callable[[list[Any]], None] | None = None,
+    ) -> list[Any]:
+        futures = task.map(items, unmapped(settings), unmapped(stage_dir))
+        results: list[Any] = []
+        with StepProgress(artifact_key(label), label, len(items)) as progress:
+            for future in as_completed(futures):
+                results.append(future.result())
+                progress.advance()
+                if on_result is not None:
+                    on_result(results)
+        return results
+
+    params = settings.model_dump(mode="json")
+    with ctx.start_run(params, {"llmflow.dataset": stage_dir}) as run:
+        last_live = [0.0]
+
+        def live(records: list[UnitRecord]) -> None:
+            """Every counter in MLflow and Prefect while the stage runs, every few seconds."""
+            if len(records) < len(units) and time.monotonic() - last_live[0] >= _LIVE_INTERVAL_S:
+                last_live[0] = time.monotonic()
+                metrics = reporting.unit_counts(records)
+                run.log(metrics=metrics, step=len(records))
+                reporting.counts_table(name, metrics, run.run_id, len(units))
+
+        if stage.prepare is not None:
+            stage.prepare(units, settings, stage_dir, map_task)
+        records: list[UnitRecord] = map_task(stage.task, units, f"{name}: units of work", live)
+        if stage.finish is not None:
+            manifest = stage.finish(units, settings, stage_dir, records, input_digest)
+        else:
+            manifest = finalize_stage(stage_dir, stage.spec, settings, records, input_digest)
+        seconds = time.perf_counter() - started
+        metrics = reporting.stage_metrics(manifest, records, seconds)
+        run.log(
+            metrics=metrics,
+            tags={"llmflow.manifest_sha256": manifest_sha256(stage_dir)},
+            step=len(records),
+        )
+        run.log_dict(manifest, "manifest.json")
+        run.log_dict(reporting.rejected_sample(stage_dir, manifest), "rejected_sample.json")
+    reporting.counts_table(name, metrics, run.run_id, len(units))
+    return reporting.shard_stage_report(name, stage_dir, manifest, records, seconds, run.run_id)
+
+
+def task_runner(config: PipelineConfig) -> Any:
+    """The task runner the config asks for, sized by ``max_workers``."""
+    if config.runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=config.max_workers)
+    if config.runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as error:
+            raise ImportError(
+                "runner=dask needs prefect-dask: pip install 'llmflow[dask]'"
+            ) from error
+        if config.dask_address:
+            return DaskTaskRunner(address=config.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": config.max_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=config.max_workers)

@@ -1,0 +1,124 @@
+"""The evaluate stage: which model it scores, when it can skip, what it records.
+
+The scoring itself is :func:`~llmflow.tasks.evaluate.evaluation.run_evaluation`; this module is
+the stage around it: it finds the SFT model (or the user's own ``evaluate.model``), keys the
+evaluation on the model and the held-out tokens, skips when the stored results carry the same
+key, logs the scores to the stage's MLflow run and registers the evaluated SFT model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from llmflow.tasks.core import shards
+from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
+from llmflow.tasks.core.progress import progress_per_task
+from llmflow.tasks.core.stage import manifest_sha256, unit_key
+from llmflow.tasks.evaluate import evaluation
+from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
+from llmflow.tasks.train import pretrain, tokenize
+
+STAGE = evaluation.STAGE
+
+
+def evaluation_inputs(ctx: StageContext) -> tuple[str, str | None, list[str], str]:
+    """(model path, our tokenizer dir or None, held-out token shards, digest of both)."""
+    settings: EvaluateConfig = ctx.settings
+    if settings.model is not None:  # someone else's model: its own tokenizer, no bits per byte
+        # the files' names, sizes and times stand for the model: re-hashing GBs of weights on
+        # every run to decide whether to skip would cost more than most evaluations
+        path = Path(settings.model).resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+        return settings.model, None, [], hashlib.sha256(repr(stamp).encode()).hexdigest()
+    tokens_dir = ctx.stage_dir("tokenize")
+    val_shards = [str(p) for p in tokenize.token_shard_paths(tokens_dir, "val")]
+    sft_dir = ctx.stage_dir("sft")
+    base = shards.read_json(shards.join(sft_dir, shards.MANIFEST_NAME))
+    model_path = str(pretrain.manifest_run_dir(sft_dir, base) / pretrain.HF_DIR)
+    digest = manifest_sha256(sft_dir) + manifest_sha256(tokens_dir)
+    return model_path, ctx.stage_dir("tokenizer"), val_shards, digest
+
+
+def _register_sft_model(
+    ctx: StageContext, run: RunRecorder, outcome: dict[str, Any], metrics: dict[str, float]
+) -> str | None:
+    """Register the evaluated SFT model (the export its training run logged) with its scores as
+    tags; returns ``name/version``, or None when that run's export is not in MLflow."""
+    name = ctx.settings.registered_model
+    trained = shards.read_json(shards.join(ctx.stage_dir("sft"), shards.MANIFEST_NAME))
+    source_run = trained.get("mlflow_run_id")
+    if not name or not source_run:
+        return None
+    tags = {k: f"{v:.6g}" for k, v in metrics.items() if not k.endswith("_stderr")}
+    tags |= {"llmflow.sft_key": trained["key"], "llmflow.eval_tasks": ",".join(outcome["results"])}
+    version = run.register_model(name, source_run, "hf_model", tags, outcome["key"])
+    return f"{name}/{version}"
+
+
+def _score(ctx: StageContext, key: str, inputs: tuple[str, str | None, list[str]]) -> tuple:
+    """The stored outcome when it has this key, else a new evaluation written atomically."""
+    results_path = shards.join(ctx.dir, shards.MANIFEST_NAME)
+    previous = shards.read_json(results_path) if shards.exists(results_path) else None
+    if previous is not None and previous.get("key") == key:
+        return previous, True
+    with progress_per_task("evaluate") as on_task:
+        outcome = evaluation.run_evaluation(ctx.settings, *inputs, on_task)
+    outcome |= {
+        "format": shards.MANIFEST_FORMAT,
+        "stage": ctx.name,
+        "code_version": STAGE.code_version(),
+        "key": key,
+    }
+    shards.write_json_atomic(results_path, outcome)
+    return outcome, False
+
+
+def evaluate_step(ctx: StageContext) -> StepReport:
+    """Score the instruction-tuned model: benchmarks, held-out bits per byte, chat samples."""
+    settings: EvaluateConfig = ctx.settings
+    model_path, tokenizer_dir, val_shards, inputs_sha = evaluation_inputs(ctx)
+    key = unit_key(STAGE, settings, inputs_sha)
+    params = settings.model_dump(mode="json") | {"model_path": model_path}
+    tags = {"llmflow.code_version": STAGE.code_version(), "llmflow.model": model_path}
+    with ctx.start_run(params, tags, log_inputs=settings.model is None) as run:
+        outcome, skipped = _score(ctx, key, (model_path, tokenizer_dir, val_shards))
+        rows = evaluation.results_rows(outcome)
+        metrics: dict[str, float] = {}
+        for row in rows:
+            metric_name = f"eval/{row['task']}/{row['metric']}"
+            metrics[metric_name] = row["value"]
+            if row["stderr"] is not None:
+                metrics[f"{metric_name}_stderr"] = row["stderr"]
+        heldout = outcome.get("heldout")
+        if heldout:
+            metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}
+        run.log(metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
+        run.log_table(rows, "eval_results.json")
+        run.log_dict(outcome, "eval_outcome.json")
+        if settings.registered_model and settings.model is None:
+            version = _register_sft_model(ctx, run, outcome, metrics)
+            if version is not None:
+                run.log(tags={"llmflow.registered_model": version})
+    headline = []
+    for task, result in outcome["results"].items():
+        metric = "acc_norm" if "acc_norm" in result["metrics"] else "acc"
+        headline.append(f"{task} {metric} {result['metrics'][metric]:.3f}")
+    summary = ", ".join(headline)
+    if heldout:
+        summary = f"held-out {heldout['bpb']:.3f} bits/byte; {summary}"
+    items = sum(r["items"] for r in outcome["results"].values())
+    return StepReport(
+        run_id=run.run_id,
+        skipped=skipped,
+        table={},
+        docs_in=items,
+        kept=items,
+        summary=summary,
+        markdown=evaluation.results_markdown(outcome, run.run_id),
+        markdown_description=(
+            "Benchmark scores, held-out bits per byte and chat samples of the model"
+        ),
+    )
