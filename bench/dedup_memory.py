@@ -32,7 +32,8 @@ def build(root: Path, n: int) -> tuple[str, str]:
     from llmflow.tasks.core import shards
     from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
     from llmflow.tasks.core.stage import StageSpec, UnitRecord, finalize_stage
-    from llmflow.tasks.curate.dedup import DedupConfig, band_column, band_keys, signatures_path
+    from llmflow.tasks.curate.dedup import DedupConfig
+    from llmflow.tasks.curate.dedup_minhash import band_column, band_keys, signatures_path
 
     config = DedupConfig(incremental=False)
     rng = np.random.default_rng(n)
@@ -69,7 +70,8 @@ def build(root: Path, n: int) -> tuple[str, str]:
 
 def measure(source: str, stage: str) -> dict[str, float]:
     """Run in a fresh process: baseline RSS after imports, then peak RSS of the resolve step."""
-    from llmflow.tasks.curate.dedup import DedupConfig, plan_dedup_units, resolve_duplicates
+    from llmflow.tasks.curate.dedup import DedupConfig, plan_dedup_units
+    from llmflow.tasks.curate.dedup_resolve import resolve_duplicates
 
     config = DedupConfig(incremental=False)
     units, _ = plan_dedup_units(config, source, stage)

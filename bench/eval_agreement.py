@@ -82,7 +82,8 @@ def hf_folder(gguf: Path, workdir: Path) -> Path:
 
 def write_lm_eval_tasks(items_by_task: dict, directory: Path) -> list[str]:
     """One lm-eval task per benchmark over exactly our items (see the module docstring)."""
-    from llmflow.tasks.evaluate.benchmarks import METRICS, TARGET_DELIMITER
+    from llmflow.tasks.evaluate.benchmark_items import TARGET_DELIMITER
+    from llmflow.tasks.evaluate.benchmarks import METRICS
 
     directory.mkdir(parents=True, exist_ok=True)
     names = []

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.tasks.evaluate.benchmarks import (
-    TASKS,
+from llmflow.tasks.evaluate.benchmark_formats import (
     hellaswag_preprocess,
     hellaswag_query,
     hellaswag_text_query,
-    load_task,
 )
+from llmflow.tasks.evaluate.benchmarks import TASKS, load_task
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ from document_datasets import WHEN, write_documents
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
-from llmflow.tasks.curate.dedup import (
-    DedupConfig,
-    DedupIndexError,
-    deduplicate,
-    shingle_hashes,
-    signature_table,
-    simplify,
-)
+from llmflow.tasks.curate.dedup import DedupConfig, deduplicate
+from llmflow.tasks.curate.dedup_index import DedupIndexError
+from llmflow.tasks.curate.dedup_minhash import shingle_hashes, signature_table, simplify
 
 WORDS = re.findall(
     r"\w+",

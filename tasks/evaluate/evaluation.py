@@ -19,13 +19,8 @@ from typing import Any
 import torch
 
 from llmflow.tasks.core.stage import StageSpec
-from llmflow.tasks.evaluate.benchmarks import (
-    TARGET_DELIMITER,
-    TASKS,
-    ChoiceItem,
-    TaskData,
-    load_task,
-)
+from llmflow.tasks.evaluate.benchmark_items import TARGET_DELIMITER, ChoiceItem
+from llmflow.tasks.evaluate.benchmarks import TASKS, TaskData, load_task
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.evaluate.loglikelihood import (
     LoglikelihoodScorer,
