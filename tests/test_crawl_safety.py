@@ -26,8 +26,8 @@ from warcio.archiveiterator import ArchiveIterator
 from llmflow.tasks.core.documents import Document, FetchFailure
 from llmflow.tasks.core.stage import run_unit
 from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
-from llmflow.tasks.ingest.html_text import BoundedExtractor
 from llmflow.tasks.ingest.web_crawler import _Scope, crawl_web
 
 sys.path.insert(0, str(Path(__file__).parent))

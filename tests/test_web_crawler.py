@@ -22,8 +22,8 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
-from llmflow.tasks.ingest.html_text import BoundedExtractor
 from llmflow.tasks.ingest.warc_writer import WarcRecorder
 from llmflow.tasks.ingest.web_crawler import crawl_web, normalize_url
 

@@ -46,9 +46,9 @@ from llmflow.tasks.core.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
 from llmflow.tasks.ingest.file_sources import expand_file_seed, is_file_seed, iter_file_documents
-from llmflow.tasks.ingest.html_text import BoundedExtractor
 from llmflow.tasks.ingest.installed_docs import (
     INSTALLED_SEED,
     installed_digest,

@@ -56,12 +56,9 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.recordloader import ArcWarcRecord
 
 from llmflow.tasks.core.documents import Document, FetchFailure, utc_now
-from llmflow.tasks.ingest.html_text import (
-    BoundedExtractor,
-    DecodeError,
-    ExtractionError,
-    decode_body,
-)
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
+from llmflow.tasks.ingest.html_text import ExtractionError
+from llmflow.tasks.ingest.page_decoding import DecodeError, decode_body
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from urllib.robotparser import RobotFileParser
 import httpx
 
 from llmflow.tasks.core.documents import Document, FetchFailure, Unchanged, document_id, utc_now
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
 from llmflow.tasks.ingest.crawl_guards import (
     AddressRefused,
@@ -53,12 +54,8 @@ from llmflow.tasks.ingest.crawl_guards import (
     seed_credentials,
     stop_crawls,
 )
-from llmflow.tasks.ingest.html_text import (
-    BoundedExtractor,
-    DecodeError,
-    ExtractionError,
-    decode_body,
-)
+from llmflow.tasks.ingest.html_text import ExtractionError
+from llmflow.tasks.ingest.page_decoding import DecodeError, decode_body
 from llmflow.tasks.ingest.warc_writer import WarcRecorder
 
 __all__ = [
