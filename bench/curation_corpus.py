@@ -224,8 +224,8 @@ def nltk_documents(data: Path, seed: int) -> Iterator[Doc]:
 
 def web_documents(data: Path) -> Iterator[Doc]:
     from llmflow.tasks.core.documents import Document
+    from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
     from llmflow.tasks.ingest.file_sources import expand_file_seed, iter_file_documents
-    from llmflow.tasks.ingest.html_text import BoundedExtractor
 
     web = data / "web"
     if not web.exists():

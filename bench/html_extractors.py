@@ -45,16 +45,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import PYDOC_UNSAFE_PAGES
 from llmflow.tasks.ingest.html_text import (
     RESILIPARSE_OPTIONS,
     TRAFILATURA_OPTIONS,
-    BoundedExtractor,
-    DecodeError,
     ExtractionError,
     _extract,
-    decode_body,
 )
+from llmflow.tasks.ingest.page_decoding import DecodeError, decode_body
 from llmflow.tasks.ingest.pydoc_site import pydoc_site
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,9 +26,10 @@ from warcio.archiveiterator import ArchiveIterator
 from llmflow.tasks.core.documents import Document, FetchFailure
 from llmflow.tasks.core.stage import run_unit
 from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
-from llmflow.tasks.ingest.html_text import BoundedExtractor
-from llmflow.tasks.ingest.web_crawler import _Scope, crawl_web
+from llmflow.tasks.ingest.web_crawler import crawl_web
+from llmflow.tasks.ingest.web_scope import Scope
 
 sys.path.insert(0, str(Path(__file__).parent))
 import http_test_site  # noqa: E402
@@ -71,21 +72,21 @@ def test_robots_txt_redirect_inside_scope_is_followed(
 
 
 def test_seed_without_port_means_the_default_port_only() -> None:
-    scope = _Scope([], ["http://example.com/", "https://secure.example/"])
+    scope = Scope([], ["http://example.com/", "https://secure.example/"])
     assert scope.allows("http://example.com/page")
     assert not scope.allows("http://example.com:8080/admin")
     assert not scope.allows("http://example.com:443/")
     assert scope.allows("https://secure.example/x")
     assert not scope.allows("https://secure.example:8443/x")
     # A seed with its port: that port, under either scheme (one service).
-    scope = _Scope([], ["http://127.0.0.1:8000/"])
+    scope = Scope([], ["http://127.0.0.1:8000/"])
     assert scope.allows("http://127.0.0.1:8000/a")
     assert not scope.allows("http://127.0.0.1/a")
     assert not scope.allows("http://127.0.0.1:8001/a")
 
 
 def test_allowed_host_entries_keep_their_meaning() -> None:
-    scope = _Scope(["Example.COM", "docs.example:80", "api.example:8443"], [])
+    scope = Scope(["Example.COM", "docs.example:80", "api.example:8443"], [])
     assert scope.allows("http://example.com:9999/")  # a bare host: any port
     assert scope.allows("https://example.com/")
     assert scope.allows("http://docs.example/")  # ":80" is http's default port, dropped in URLs

@@ -25,13 +25,14 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.file_sources import (
     FILE_SUFFIXES,
     expand_file_seed,
     is_file_seed,
     iter_file_documents,
 )
-from llmflow.tasks.ingest.html_text import BoundedExtractor, ExtractionError
+from llmflow.tasks.ingest.html_text import ExtractionError
 
 MAX = 5_000_000
 

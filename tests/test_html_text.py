@@ -16,16 +16,15 @@ import time
 
 import pytest
 
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
+from llmflow.tasks.ingest.html_links import extract_links
 from llmflow.tasks.ingest.html_text import (
     DEFAULT_EXTRACTOR,
     EXTRACTORS,
-    BoundedExtractor,
-    DecodeError,
     ExtractionError,
-    decode_body,
-    extract_links,
     html_to_text,
 )
+from llmflow.tasks.ingest.page_decoding import DecodeError, decode_body
 
 # --- decode_body ---------------------------------------------------------------------------------
 

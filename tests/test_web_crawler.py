@@ -22,10 +22,11 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
-from llmflow.tasks.ingest.html_text import BoundedExtractor
 from llmflow.tasks.ingest.warc_writer import WarcRecorder
-from llmflow.tasks.ingest.web_crawler import crawl_web, normalize_url
+from llmflow.tasks.ingest.web_crawler import crawl_web
+from llmflow.tasks.ingest.web_scope import normalize_url
 
 SITE_PROGRAM = Path(__file__).with_name("http_test_site.py")
 sys.path.insert(0, str(SITE_PROGRAM.parent))

@@ -46,9 +46,10 @@ from llmflow.tasks.core.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
+from llmflow.tasks.ingest.crawl_guards import install_interrupt_handler
 from llmflow.tasks.ingest.file_sources import expand_file_seed, is_file_seed, iter_file_documents
-from llmflow.tasks.ingest.html_text import BoundedExtractor
 from llmflow.tasks.ingest.installed_docs import (
     INSTALLED_SEED,
     installed_digest,
@@ -56,7 +57,8 @@ from llmflow.tasks.ingest.installed_docs import (
 )
 from llmflow.tasks.ingest.pydoc_site import PYDOC_SEED, pydoc_site
 from llmflow.tasks.ingest.warc_writer import WarcRecorder
-from llmflow.tasks.ingest.web_crawler import PageState, crawl_web, install_interrupt_handler
+from llmflow.tasks.ingest.web_crawler import crawl_web
+from llmflow.tasks.ingest.web_pages import PageState
 
 STAGE = StageSpec(
     name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")

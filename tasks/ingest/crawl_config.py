@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 
 from llmflow.tasks.core.stage import StageConfig
+from llmflow.tasks.ingest.web_scope import parse_scope_entry
 
 # Modules that do something when imported. pydoc renders a module page by importing the module,
 # so the embedded default never asks for these pages (the server runs in its own process as well).
@@ -158,8 +159,6 @@ class CrawlConfig(StageConfig):
     @classmethod
     def _prefixes_parse(cls, prefixes: list[str]) -> list[str]:
         """A scope entry that cannot be read would silently match nothing (or too much)."""
-        from llmflow.tasks.ingest.web_crawler import parse_scope_entry  # imports this module
-
         for entry in prefixes:
             parse_scope_entry(entry)
         return prefixes
