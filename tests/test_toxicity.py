@@ -1,6 +1,6 @@
 """toxicity with its default backend for real (the profanity model in its wheel): scores, chunks,
-the stage through its task on a real shard, and bad input. The detoxify backend is tested in
-test_toxicity_detoxify.py."""
+the stage through its task on real shards, stored scores re-decided without the classifier, and
+bad input. The detoxify backend is tested in test_toxicity_detoxify.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
 from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
+    UnitRecord,
     WorkUnit,
     documents_result,
     finalize_stage,
@@ -25,10 +26,12 @@ from llmflow.tasks.core.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.curate import toxicity
 from llmflow.tasks.curate.toxicity import (
     STAGE,
     ToxicityConfig,
     load_scorer,
+    score_key,
     score_texts,
     text_chunks,
     toxicity_documents,
@@ -164,23 +167,33 @@ def test_bad_config_is_a_clear_error() -> None:
 SOURCE = StageSpec(name="source", version="1")
 
 
-def test_stage_runs_through_its_task_on_a_parquet_shard(tmp_path: Path) -> None:
+def source_dataset(tmp_path: Path, texts: list[str]) -> str:
+    """A finished one-shard source dataset holding ``texts``; returns its folder."""
     source_dir = str(tmp_path / "source")
     docs = [
         Document(url=f"http://x/{i}", text=t, source="t", fetched_at=WHEN)
-        for i, t in enumerate(
-            [CLEAN, PROFANE, "", "Bonjour à tous, la réunion est reportée à lundi."]
-        )
+        for i, t in enumerate(texts)
     ]
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "x"), source={})
     record = run_unit(source_dir, unit, lambda: documents_result(docs))
     finalize_stage(source_dir, SOURCE, StageConfig(), [record], None)
+    return source_dir
 
-    config = ToxicityConfig()
-    stage_dir = str(tmp_path / "toxicity")
+
+def run_stage(
+    source_dir: str, stage_dir: str, config: ToxicityConfig
+) -> tuple[list[UnitRecord], dict]:
     units, digest = plan_shard_units(STAGE, config, source_dir)
     records = [toxicity_shard.fn(u, config, stage_dir) for u in units]
-    manifest = finalize_stage(stage_dir, STAGE, config, records, digest)
+    return records, finalize_stage(stage_dir, STAGE, config, records, digest)
+
+
+def test_stage_runs_through_its_task_on_a_parquet_shard(tmp_path: Path) -> None:
+    texts = [CLEAN, PROFANE, "", "Bonjour à tous, la réunion est reportée à lundi."]
+    source_dir = source_dataset(tmp_path, texts)
+    config = ToxicityConfig()
+    stage_dir = str(tmp_path / "toxicity")
+    records, manifest = run_stage(source_dir, stage_dir, config)
     assert manifest["counts"]["docs_in"] == 4
     assert manifest["counts"]["kept"] == 3
     assert manifest["counts"]["rejected_by_reason"] == {"toxic_profanity": 1}
@@ -190,6 +203,78 @@ def test_stage_runs_through_its_task_on_a_parquet_shard(tmp_path: Path) -> None:
     rejected = shards.read_shard(stage_dir, shards.manifest_shards(manifest, "rejected_shards")[0])
     assert rejected.column("text").to_pylist() == [PROFANE]
     # A second run with the same input and config skips the finished unit.
+    units, _ = plan_shard_units(STAGE, config, source_dir)
     assert all(toxicity_shard.fn(u, config, stage_dir).skipped for u in units)
     # batch_size is a runtime field: changing it keeps the unit keys.
     assert plan_shard_units(STAGE, ToxicityConfig(batch_size=7), source_dir)[0] == units
+
+
+def test_a_new_threshold_re_decides_from_stored_scores_without_the_scorer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source_dir = source_dataset(
+        tmp_path, [CLEAN, PROFANE, "", "What a damn mess this meeting was."]
+    )
+    stage_dir = str(tmp_path / "toxicity")
+    records, first = run_stage(source_dir, stage_dir, ToxicityConfig())
+    assert records[0].stats["scores_computed"] == 4 and "scores_reused" not in records[0].stats
+    assert (tmp_path / "toxicity" / "_scores" / "part-00000.parquet").is_file()
+    kept = shards.read_shard(stage_dir, records[0].shard)
+    clean_score = kept.column("toxicity_profanity")[0].as_py()
+    stricter = ToxicityConfig(thresholds={"profanity": clean_score})  # now CLEAN goes too
+    fresh, fresh_manifest = run_stage(source_dir, str(tmp_path / "fresh"), stricter)
+
+    def no_scoring(config: ToxicityConfig) -> None:
+        raise AssertionError("the classifier was loaded again")
+
+    monkeypatch.setattr(toxicity, "load_scorer", no_scoring)
+    records, manifest = run_stage(source_dir, stage_dir, stricter)
+    assert not records[0].skipped
+    assert records[0].stats["scores_reused"] == 4 and "scores_computed" not in records[0].stats
+    assert manifest["counts"]["rejected"] > first["counts"]["rejected"]  # re-decided
+    assert manifest["counts"] == fresh_manifest["counts"]
+    # The same bytes as scoring afresh: kept and rejected shards, and the manifest's stats.
+    assert (records[0].shard, records[0].rejected) == (fresh[0].shard, fresh[0].rejected)
+    assert manifest["stats"] == fresh_manifest["stats"]
+    assert manifest["stats"]["documents_empty"] == 1  # scoring's counters come back stored
+
+    # A scorer field (how documents are chunked) changes the scores: they are scored again.
+    with pytest.raises(AssertionError, match="classifier was loaded again"):
+        run_stage(source_dir, stage_dir, ToxicityConfig(chunk_chars=500))
+    monkeypatch.undo()
+    records, _ = run_stage(source_dir, stage_dir, ToxicityConfig(chunk_chars=500))
+    assert records[0].stats["scores_computed"] == 4
+
+    # Scores of units that no longer exist go with their outputs.
+    stale = tmp_path / "toxicity" / "_scores" / "part-00099.parquet"
+    stale.write_bytes(b"")
+    run_stage(source_dir, stage_dir, ToxicityConfig(chunk_chars=500))
+    assert not stale.exists()
+
+
+def test_only_scorer_fields_key_the_stored_scores() -> None:
+    base = ToxicityConfig()
+    table = documents_table([CLEAN, PROFANE])
+    # Every field is declared: it changes scores, or only decisions, or only speed.
+    decision_fields = {"thresholds"}
+    declared = ToxicityConfig.SCORER_FIELDS | ToxicityConfig.RUNTIME_FIELDS | decision_fields
+    assert declared == set(ToxicityConfig.model_fields)
+    changed = {
+        "backend": "detoxify",
+        "chunk_chars": 500,
+        "max_chunks": 4,
+        "detoxify_model": "unbiased",
+        "detoxify_checkpoint": "/models/toxic.ckpt",
+        "detoxify_model_dir": "/models/bert",
+        "thresholds": {"profanity": 0.1},
+        "batch_size": 7,
+        "device": "cuda",
+    }
+    for name, value in changed.items():
+        other = ToxicityConfig(**{name: value})
+        rescored = score_key(table, other) != score_key(table, base)
+        assert rescored == (name in ToxicityConfig.SCORER_FIELDS), name
+    # The texts decide the scores; other columns (ids, urls) do not.
+    assert score_key(documents_table([CLEAN, CLEAN]), base) != score_key(table, base)
+    renamed = table.set_column(0, "id", pa.array(["x", "y"]))
+    assert score_key(renamed, base) == score_key(table, base)

@@ -1,15 +1,17 @@
 """toxicity's detoxify backend, offline: a checkpoint built here in detoxify's own format, loaded
-through detoxify's model code; missing, foreign and crafted checkpoints refused with clear errors
-before any work."""
+through detoxify's model code, its scores stored and re-decided; missing, foreign and crafted
+checkpoints refused with clear errors before any work."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from test_toxicity import CLEAN, PROFANE, documents_table
+from test_toxicity import CLEAN, PROFANE, documents_table, run_stage, source_dataset
 
+from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import WorkUnit, run_unit
+from llmflow.tasks.curate import toxicity
 from llmflow.tasks.curate.toxicity import (
     ToxicityConfig,
     ToxicityLabelError,
@@ -178,6 +180,35 @@ def test_detoxify_thresholds_route_documents(tiny_detoxify: dict) -> None:
     bad = config.model_copy(update={"thresholds": {"profanity": 0.5, "threat": 0.5}})
     with pytest.raises(ToxicityLabelError, match=r"\['profanity', 'threat'\].*'insult'"):
         toxicity_documents(documents_table(texts), bad)
+
+
+def test_detoxify_scores_are_stored_and_re_decided_with_their_labels(
+    tiny_detoxify: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [PROFANE, CLEAN, "what a lovely day"]
+    source_dir = source_dataset(tmp_path, texts)
+    stage_dir = str(tmp_path / "toxicity")
+    config = ToxicityConfig(backend="detoxify", detoxify_checkpoint=str(tiny_detoxify["local"]))
+    records, _ = run_stage(source_dir, stage_dir, config)
+    assert records[0].stats["scores_computed"] == 3
+    # Labels, their order and the default thresholds (None) come from the stored score columns.
+    moves = [{"insult": 0.0}, {"toxicity": 1.0}, None]
+    configs = [config.model_copy(update={"thresholds": t}) for t in moves]
+    wanted = [toxicity_documents(documents_table(texts), c).rejected for c in configs]
+    monkeypatch.setattr(toxicity, "load_scorer", None)  # calling it would be a TypeError
+    for moved, want in zip(configs, wanted, strict=True):
+        records, manifest = run_stage(source_dir, stage_dir, moved)
+        assert records[0].stats["scores_reused"] == 3
+        names = [c["name"] for c in manifest["schema"]]
+        assert names[-3:] == [f"toxicity_{label}" for label in LABELS]
+        got = shards.read_shard(stage_dir, records[0].rejected) if records[0].rejected else None
+        for column in ("reason", "detail", "toxicity_insult"):
+            expected = want.column(column).to_pylist()
+            assert (got.column(column).to_pylist() if got else []) == expected
+    assert wanted[0].num_rows == 3 and wanted[1].num_rows == 0  # the moves do move
+    bad = config.model_copy(update={"thresholds": {"threat": 0.5}})
+    with pytest.raises(ToxicityLabelError, match=r"\['threat'\]"):
+        run_stage(source_dir, stage_dir, bad)
 
 
 def test_detoxify_hub_id_checkpoint_uses_a_local_model_dir(tiny_detoxify: dict) -> None:

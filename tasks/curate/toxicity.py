@@ -14,13 +14,18 @@ line or space boundaries, and its score for a label is the highest over its chun
 passage is enough. Very long documents are sampled (``max_chunks`` chunks spread evenly over the
 text) so that a 50 MB document costs the same as a 64 kB one.
 
-Every document keeps one float column per label, ``toxicity_<label>`` (null for a document with no
-text to score), on kept and rejected rows alike, so a stricter cut can be made later without
-scoring again.
+What is scored is kept apart from what is decided, as quality keeps its signals: every document
+keeps one float column per label, ``toxicity_<label>`` (null for a document with no text to
+score), on kept and rejected rows alike, and the task stores each unit's scores under
+``<stage_dir>/_scores/``, keyed by the unit's texts, the fields that change scores
+(:attr:`ToxicityConfig.SCORER_FIELDS`) and the code version. A run that only moves thresholds
+re-decides from the stored scores without loading the classifier.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 from collections import Counter
@@ -33,16 +38,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator, model_validator
 
+from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import (
+    Rejection,
     ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
     WorkUnit,
+    cached_table,
     put_column,
     read_unit_input,
+    route,
     run_unit,
-    split_result,
 )
 from llmflow.tasks.curate.toxicity_detoxify import DetoxifyScorer, find_detoxify_checkpoint
 
@@ -53,6 +61,11 @@ STAGE = StageSpec(
 )
 
 COLUMN_PREFIX = "toxicity_"
+REASON_PREFIX = "toxic_"  # a removed document's reason: toxic_<label>
+SCORES_DIR = "_scores"
+# The scores table's schema metadata: score_texts' counters for the unit, so a run that reuses
+# the scores reports the same stats as the run that made them.
+SCORE_STATS_METADATA = b"llmflow.toxicity_stats"
 PROFANITY_LABEL = "profanity"
 # The knee of the sweep in bench/toxicity_eval.md. From 0.5 (the model's own predict() cut) to 0.6
 # false removals fall by more than half (ToxiGen neutral statements 13 -> 5 of 297, mostly text
@@ -81,6 +94,18 @@ class ToxicityConfig(StageConfig):
     """Which classifier scores documents, and where each label's score removes a document."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    # The fields that decide a document's scores (the rest decide what the scores remove, or
+    # only speed): stored scores are reused while these, the texts and the code version match.
+    SCORER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "backend",
+            "chunk_chars",
+            "max_chunks",
+            "detoxify_model",
+            "detoxify_checkpoint",
+            "detoxify_model_dir",
+        }
+    )
 
     backend: Literal["profanity", "detoxify"] = Field(
         "profanity",
@@ -175,6 +200,10 @@ class ToxicityConfig(StageConfig):
                     f" its only label is '{PROFANITY_LABEL}'"
                 )
         return self
+
+    def scorer_hash(self) -> str:
+        """Hash of the fields that change scores: equal hashes mean stored scores still hold."""
+        return self.fields_hash(include=self.SCORER_FIELDS)
 
 
 class ToxicityScorer(Protocol):
@@ -347,10 +376,49 @@ def score_texts(
     return scores, stats
 
 
-def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
-    """Score a shard's documents; those at or over a label's threshold go to the rejected set."""
+# ---------------------------------------------------------------------------------------------
+# Decisions
+
+
+def toxic_rejection(
+    scores: dict[str, float | None], thresholds: dict[str, float]
+) -> Rejection | None:
+    """A document's fate from its scores: removed for the label scoring highest among those at or
+    over their threshold (ties: the label last in name order), else kept."""
+    over = [
+        (score, label)
+        for label, threshold in thresholds.items()
+        if (score := scores[label]) is not None and score >= threshold
+    ]
+    if not over:
+        return None
+    score, label = max(over)
+    return Rejection(REASON_PREFIX + label, f"{label}={score:.3f} ≥ {thresholds[label]}")
+
+
+def decide(table: pa.Table, scores: pa.Table, config: ToxicityConfig) -> ShardResult:
+    """Keep or reject each document from its scores (one row per input row, in order: see
+    :func:`compute_scores`); kept and rejected rows both get the score columns. Stats are the
+    scoring counters plus ``removed_<label>`` per removing label."""
+    labels = [name.removeprefix(COLUMN_PREFIX) for name in scores.column_names]
+    thresholds = resolve_thresholds(config, labels)
+    columns = {label: scores.column(COLUMN_PREFIX + label).to_pylist() for label in thresholds}
+    decisions = [
+        toxic_rejection({label: values[row] for label, values in columns.items()}, thresholds)
+        for row in range(table.num_rows)
+    ]
+    stats: Counter[str] = Counter(json.loads(scores.schema.metadata[SCORE_STATS_METADATA]))
+    stats.update(f"removed_{d.reason.removeprefix(REASON_PREFIX)}" for d in decisions if d)
+    scored = table
+    for name in scores.column_names:  # scored again: the new scores replace the old
+        scored = put_column(scored, pa.field(name, pa.float64()), scores.column(name))
+    return route(scored, decisions, stats)
+
+
+def compute_scores(table: pa.Table, config: ToxicityConfig) -> pa.Table:
+    """The scored side of a shard: a ``toxicity_<label>`` column per label of the classifier, one
+    row per document, and :func:`score_texts`' counters in the schema metadata."""
     scorer = load_scorer(config)
-    thresholds = resolve_thresholds(config, scorer.labels)
     scores, stats = score_texts(
         table.column("text").to_pylist(),
         scorer,
@@ -358,30 +426,55 @@ def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
         max_chunks=config.max_chunks,
         batch_size=config.batch_size,
     )
-    keep_mask: list[bool] = []
-    reasons: list[str] = []
-    details: list[str] = []
-    for row in range(table.num_rows):
-        over = [
-            (scores[label][row], label)
-            for label, threshold in thresholds.items()
-            if (s := scores[label][row]) is not None and s >= threshold
-        ]
-        if not over:
-            keep_mask.append(True)
-            continue
-        score, label = max(over)
-        keep_mask.append(False)
-        reasons.append(f"toxic_{label}")
-        details.append(f"{label}={score:.3f} ≥ {thresholds[label]}")
-        stats[f"removed_{label}"] += 1
-    scored = table
-    for label in scorer.labels:  # scored again: the new scores replace the old
-        field = pa.field(COLUMN_PREFIX + label, pa.float64())
-        scored = put_column(scored, field, pa.array(scores[label], pa.float64()))
-    return split_result(scored, keep_mask, reasons, details, stats)
+    fields = [pa.field(COLUMN_PREFIX + label, pa.float64()) for label in scorer.labels]
+    metadata = {SCORE_STATS_METADATA: json.dumps(dict(stats), sort_keys=True).encode()}
+    return pa.Table.from_arrays(
+        [pa.array(scores[label], pa.float64()) for label in scorer.labels],
+        schema=pa.schema(fields, metadata=metadata),
+    )
+
+
+def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
+    """Score and decide one shard in memory (no stored scores): those at or over a label's
+    threshold go to the rejected set."""
+    return decide(table, compute_scores(table, config), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored scores
+
+
+def score_key(table: pa.Table, config: ToxicityConfig) -> str:
+    """What stored scores must match: the texts scored, the scorer fields, the code version.
+
+    The texts themselves (length-prefixed, in order) rather than the input shard's hash: they are
+    all that a score depends on, and they are in memory anyway. Thresholds are not in the key, so
+    a run that only moves them finds the stored scores.
+    """
+    digest = hashlib.sha256()
+    for text in table.column("text").to_pylist():
+        data = (text or "").encode("utf-8", "surrogatepass")  # null scores as "" does
+        digest.update(len(data).to_bytes(8, "little") + data)
+    material = json.dumps(
+        {"texts": digest.hexdigest(), "scorer": config.scorer_hash(), "code": STAGE.code_version()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def toxicity_unit(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> ShardResult:
+    """One unit: its scores from ``_scores/`` when their key matches, else scored and stored (the
+    shared :func:`~llmflow.tasks.core.stage.cached_table`), then decisions. Stats count documents
+    whose scores were reused (``scores_reused``) or computed (``scores_computed``)."""
+    table = read_unit_input(unit)
+    path = shards.join(stage_dir, SCORES_DIR, f"{unit.name}.parquet")
+    key = score_key(table, config)
+    scores, reused = cached_table(path, key, lambda: compute_scores(table, config))
+    result = decide(table, scores, config)
+    result.stats["scores_reused" if reused else "scores_computed"] += table.num_rows
+    return result
 
 
 @task(name="toxicity-shard", cache_policy=NO_CACHE, persist_result=False)
 def toxicity_shard(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: toxicity_documents(read_unit_input(unit), config))
+    return run_unit(stage_dir, unit, lambda: toxicity_unit(unit, config, stage_dir))
