@@ -232,7 +232,7 @@ CACHE_KEY_METADATA = b"llmflow.cache_key"
 WORK_COUNTER_SUFFIXES = ("_reused", "_computed")
 # Folders of per-unit derived tables (quality signals, dedup signatures and decisions, the crawl's
 # page states and withdrawals): files of units that no longer exist go with the units' outputs.
-UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions", "_state", "_withdrawn")
+UNIT_CACHE_DIRS = ("_signals", "_signatures", "_decisions", "_state", "_withdrawn", "_scores")
 
 
 def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[pa.Table, bool]:

@@ -5,11 +5,8 @@ alt-profanity-check: a calibrated linear SVM over TF-IDF word features whose mod
 its wheel, so it runs with no network and nothing to configure, fast enough for web scale. It
 catches explicit profanity, slurs and sexual language and misses hate said politely (see
 bench/toxicity_eval.md). ``detoxify`` runs a fine-tuned transformer through detoxify's own model
-code. Its official checkpoints are GitHub downloads, so they must be on disk beforehand (under the
-file names detoxify's own downloader uses, in the torch hub cache, or at a path given in the
-config): nothing is downloaded at run time. The checkpoint file is read with
-``torch.load(weights_only=True)``: tensors and plain containers, no code from the file runs.
-detoxify's own loader would unpickle it fully, so it never opens the file (:class:`DetoxifyScorer`).
+code, from a checkpoint that must be on disk beforehand and is read without running any code in
+it (:mod:`llmflow.tasks.curate.toxicity_detoxify`).
 
 Classifiers are trained on comments and tweets, not on 50 kB web pages, and their scores dilute
 over long text. A document is therefore scored in chunks of about ``chunk_chars`` characters cut on
@@ -17,15 +14,18 @@ line or space boundaries, and its score for a label is the highest over its chun
 passage is enough. Very long documents are sampled (``max_chunks`` chunks spread evenly over the
 text) so that a 50 MB document costs the same as a 64 kB one.
 
-Every document keeps one float column per label, ``toxicity_<label>`` (null for a document with no
-text to score), on kept and rejected rows alike, so a stricter cut can be made later without
-scoring again.
+What is scored is kept apart from what is decided, as quality keeps its signals: every document
+keeps one float column per label, ``toxicity_<label>`` (null for a document with no text to
+score), on kept and rejected rows alike, and the task stores each unit's scores under
+``<stage_dir>/_scores/``, keyed by the unit's texts, the fields that change scores
+(:attr:`ToxicityConfig.SCORER_FIELDS`) and the code version. A run that only moves thresholds
+re-decides from the stored scores without loading the classifier.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
+import hashlib
+import json
 import re
 import threading
 from collections import Counter
@@ -38,17 +38,21 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator, model_validator
 
+from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import (
+    Rejection,
     ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
     WorkUnit,
+    cached_table,
     put_column,
     read_unit_input,
+    route,
     run_unit,
-    split_result,
 )
+from llmflow.tasks.curate.toxicity_detoxify import DetoxifyScorer, find_detoxify_checkpoint
 
 # detoxify and transformers decide the scores of the detoxify backend; alt-profanity-check pins
 # the scikit-learn version its model was trained with, so its own version names the model.
@@ -57,6 +61,11 @@ STAGE = StageSpec(
 )
 
 COLUMN_PREFIX = "toxicity_"
+REASON_PREFIX = "toxic_"  # a removed document's reason: toxic_<label>
+SCORES_DIR = "_scores"
+# The scores table's schema metadata: score_texts' counters for the unit, so a run that reuses
+# the scores reports the same stats as the run that made them.
+SCORE_STATS_METADATA = b"llmflow.toxicity_stats"
 PROFANITY_LABEL = "profanity"
 # The knee of the sweep in bench/toxicity_eval.md. From 0.5 (the model's own predict() cut) to 0.6
 # false removals fall by more than half (ToxiGen neutral statements 13 -> 5 of 297, mostly text
@@ -85,6 +94,18 @@ class ToxicityConfig(StageConfig):
     """Which classifier scores documents, and where each label's score removes a document."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    # The fields that decide a document's scores (the rest decide what the scores remove, or
+    # only speed): stored scores are reused while these, the texts and the code version match.
+    SCORER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "backend",
+            "chunk_chars",
+            "max_chunks",
+            "detoxify_model",
+            "detoxify_checkpoint",
+            "detoxify_model_dir",
+        }
+    )
 
     backend: Literal["profanity", "detoxify"] = Field(
         "profanity",
@@ -180,6 +201,10 @@ class ToxicityConfig(StageConfig):
                 )
         return self
 
+    def scorer_hash(self) -> str:
+        """Hash of the fields that change scores: equal hashes mean stored scores still hold."""
+        return self.fields_hash(include=self.SCORER_FIELDS)
+
 
 class ToxicityScorer(Protocol):
     """A classifier: for each of its labels, one probability-like score in [0, 1] per text."""
@@ -187,18 +212,6 @@ class ToxicityScorer(Protocol):
     labels: tuple[str, ...]
 
     def score(self, texts: list[str]) -> dict[str, list[float]]: ...
-
-
-class DetoxifyCheckpointNotFound(FileNotFoundError):
-    """The detoxify backend has no checkpoint on disk (nothing is downloaded at run time)."""
-
-
-class DetoxifyModelNotFound(FileNotFoundError):
-    """The checkpoint's base transformer (config and tokenizer) is neither local nor cached."""
-
-
-class DetoxifyCheckpointInvalid(ValueError):
-    """The file is not a detoxify checkpoint (a dict with its training config and state dict)."""
 
 
 class ToxicityLabelError(ValueError):
@@ -222,240 +235,10 @@ class ProfanityScorer:
         return {PROFANITY_LABEL: [float(p) for p in self._predict_prob(texts)]}
 
 
-def torch_hub_checkpoints_dir() -> Path:
-    """Where ``torch.hub.load_state_dict_from_url`` (detoxify's downloader) keeps its files.
-
-    Same rule as ``torch.hub.get_dir()``, without importing torch for a config check.
-    """
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    home = os.environ.get("TORCH_HOME", os.path.join(cache, "torch"))
-    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
-
-
-def detoxify_download_url(model: str) -> str:
-    """detoxify's own download URL for an official model name (read from the installed package)."""
-    from detoxify.detoxify import MODEL_URLS  # imports torch and transformers, lazily
-
-    return MODEL_URLS[model]
-
-
 def resolve_detoxify_checkpoint(config: ToxicityConfig) -> Path:
-    """The checkpoint file to load, or an error saying where it was looked for and how to add it."""
-    if config.detoxify_checkpoint:
-        looked = [Path(config.detoxify_checkpoint).expanduser()]
-    else:
-        looked = [torch_hub_checkpoints_dir() / _official_file_name(config.detoxify_model)]
-    for path in looked:
-        if path.is_file():
-            return path
-    url = _official_url(config.detoxify_model)
-    raise DetoxifyCheckpointNotFound(
-        f"toxicity backend 'detoxify' needs a checkpoint and none was found; looked at:"
-        f" {', '.join(str(p) for p in looked)}. Nothing is downloaded at run time. Either download"
-        f" {url} and put it at {torch_hub_checkpoints_dir() / url.rsplit('/', 1)[-1]} (the file"
-        " detoxify's own downloader writes; $TORCH_HOME defaults to ~/.cache/torch), or set"
-        " toxicity.detoxify_checkpoint to the path of a .ckpt file. Its base transformer's"
-        " config and tokenizer must be in the Hugging Face cache or in toxicity.detoxify_model_dir."
-    )
-
-
-# The official file names, as in detoxify 0.5.4's MODEL_URLS; read from the package when it is
-# importable so that a newer release's names win.
-_RELEASES = "https://github.com/unitaryai/detoxify/releases/download/"
-_OFFICIAL_URLS = {
-    "original": _RELEASES + "v0.1-alpha/toxic_original-c1212f89.ckpt",
-    "unbiased": _RELEASES + "v0.3-alpha/toxic_debiased-c7548aa0.ckpt",
-    "multilingual": _RELEASES + "v0.4-alpha/multilingual_debiased-0b549669.ckpt",
-    "original-small": _RELEASES + "v0.1.2/original-albert-0e1d6498.ckpt",
-    "unbiased-small": _RELEASES + "v0.1.2/unbiased-albert-c8519128.ckpt",
-}
-
-
-def _official_url(model: str) -> str:
-    try:
-        _hub_offline()
-        return detoxify_download_url(model)
-    except (ImportError, KeyError):
-        return _OFFICIAL_URLS[model]
-
-
-def _official_file_name(model: str) -> str:
-    return _official_url(model).rsplit("/", 1)[-1]
-
-
-def _hub_offline() -> None:
-    """Make the Hugging Face libraries local-only unless the user said otherwise.
-
-    The flag is read when huggingface_hub is imported, so it is set in the environment first and,
-    if another stage already imported the library, on its constants too.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if os.environ["HF_HUB_OFFLINE"].upper() in {"1", "ON", "YES", "TRUE"}:
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-_DETOXIFY_MODEL_CLASS = re.compile(r"[A-Za-z0-9]+ForSequenceClassification")
-_DETOXIFY_TOKENIZER_CLASS = re.compile(r"[A-Za-z0-9]+Tokenizer(Fast)?")
-# detoxify 0.5's load_checkpoint standardises the label names of its models this way.
-_DETOXIFY_RENAMED = {
-    "toxic": "toxicity",
-    "identity_hate": "identity_attack",
-    "severe_toxic": "severe_toxicity",
-}
-
-
-def read_detoxify_checkpoint(checkpoint: Path) -> dict[str, Any]:
-    """A detoxify checkpoint's dict, read without running any code from the file.
-
-    detoxify's own ``Detoxify(checkpoint=...)`` opens the file with ``torch.load(...,
-    weights_only=False)``: a full unpickle, in which a crafted file runs whatever it names. The
-    format needs nothing of the kind (a ``config`` dict of plain values from the training JSON
-    and a ``state_dict`` of tensors, as detoxify's ``convert_weights.py`` writes it), so it is
-    read here with ``weights_only=True``, which refuses any other Python object before calling
-    it. The entries detoxify uses are then checked: ``config.arch.args`` must name a
-    ``transformers`` ``...ForSequenceClassification`` class and a ``...Tokenizer`` class
-    (detoxify looks both up by name with ``getattr``), ``config.dataset.args.classes`` the
-    labels.
-    """
-    import torch
-
-    from llmflow.tasks.train.checkpoints import unpickler_detail
-
-    try:
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise DetoxifyCheckpointInvalid(
-            f"detoxify checkpoint {checkpoint}: refused, it holds Python objects other than"
-            " tensors and plain containers (nothing in it was run). A detoxify checkpoint is a"
-            " dict of 'config' (plain values) and 'state_dict' (tensors); if the file comes from"
-            f" a source you trust, re-save just those two entries. {unpickler_detail(exc)}"
-        ) from exc
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise DetoxifyCheckpointInvalid(
-            f"{checkpoint} is not a detoxify checkpoint: torch.load cannot read it ({exc})"
-        ) from exc
-    try:
-        args = loaded["config"]["arch"]["args"]
-        classes = loaded["config"]["dataset"]["args"]["classes"]
-        state_dict = loaded["state_dict"]
-        names = (args["model_type"], args["model_name"], args["tokenizer_name"])
-    except (KeyError, TypeError) as exc:
-        raise DetoxifyCheckpointInvalid(
-            f"{checkpoint} is not a detoxify checkpoint: expected a torch.save'd dict with"
-            " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
-            f" num_classes; dataset.args.classes). Missing: {exc!r}"
-        ) from exc
-    if not isinstance(state_dict, dict) or not (
-        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-    ):
-        raise DetoxifyCheckpointInvalid(
-            f"{checkpoint} is not a detoxify checkpoint: state_dict must be a dict of tensors"
-            " and config.dataset.args.classes a list of label names"
-        )
-    model_type, model_name, tokenizer_name = names
-    if not (
-        isinstance(model_type, str)
-        and isinstance(model_name, str)
-        and _DETOXIFY_MODEL_CLASS.fullmatch(model_name)
-        and isinstance(tokenizer_name, str)
-        and _DETOXIFY_TOKENIZER_CLASS.fullmatch(tokenizer_name)
-    ):
-        raise DetoxifyCheckpointInvalid(
-            f"detoxify checkpoint {checkpoint}: config.arch.args names model_name={model_name!r}"
-            f" and tokenizer_name={tokenizer_name!r}; expected transformers classes such as"
-            " 'BertForSequenceClassification' and 'BertTokenizer'"
-        )
-    return loaded
-
-
-class DetoxifyScorer:
-    """A detoxify checkpoint run through detoxify's own model code, its labels from the file.
-
-    What runs: the file is read by :func:`read_detoxify_checkpoint` (weights only: nothing in it
-    is executed), then the model is built as ``Detoxify(checkpoint=...)`` builds it, with
-    detoxify's ``get_model_and_tokenizer`` (``transformers`` ``from_pretrained`` of the named
-    classes with the checkpoint's state dict; configs and tokenizer files are read as data, no
-    remote code) and detoxify's label renaming. ``Detoxify.__init__`` itself is bypassed
-    because its first act is an unrestricted ``torch.load`` of the file.
-    """
-
-    def __init__(self, checkpoint: Path, model_dir: str | None = None, device: str = "cpu"):
-        _hub_offline()
-        folder = None if model_dir is None else Path(model_dir).expanduser()
-        if folder is not None and not (folder / "config.json").is_file():
-            raise DetoxifyModelNotFound(
-                f"toxicity.detoxify_model_dir={model_dir!r} has no config.json: it must hold"
-                " the base transformer's config.json and tokenizer files (save_pretrained)"
-            )
-        loaded = read_detoxify_checkpoint(checkpoint)
-        if folder is not None:
-            # detoxify builds the transformer from the hub id inside the checkpoint; pointing
-            # that id at the local folder is the one way its model code loads fully offline.
-            loaded["config"]["arch"]["args"]["model_type"] = str(folder.resolve())
-        self._lock = threading.Lock()
-        self._model = self._build(loaded, checkpoint, device)
-        self.labels = tuple(self._model.class_names)
-        _cap_tokenizer_length(self._model)
-
-    @staticmethod
-    def _build(loaded: dict[str, Any], named: Path, device: str) -> Any:
-        """A ``Detoxify`` object holding the model, made from the loaded dict as detoxify 0.5's
-        ``load_checkpoint`` makes it from the file."""
-        from detoxify import Detoxify
-        from detoxify.detoxify import get_model_and_tokenizer
-
-        try:
-            model, tokenizer = get_model_and_tokenizer(
-                **loaded["config"]["arch"]["args"], state_dict=loaded["state_dict"]
-            )
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise DetoxifyCheckpointInvalid(
-                f"{named} is not a detoxify checkpoint: expected a torch.save'd dict with"
-                " 'state_dict' and 'config' (arch.args: model_type, model_name, tokenizer_name,"
-                f" num_classes; dataset.args.classes). Cause: {exc!r}"
-            ) from exc
-        except OSError as exc:
-            raise DetoxifyModelNotFound(
-                f"detoxify checkpoint {named} loaded, but its base transformer (config and"
-                " tokenizer) could not be found offline. Put that model's config.json and"
-                " tokenizer files in a folder and set toxicity.detoxify_model_dir to it, or"
-                f" pre-fill the Hugging Face cache. Cause: {exc}"
-            ) from exc
-        detoxify = Detoxify.__new__(Detoxify)  # its __init__ would torch.load the file unsafely
-        detoxify.model = model.to(device)
-        detoxify.tokenizer = tokenizer
-        classes = loaded["config"]["dataset"]["args"]["classes"]
-        detoxify.class_names = [_DETOXIFY_RENAMED.get(c, c) for c in classes]
-        detoxify.device = device
-        return detoxify
-
-    def score(self, texts: list[str]) -> dict[str, list[float]]:
-        if not texts:
-            return {label: [] for label in self.labels}
-        with self._lock:  # one forward pass at a time: torch already uses every core
-            result = self._model.predict(texts)
-        # detoxify squeezes a batch of one into bare floats.
-        return {
-            label: [float(v) for v in (values if isinstance(values, list) else [values])]
-            for label, values in result.items()
-        }
-
-
-def _cap_tokenizer_length(model: Any) -> None:
-    """detoxify truncates at the tokenizer's model_max_length; make sure one is set.
-
-    A tokenizer saved without it reports a huge number, and a chunk longer than the model's
-    position table would crash the forward pass instead of being truncated.
-    """
-    tokenizer, config = model.tokenizer, model.model.config
-    limit = getattr(config, "max_position_embeddings", 512)
-    if getattr(config, "model_type", "") in {"roberta", "xlm-roberta", "camembert"}:
-        limit -= 2  # their position ids start after the padding index
-    if tokenizer.model_max_length > limit:
-        tokenizer.model_max_length = limit
+    """The detoxify checkpoint the config names (its path, else its official model's file in the
+    torch hub cache), or an error saying where it was looked for and how to add it."""
+    return find_detoxify_checkpoint(config.detoxify_checkpoint, config.detoxify_model)
 
 
 _SCORERS: dict[tuple[Any, ...], ToxicityScorer] = {}
@@ -593,10 +376,49 @@ def score_texts(
     return scores, stats
 
 
-def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
-    """Score a shard's documents; those at or over a label's threshold go to the rejected set."""
+# ---------------------------------------------------------------------------------------------
+# Decisions
+
+
+def toxic_rejection(
+    scores: dict[str, float | None], thresholds: dict[str, float]
+) -> Rejection | None:
+    """A document's fate from its scores: removed for the label scoring highest among those at or
+    over their threshold (ties: the label last in name order), else kept."""
+    over = [
+        (score, label)
+        for label, threshold in thresholds.items()
+        if (score := scores[label]) is not None and score >= threshold
+    ]
+    if not over:
+        return None
+    score, label = max(over)
+    return Rejection(REASON_PREFIX + label, f"{label}={score:.3f} ≥ {thresholds[label]}")
+
+
+def decide(table: pa.Table, scores: pa.Table, config: ToxicityConfig) -> ShardResult:
+    """Keep or reject each document from its scores (one row per input row, in order: see
+    :func:`compute_scores`); kept and rejected rows both get the score columns. Stats are the
+    scoring counters plus ``removed_<label>`` per removing label."""
+    labels = [name.removeprefix(COLUMN_PREFIX) for name in scores.column_names]
+    thresholds = resolve_thresholds(config, labels)
+    columns = {label: scores.column(COLUMN_PREFIX + label).to_pylist() for label in thresholds}
+    decisions = [
+        toxic_rejection({label: values[row] for label, values in columns.items()}, thresholds)
+        for row in range(table.num_rows)
+    ]
+    stats: Counter[str] = Counter(json.loads(scores.schema.metadata[SCORE_STATS_METADATA]))
+    stats.update(f"removed_{d.reason.removeprefix(REASON_PREFIX)}" for d in decisions if d)
+    scored = table
+    for name in scores.column_names:  # scored again: the new scores replace the old
+        scored = put_column(scored, pa.field(name, pa.float64()), scores.column(name))
+    return route(scored, decisions, stats)
+
+
+def compute_scores(table: pa.Table, config: ToxicityConfig) -> pa.Table:
+    """The scored side of a shard: a ``toxicity_<label>`` column per label of the classifier, one
+    row per document, and :func:`score_texts`' counters in the schema metadata."""
     scorer = load_scorer(config)
-    thresholds = resolve_thresholds(config, scorer.labels)
     scores, stats = score_texts(
         table.column("text").to_pylist(),
         scorer,
@@ -604,30 +426,55 @@ def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
         max_chunks=config.max_chunks,
         batch_size=config.batch_size,
     )
-    keep_mask: list[bool] = []
-    reasons: list[str] = []
-    details: list[str] = []
-    for row in range(table.num_rows):
-        over = [
-            (scores[label][row], label)
-            for label, threshold in thresholds.items()
-            if (s := scores[label][row]) is not None and s >= threshold
-        ]
-        if not over:
-            keep_mask.append(True)
-            continue
-        score, label = max(over)
-        keep_mask.append(False)
-        reasons.append(f"toxic_{label}")
-        details.append(f"{label}={score:.3f} ≥ {thresholds[label]}")
-        stats[f"removed_{label}"] += 1
-    scored = table
-    for label in scorer.labels:  # scored again: the new scores replace the old
-        field = pa.field(COLUMN_PREFIX + label, pa.float64())
-        scored = put_column(scored, field, pa.array(scores[label], pa.float64()))
-    return split_result(scored, keep_mask, reasons, details, stats)
+    fields = [pa.field(COLUMN_PREFIX + label, pa.float64()) for label in scorer.labels]
+    metadata = {SCORE_STATS_METADATA: json.dumps(dict(stats), sort_keys=True).encode()}
+    return pa.Table.from_arrays(
+        [pa.array(scores[label], pa.float64()) for label in scorer.labels],
+        schema=pa.schema(fields, metadata=metadata),
+    )
+
+
+def toxicity_documents(table: pa.Table, config: ToxicityConfig) -> ShardResult:
+    """Score and decide one shard in memory (no stored scores): those at or over a label's
+    threshold go to the rejected set."""
+    return decide(table, compute_scores(table, config), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored scores
+
+
+def score_key(table: pa.Table, config: ToxicityConfig) -> str:
+    """What stored scores must match: the texts scored, the scorer fields, the code version.
+
+    The texts themselves (length-prefixed, in order) rather than the input shard's hash: they are
+    all that a score depends on, and they are in memory anyway. Thresholds are not in the key, so
+    a run that only moves them finds the stored scores.
+    """
+    digest = hashlib.sha256()
+    for text in table.column("text").to_pylist():
+        data = (text or "").encode("utf-8", "surrogatepass")  # null scores as "" does
+        digest.update(len(data).to_bytes(8, "little") + data)
+    material = json.dumps(
+        {"texts": digest.hexdigest(), "scorer": config.scorer_hash(), "code": STAGE.code_version()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def toxicity_unit(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> ShardResult:
+    """One unit: its scores from ``_scores/`` when their key matches, else scored and stored (the
+    shared :func:`~llmflow.tasks.core.stage.cached_table`), then decisions. Stats count documents
+    whose scores were reused (``scores_reused``) or computed (``scores_computed``)."""
+    table = read_unit_input(unit)
+    path = shards.join(stage_dir, SCORES_DIR, f"{unit.name}.parquet")
+    key = score_key(table, config)
+    scores, reused = cached_table(path, key, lambda: compute_scores(table, config))
+    result = decide(table, scores, config)
+    result.stats["scores_reused" if reused else "scores_computed"] += table.num_rows
+    return result
 
 
 @task(name="toxicity-shard", cache_policy=NO_CACHE, persist_result=False)
 def toxicity_shard(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: toxicity_documents(read_unit_input(unit), config))
+    return run_unit(stage_dir, unit, lambda: toxicity_unit(unit, config, stage_dir))
