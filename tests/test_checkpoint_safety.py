@@ -183,7 +183,15 @@ def test_latest_json_with_a_bad_step_or_shape_is_a_clear_error(tmp_path: Path) -
 
 def _manifest(stage_dir: Path, run_dir: str) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"key": "k" * 64, "run_dir": run_dir, "decoder": TINY_MODEL | {"vocab_size": 64}}
+    manifest = {
+        "format": shards.MANIFEST_FORMAT,
+        "stage": "pretrain",
+        "code_version": "1",
+        "key": "k" * 64,
+        "outputs": [],
+        "run_dir": run_dir,
+        "decoder": TINY_MODEL | {"vocab_size": 64},
+    }
     shards.write_json_atomic(str(stage_dir / shards.MANIFEST_NAME), manifest)
 
 

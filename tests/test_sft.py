@@ -68,7 +68,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
     pretrain_dir = str(root / "pretrain")
     job, key = pretrain.plan_job(config, tokens_dir, tokenizer_dir, pretrain_dir)
-    pretrain.write_manifest(pretrain_dir, key, job, train(job))
+    result = train(job)
+    export = Path(job.run_dir) / pretrain.HF_DIR
+    pretrain.export_hf(Path(result["checkpoint"]), job.tokenizer_dir, export)
+    pretrain.write_manifest(pretrain_dir, key, job, result)  # declares the export's files
     data = root / "conversations.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversation_records()))
     return {"pretrain": pretrain_dir, "tokenizer": tokenizer_dir, "data": str(data)}

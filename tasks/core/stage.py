@@ -99,12 +99,21 @@ class WorkUnit:
     source: dict[str, Any]
 
 
-def unit_key(spec: StageSpec, config: StageConfig, input_digest: str) -> str:
+def unit_key(
+    spec: StageSpec,
+    config: StageConfig,
+    input_digest: str,
+    fields: frozenset[str] | None = None,
+) -> str:
+    """The one key of llmflow's resume: the stage, its code version, the config fields that
+    decide the output (``fields`` when a derived table depends on fewer of them: quality's
+    signals, toxicity's scores) and a digest of what the work reads. A unit, a step and a
+    cached table are all keyed here."""
     material = json.dumps(
         {
             "stage": spec.name,
             "code": spec.code_version(),
-            "config": config.output_hash(),
+            "config": config.output_hash() if fields is None else config.fields_hash(fields),
             "input": input_digest,
         },
         sort_keys=True,

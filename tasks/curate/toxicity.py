@@ -51,6 +51,7 @@ from llmflow.tasks.core.stage import (
     read_unit_input,
     route,
     run_unit,
+    unit_key,
 )
 from llmflow.tasks.curate.toxicity_detoxify import DetoxifyScorer, find_detoxify_checkpoint
 
@@ -200,10 +201,6 @@ class ToxicityConfig(StageConfig):
                     f" its only label is '{PROFANITY_LABEL}'"
                 )
         return self
-
-    def scorer_hash(self) -> str:
-        """Hash of the fields that change scores: equal hashes mean stored scores still hold."""
-        return self.fields_hash(include=self.SCORER_FIELDS)
 
 
 class ToxicityScorer(Protocol):
@@ -455,11 +452,7 @@ def score_key(table: pa.Table, config: ToxicityConfig) -> str:
     for text in table.column("text").to_pylist():
         data = (text or "").encode("utf-8", "surrogatepass")  # null scores as "" does
         digest.update(len(data).to_bytes(8, "little") + data)
-    material = json.dumps(
-        {"texts": digest.hexdigest(), "scorer": config.scorer_hash(), "code": STAGE.code_version()},
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
+    return unit_key(STAGE, config, digest.hexdigest(), fields=config.SCORER_FIELDS)
 
 
 def toxicity_unit(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> ShardResult:

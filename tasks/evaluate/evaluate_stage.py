@@ -15,7 +15,8 @@ from typing import Any
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
 from llmflow.tasks.core.progress import progress_per_task
-from llmflow.tasks.core.stage import manifest_sha256, unit_key
+from llmflow.tasks.core.stage import manifest_sha256
+from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.train import pretrain, tokenize
@@ -59,28 +60,21 @@ def _register_sft_model(
 
 
 def _score(ctx: StageContext, key: str, inputs: tuple[str, str | None, list[str]]) -> tuple:
-    """The stored outcome when it has this key, else a new evaluation written atomically."""
-    results_path = shards.join(ctx.dir, shards.MANIFEST_NAME)
-    previous = shards.read_json(results_path) if shards.exists(results_path) else None
-    if previous is not None and previous.get("key") == key:
-        return previous, True
+    """The stored outcome when it has this key, else a new evaluation, its manifest written
+    last."""
+    done = completed_step(ctx.dir, key)
+    if done is not None:
+        return done, True
     with progress_per_task("evaluate") as on_task:
         outcome = evaluation.run_evaluation(ctx.settings, *inputs, on_task)
-    outcome |= {
-        "format": shards.MANIFEST_FORMAT,
-        "stage": ctx.name,
-        "code_version": STAGE.code_version(),
-        "key": key,
-    }
-    shards.write_json_atomic(results_path, outcome)
-    return outcome, False
+    return write_step_manifest(ctx.dir, STAGE, key, [], outcome), False
 
 
 def evaluate_step(ctx: StageContext) -> StepReport:
     """Score the instruction-tuned model: benchmarks, held-out bits per byte, chat samples."""
     settings: EvaluateConfig = ctx.settings
     model_path, tokenizer_dir, val_shards, inputs_sha = evaluation_inputs(ctx)
-    key = unit_key(STAGE, settings, inputs_sha)
+    key = step_key(STAGE, settings, {"model": inputs_sha})
     params = settings.model_dump(mode="json") | {"model_path": model_path}
     tags = {"llmflow.code_version": STAGE.code_version(), "llmflow.model": model_path}
     with ctx.start_run(params, tags, log_inputs=settings.model is None) as run:

@@ -15,7 +15,6 @@ so that SFT later does not change the vocabulary the base model was trained with
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -30,6 +29,7 @@ from llmflow.tasks.core.graph import DOCUMENTS, StageContext, StepReport
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageConfig, StageSpec, manifest_sha256
+from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.train.chat_format import chat_template_config
 
 # Version 2: tokenizer_config.json carries the chat template.
@@ -191,34 +191,7 @@ def _key(config: TokenizerConfig, val_fraction: float, input_dir: str) -> str:
     its manifest, so a new version of the documents with the same shards (a refresh that found
     nothing new) does not retrain."""
     shard_files = [s.sha256 for s in shards.manifest_shards(shards.read_manifest(input_dir))]
-    material = json.dumps(
-        {
-            "stage": STAGE.name,
-            "code": STAGE.code_version(),
-            "config": config.output_hash(),
-            "val_fraction": val_fraction,
-            "input_shards": shard_files,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
-def _completed(stage_dir: str, key: str) -> dict[str, Any] | None:
-    """The manifest of a finished run with the same key whose files are still the ones it made."""
-    manifest_path = shards.join(stage_dir, shards.MANIFEST_NAME)
-    tokenizer_path = shards.join(stage_dir, TOKENIZER_FILE)
-    files = (tokenizer_path, *(shards.join(stage_dir, f) for f in _HF_FILES))
-    if not all(shards.exists(p) for p in (manifest_path, *files)):
-        return None
-    try:
-        manifest = shards.read_json(manifest_path)
-    except ValueError:
-        return None
-    if manifest.get("key") != key:
-        return None
-    sha = hashlib.sha256(shards.read_bytes(tokenizer_path)).hexdigest()
-    return manifest if sha == manifest.get("tokenizer_sha256") else None
+    return step_key(STAGE, config, {"val_fraction": val_fraction, "input_shards": shard_files})
 
 
 _HF_FILES = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
@@ -346,7 +319,7 @@ def train_tokenizer(
     corpus = _Corpus(input_dir, config, val_fraction)  # raises clearly if there is no dataset
     input_sha = manifest_sha256(input_dir)
     key = _key(config, val_fraction, input_dir)
-    done = _completed(stage_dir, key)
+    done = completed_step(stage_dir, key)
     if done is not None:
         return done, True
     if corpus.total_docs == 0:
@@ -379,13 +352,9 @@ def train_tokenizer(
     measured = load_tokenizer(stage_dir)
     on_validation = bool(corpus.val_sample)
     sample = corpus.val_sample if on_validation else corpus.train_sample
-    manifest = {
-        "format": shards.MANIFEST_FORMAT,
-        "stage": STAGE.name,
-        "code_version": STAGE.code_version(),
+    fields = {
         "config": config.model_dump(mode="json"),
         "config_hash": config.output_hash(),
-        "key": key,
         "val_fraction": val_fraction,
         "input_manifest_sha256": input_sha,
         "vocab_size": measured.get_vocab_size(with_added_tokens=True),
@@ -397,8 +366,8 @@ def train_tokenizer(
         "compression_on": "validation" if on_validation else "training",
         "tokenizer_sha256": hashlib.sha256(data).hexdigest(),
     }
-    shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), manifest)
-    return manifest, False
+    outputs = [TOKENIZER_FILE, *_HF_FILES]
+    return write_step_manifest(stage_dir, STAGE, key, outputs, fields), False
 
 
 @task(name="tokenizer-train", cache_policy=NO_CACHE, persist_result=False)

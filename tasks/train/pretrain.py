@@ -13,7 +13,6 @@ completion does nothing; a changed learning rate or dataset starts a new folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from llmflow.tasks.core import run_charts, shards
 from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.progress import StepProgress, run_logger
 from llmflow.tasks.core.stage import StageSpec
+from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.train import checkpoints
 from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
 from llmflow.tasks.train.tokenize import token_shard_paths
@@ -51,17 +51,8 @@ def local_dir(path: str) -> Path:
 
 
 def run_key(config: PretrainConfig, tokens_sha256: str, tokenizer_sha256: str) -> str:
-    material = json.dumps(
-        {
-            "stage": STAGE.name,
-            "code": STAGE.code_version(),
-            "config": config.output_hash(),
-            "tokens": tokens_sha256,
-            "tokenizer": tokenizer_sha256,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
+    """The run's key: the stage's key over the token dataset and the tokenizer."""
+    return step_key(STAGE, config, {"tokens": tokens_sha256, "tokenizer": tokenizer_sha256})
 
 
 def plan_job(
@@ -186,22 +177,21 @@ def write_manifest(
     spec: StageSpec = STAGE,
     extra: dict[str, Any] | None = None,
 ) -> dict:
-    """The finished run's manifest (pretraining's or, with its ``spec``, SFT's)."""
-    manifest = {
-        "format": shards.MANIFEST_FORMAT,
-        "stage": spec.name,
-        "code_version": spec.code_version(),
-        "key": key,
+    """The finished run's manifest (pretraining's or, with its ``spec``, SFT's), declaring the
+    exported model's files: a re-run skips only while they are intact."""
+    run_dir = Path(job.run_dir).relative_to(local_dir(stage_dir))
+    export = Path(job.run_dir) / HF_DIR
+    outputs = [str(run_dir / HF_DIR / f.name) for f in sorted(export.iterdir()) if f.is_file()]
+    fields = {
         "mlflow_run_id": job.mlflow_run_id,  # the run that holds the checkpoint and the export
         "config": job.config.model_dump(mode="json"),
         "config_hash": job.config.output_hash(),
         "decoder": job.decoder.model_dump(mode="json"),
-        "run_dir": str(Path(job.run_dir).relative_to(local_dir(stage_dir))),
+        "run_dir": str(run_dir),
         "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
         **(extra or {}),
     }
-    shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), manifest)
-    return manifest
+    return write_step_manifest(stage_dir, spec, key, outputs, fields)
 
 
 def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
@@ -220,15 +210,12 @@ def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
 
 
 def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
-    """The manifest of a finished run with this key whose export is still there, else None."""
-    path = shards.join(stage_dir, shards.MANIFEST_NAME)
-    if not shards.exists(path):
+    """The manifest of a finished run with this key whose export is intact, else None; a
+    manifest whose ``run_dir`` points outside the stage's folder is refused."""
+    manifest = completed_step(stage_dir, key)
+    if manifest is None:
         return None
-    manifest = shards.read_json(path)
-    if manifest.get("key") != key:
-        return None
-    if not (manifest_run_dir(stage_dir, manifest) / HF_DIR / "config.json").exists():
-        return None
+    manifest_run_dir(stage_dir, manifest)  # refuses a tampered run_dir
     return manifest
 
 

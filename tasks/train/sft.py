@@ -31,7 +31,8 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
-from llmflow.tasks.core.stage import StageSpec, unit_key
+from llmflow.tasks.core.stage import StageSpec
+from llmflow.tasks.core.steps import step_key
 from llmflow.tasks.ingest.embedded_data import INSTRUCTIONS_FILE
 from llmflow.tasks.train import checkpoints, pretrain
 from llmflow.tasks.train.bpe_tokenizer import load_tokenizer
@@ -101,8 +102,8 @@ def read_data(config: SftConfig) -> tuple[list[Conversation], list[bool], SftDat
 def run_key(config: SftConfig, data_sha256: str, base_key: str, tokenizer_sha256: str) -> str:
     """The run's key: the stage's unit key over the conversations, the pretraining run and the
     tokenizer."""
-    inputs = json.dumps({"data": data_sha256, "pretrain": base_key, "tokenizer": tokenizer_sha256})
-    return unit_key(STAGE, config, inputs)
+    inputs = {"data": data_sha256, "pretrain": base_key, "tokenizer": tokenizer_sha256}
+    return step_key(STAGE, config, inputs)
 
 
 def pack_data(
