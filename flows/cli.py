@@ -23,6 +23,7 @@ from rich.table import Table
 from llmflow.flows.config import (
     STAGES,
     ConfigError,
+    DataLayout,
     PipelineConfig,
     load_config,
     resolve_stages,
@@ -67,13 +68,14 @@ def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
     """A stage run without the one before it reads that stage's dataset: it must be there."""
     from llmflow.tasks.core import shards
 
+    layout = DataLayout.of(config)
     for stage in stages:
         for previous in stage_inputs(stage):
             if previous in stages or (
                 previous == DOCUMENTS and GRAPH.document_stages[-1] in stages
             ):
                 continue
-            manifest = shards.join(config.stage_dir(previous), shards.MANIFEST_NAME)
+            manifest = shards.join(layout.stage_dir(previous), shards.MANIFEST_NAME)
             if not shards.exists(manifest):
                 first = ",".join(GRAPH.document_stages) if previous == DOCUMENTS else previous
                 raise ConfigError(

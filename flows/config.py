@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,19 +97,34 @@ class PipelineConfig(BaseModel):
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")
 
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where each dataset of a run lives: the data root and the documents version the data
+    phase writes into. Reading that version is the one piece of I/O, done once in :meth:`of`,
+    so the config itself never touches the disk."""
+
+    root: str
+    version: int
+
+    @classmethod
+    def of(cls, config: PipelineConfig) -> DataLayout:
+        """The layout of ``config``'s data root as it is now (the newest documents version
+        begun, 1 before any)."""
+        root = config.dataset_root().rstrip("/")
+        return cls(root, working_version(f"{root}/{DOCUMENTS}"))
+
     def stage_dir(self, stage: str) -> str:
         """Where a stage's dataset lives; ``documents`` is the versioned curated documents.
 
-        The document stages write into the version being made (the newest one begun), so a
-        refresh never touches an older version's files.
+        The document stages write into the version being made, so a refresh never touches an
+        older version's files.
         """
-        root = self.dataset_root().rstrip("/")
         if stage == DOCUMENTS:
-            return f"{root}/{DOCUMENTS}"
+            return f"{self.root}/{DOCUMENTS}"
         if stage in GRAPH.document_stages:
-            documents = f"{root}/{DOCUMENTS}"
-            return f"{documents}/{version_name(working_version(documents))}/{stage}"
-        return f"{root}/{stage}"
+            return f"{self.root}/{DOCUMENTS}/{version_name(self.version)}/{stage}"
+        return f"{self.root}/{stage}"
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from llmflow.flows import reporting
-from llmflow.flows.config import PipelineConfig, resolve_stages
+from llmflow.flows.config import DataLayout, PipelineConfig, resolve_stages
 from llmflow.flows.deployment_guard import check_deployment_run
 from llmflow.flows.stage_runner import run_stage, task_runner
 from llmflow.flows.tracking import PipelineTracker, flatten, link_flow_run, resolve_tracking_uri
@@ -137,7 +137,7 @@ def _check_refresh(selected: list[str], refresh: bool) -> None:
 
 def _publish_documents(run: _Run) -> dict[str, Any]:
     """Publish the version the data phase just made and record the refresh in MLflow."""
-    documents_dir = run.config.stage_dir(DOCUMENTS)
+    documents_dir = DataLayout.of(run.config).stage_dir(DOCUMENTS)
     number = document_versions.working_version(documents_dir)
     first, last = GRAPH.document_stages[0], GRAPH.document_stages[-1]
     manifest = document_versions.publish(documents_dir, number, first, last)
@@ -168,7 +168,7 @@ def _run_phase(run: _Run, selected: list[str], refresh: bool = False) -> None:
     version around its stages."""
     documents = [s for s in selected if s in GRAPH.document_stages]
     if documents:
-        document_versions.begin(run.config.stage_dir(DOCUMENTS), refresh)
+        document_versions.begin(DataLayout.of(run.config).stage_dir(DOCUMENTS), refresh)
     for name in selected:
         run.reports.append(run_stage(name, run.config, run.tracker))
         if name == GRAPH.document_stages[-1]:

@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from llmflow.flows import reporting
-from llmflow.flows.config import PipelineConfig
+from llmflow.flows.config import DataLayout, PipelineConfig
 from llmflow.flows.tracking import PipelineTracker, StageRun
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import DOCUMENTS
@@ -34,21 +34,21 @@ _LIVE_INTERVAL_S = 3.0
 _TRAINING_CONTEXT = ("pretrain", "sft")
 
 
-def record_inputs(name: str, config: PipelineConfig, run: StageRun) -> None:
+def record_inputs(name: str, layout: DataLayout, run: StageRun) -> None:
     """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256),
     and the version of the documents its output comes from (tag ``llmflow.documents_version``;
     for a model, also an input: the version's manifest, with that version's digest)."""
     context = "training" if name in _TRAINING_CONTEXT else "input"
     stage = GRAPH[name]
     for source in (*stage.inputs, *stage.side_inputs):
-        source_dir = config.stage_dir(source)
+        source_dir = layout.stage_dir(source)
         run.log_input(source, source_dir, manifest_sha256(source_dir), context)
-    documents_dir = config.stage_dir(DOCUMENTS)
+    documents_dir = layout.stage_dir(DOCUMENTS)
     version: int | None
     if name in GRAPH.document_stages:
         version = document_versions.working_version(documents_dir)
     else:
-        digest = _documents_digest(config, stage)
+        digest = _documents_digest(layout, stage)
         version = document_versions.version_with_digest(documents_dir, digest) if digest else None
         if digest and version is not None and DOCUMENTS not in stage.inputs:
             path = document_versions.version_path(documents_dir, version)
@@ -57,30 +57,34 @@ def record_inputs(name: str, config: PipelineConfig, run: StageRun) -> None:
         run.log(tags={"llmflow.documents_version": document_versions.version_name(version)})
 
 
-def _documents_digest(config: PipelineConfig, stage: Stage) -> str | None:
+def _documents_digest(layout: DataLayout, stage: Stage) -> str | None:
     """The digest of the documents a later stage works from: the newest version for the stages
     that read the documents; for those after them, the one the token shards were cut from (a
     model trained before a refresh names the older version)."""
-    documents_dir = config.stage_dir(DOCUMENTS)
+    documents_dir = layout.stage_dir(DOCUMENTS)
     if DOCUMENTS in stage.inputs:
         if shards.exists(shards.join(documents_dir, shards.MANIFEST_NAME)):
             return manifest_sha256(documents_dir)
         return None
-    tokenize_manifest = shards.join(config.stage_dir("tokenize"), shards.MANIFEST_NAME)
+    tokenize_manifest = shards.join(layout.stage_dir("tokenize"), shards.MANIFEST_NAME)
     if shards.exists(tokenize_manifest):
         return shards.read_json(tokenize_manifest)["input_manifest_sha256"]
     return None
 
 
-def stage_config(config: PipelineConfig, name: str) -> Any:
+def stage_config(config: PipelineConfig, layout: DataLayout, name: str) -> Any:
     """A stage's config as this run uses it: the pipeline's field of that name (the stage's
     defaults when the pipeline config has none), adjusted by the stage's ``configure``."""
     stage = GRAPH[name]
     settings = getattr(config, name, None) or stage.config()
-    return stage.configure(_context(name, config, None), settings) if stage.configure else settings
+    if stage.configure is None:
+        return settings
+    return stage.configure(_context(name, config, layout, None), settings)
 
 
-def _context(name: str, config: PipelineConfig, tracker: PipelineTracker | None) -> StageContext:
+def _context(
+    name: str, config: PipelineConfig, layout: DataLayout, tracker: PipelineTracker | None
+) -> StageContext:
     @contextmanager
     def start_run(
         params: dict[str, Any], tags: dict[str, str], log_inputs: bool = True
@@ -89,14 +93,14 @@ def _context(name: str, config: PipelineConfig, tracker: PipelineTracker | None)
         tags = {"llmflow.code_version": GRAPH[name].spec.code_version()} | tags
         with tracker.stage_run(name, params, tags) as run:
             if log_inputs:
-                record_inputs(name, config, run)
+                record_inputs(name, layout, run)
             yield run
 
     return StageContext(
         name=name,
         config=config,
-        stage_dir=config.stage_dir,
-        stage_config=lambda other: stage_config(config, other),
+        stage_dir=layout.stage_dir,
+        stage_config=lambda other: stage_config(config, layout, other),
         start_run=start_run,
     )
 
@@ -104,7 +108,7 @@ def _context(name: str, config: PipelineConfig, tracker: PipelineTracker | None)
 def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> reporting.StageReport:
     """Run one stage of the graph, whatever its shape, and report it."""
     stage = GRAPH[name]
-    ctx = _context(name, config, tracker)
+    ctx = _context(name, config, DataLayout.of(config), tracker)
     started = time.perf_counter()
     if stage.step is not None:
         step = stage.step(ctx)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmflow.flows.cli import app
-from llmflow.flows.config import STAGES, ConfigError, load_config, resolve_stages
+from llmflow.flows.config import STAGES, ConfigError, DataLayout, load_config, resolve_stages
 
 runner = CliRunner()
 
@@ -28,8 +28,9 @@ def test_set_overrides_parse_json_else_string(tmp_path: Path) -> None:
     assert config.experiment == "my-exp"
     assert config.crawl.respect_robots_txt is False
     assert config.workdir == str(tmp_path)
-    assert config.stage_dir("crawl") == f"{tmp_path.absolute()}/data/documents/v0001/crawl"
-    assert config.stage_dir("tokenize") == f"{tmp_path.absolute()}/data/tokenize"
+    layout = DataLayout.of(config)  # reads the documents version once; the config never does
+    assert layout.stage_dir("crawl") == f"{tmp_path.absolute()}/data/documents/v0001/crawl"
+    assert layout.stage_dir("tokenize") == f"{tmp_path.absolute()}/data/tokenize"
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:

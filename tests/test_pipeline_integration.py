@@ -17,7 +17,7 @@ from conftest import run_llmflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from llmflow.flows.config import STAGES, PipelineConfig
+from llmflow.flows.config import STAGES, DataLayout, PipelineConfig
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import manifest_sha256
 from llmflow.tasks.registry import GRAPH
@@ -102,7 +102,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     ]
     first = run_llmflow(args, prefect_api, cwd=tmp_path)
 
-    layout = PipelineConfig(workdir=str(workdir))
+    layout = DataLayout.of(PipelineConfig(workdir=str(workdir)))
     crawl_dir, normalize_dir = layout.stage_dir("crawl"), layout.stage_dir("normalize")
     assert crawl_dir == str(workdir / "data" / "documents" / "v0001" / "crawl")
     crawl_manifest = shards.read_manifest(crawl_dir)

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from test_crash_resume import QUALITY_OFF, finish, prose
 
-from llmflow.flows.config import DOCUMENT_STAGES, PipelineConfig
+from llmflow.flows.config import DOCUMENT_STAGES, DataLayout, PipelineConfig
 from llmflow.tasks.core import document_versions, shards
 
 SITE_SERVER = Path(__file__).with_name("static_site_server.py")
@@ -84,7 +84,7 @@ def test_a_second_refresh_adds_only_what_is_new(
     args += ["--set", "crawl.politeness_delay_s=0", *QUALITY_OFF]
     finish(args, prefect_api, tmp_path / "first.log")
 
-    layout = PipelineConfig(workdir=str(workdir))
+    layout = DataLayout.of(PipelineConfig(workdir=str(workdir)))
     documents = layout.stage_dir("documents")
     first = shards.read_manifest(documents)
     assert first["version"] == 1
@@ -205,7 +205,7 @@ def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
     args = ["run", "--workdir", str(workdir), "--stages", ",".join(DOCUMENT_STAGES)]
     args += ["--set", f"crawl.seeds={json.dumps([str(folder)])}", *QUALITY_OFF]
     finish(args, prefect_api, tmp_path / "first.log")
-    layout = PipelineConfig(workdir=str(workdir))
+    layout = DataLayout.of(PipelineConfig(workdir=str(workdir)))
     documents = layout.stage_dir("documents")
     old = {Path(d["url"]).name: d["id"] for d in shards.iter_documents(documents)}
     assert set(old) == {"doc-0.txt", "doc-1.txt", "doc-2.txt"}

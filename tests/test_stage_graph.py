@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_crash_resume import QUALITY_OFF, prose
 
 from llmflow.deployments.pipeline_deployments import DATA_STAGES, PRESETS
-from llmflow.flows.config import DOCUMENT_STAGES, STAGES, load_config, stage_inputs
+from llmflow.flows.config import DOCUMENT_STAGES, STAGES, DataLayout, load_config, stage_inputs
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import Stage, StageGraph
 from llmflow.tasks.core.stage import (
@@ -125,7 +125,7 @@ def test_a_new_stage_is_a_module_and_a_line_in_the_registry(
     assert reports["words"]["docs_in"] == reports["pii"]["kept"] == 4
     assert reports["words"]["kept"] == 4
     # the data phase's last stage is now "words": the documents version is its output
-    documents = list(shards.iter_documents(config.stage_dir("documents")))
+    documents = list(shards.iter_documents(DataLayout.of(config).stage_dir("documents")))
     assert len(documents) == 4
     assert all(d["words"] == len(d["text"].split()) for d in documents)
 
