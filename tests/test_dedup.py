@@ -234,3 +234,36 @@ def test_files_of_units_that_are_gone_are_removed(tmp_path: Path) -> None:
     deduplicate(one, str(stage_dir), DedupConfig(incremental=False))
     for sub in ("_signatures", "_decisions"):
         assert sorted(p.name for p in (stage_dir / sub).glob("*.parquet")) == ["x.parquet"]
+
+
+def test_an_interrupted_apply_reuses_the_finished_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resolve is a step like the one-step stages: its manifest, written last, keys it on
+    the run's context and declares its decision files. A run killed after the resolve (here: an
+    apply unit's marker removed) does not resolve again; a damaged decision file does."""
+    from llmflow.tasks.curate import dedup_resolve
+
+    pairs = [(f"u{i}", prose(500 + i % 3)) for i in range(6)]  # three exact pairs
+    source = make_dataset(tmp_path, {"a": pairs[:3], "b": pairs[3:]})
+    stage_dir = tmp_path / "dedup"
+    config = DedupConfig(incremental=False)
+    first = deduplicate(source, str(stage_dir), config)
+    (stage_dir / shards.DONE_DIR / "b.json").unlink()
+
+    def must_not_cluster(*args: object) -> None:
+        raise AssertionError("resolve ran again")
+
+    monkeypatch.setattr(dedup_resolve, "_concat_np", must_not_cluster)
+    again = deduplicate(source, str(stage_dir), config)
+    assert {k: v for k, v in again.items() if k != "work"} == {
+        k: v for k, v in first.items() if k != "work"
+    }
+
+    decisions = stage_dir / "_decisions" / "b.parquet"
+    decisions.write_bytes(decisions.read_bytes()[:-8])  # cut short: the step is not done
+    (stage_dir / shards.DONE_DIR / "b.json").unlink()
+    with pytest.raises(AssertionError, match="resolve ran again"):
+        deduplicate(source, str(stage_dir), config)
+    monkeypatch.undo()
+    assert deduplicate(source, str(stage_dir), config)["counts"] == first["counts"]

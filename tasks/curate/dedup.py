@@ -203,11 +203,11 @@ def apply_decisions(table: pa.Table, decisions: pa.Table) -> ShardResult:
     )
 
 
-def deduplicate_shard_plain(unit: WorkUnit, stage_dir: str) -> UnitRecord:
+def deduplicate_shard_plain(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> UnitRecord:
     return run_unit(
         stage_dir,
         unit,
-        lambda: apply_decisions(read_unit_input(unit), read_decisions(unit, stage_dir)),
+        lambda: apply_decisions(read_unit_input(unit), read_decisions(unit, config, stage_dir)),
     )
 
 
@@ -225,7 +225,7 @@ def resolve_task(
 
 @task(name="dedup-shard", cache_policy=NO_CACHE, persist_result=False)
 def dedup_shard(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> UnitRecord:
-    return deduplicate_shard_plain(unit, stage_dir)
+    return deduplicate_shard_plain(unit, config, stage_dir)
 
 
 # --- after the stage: grow the index ------------------------------------------------------------
@@ -237,7 +237,7 @@ def update_index(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str)
         return 0
     parts = []
     for unit in units:
-        decisions = read_decisions(unit, stage_dir)
+        decisions = read_decisions(unit, config, stage_dir)
         kept = pc.invert(pc.is_valid(decisions.column("reason")))
         signatures = shards.read_parquet(signatures_path(stage_dir, unit.name), None)
         ids = read_unit_input(unit, ["id"]).column("id")
@@ -286,7 +286,7 @@ def deduplicate(
         config = config.model_copy(update={"index_dir": index_dir})
     units, input_digest = plan_dedup_units(config, input_dir, stage_dir)
     prepare(units, config, stage_dir, mapper)
-    records = mapper(lambda u: deduplicate_shard_plain(u, stage_dir), units)
+    records = mapper(lambda u: deduplicate_shard_plain(u, config, stage_dir), units)
     return finish(units, config, stage_dir, records, input_digest)
 
 
@@ -305,7 +305,7 @@ def finish(
     if input_digest is None:
         raise ValueError(f"dedup in {stage_dir}: no input manifest digest to name its batch")
     manifest = finalize_stage(
-        stage_dir, STAGE, config, records, input_digest, resolve_stats(units, stage_dir)
+        stage_dir, STAGE, config, records, input_digest, resolve_stats(units, config, stage_dir)
     )
     index = index_for(config, stage_dir)
     batch = batch_name(input_digest)

@@ -6,8 +6,11 @@ numpy arrays of one entry per document. Pairs are joined into clusters with unio
 cluster keeps one document, chosen by an order that depends only on the documents (documents
 already kept by an earlier run first, then the lowest hash of the id), so the same input gives the
 same kept ids whatever the shard order or worker count. Decisions go to
-``<stage>/_decisions/<shard>.parquet``, stamped with the run's context, which the apply step and
-the index update read back through :func:`read_decisions`.
+``<stage>/_decisions/<shard>.parquet``; the step's manifest (``_decisions/manifest.json``, the
+one-step stages' :mod:`~llmflow.tasks.core.steps` manifest) is written last, keyed by the run's
+context (the input, the index and the withdrawn ids) and declaring those files. A re-run with the
+same context finds the resolve done and skips it; the apply step and the index update read the
+decisions back through :func:`read_decisions`, which refuses files of another context.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import pyarrow.compute as pc
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.progress import StepProgress
-from llmflow.tasks.core.stage import WorkUnit, read_unit_input
+from llmflow.tasks.core.stage import StageSpec, WorkUnit, read_unit_input
+from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.curate.dedup_index import DedupIndex, batch_name, index_for
 from llmflow.tasks.curate.dedup_minhash import band_column, signatures_path
 
@@ -32,7 +36,8 @@ if TYPE_CHECKING:
     from llmflow.tasks.curate.dedup import DedupConfig
 
 DECISIONS_DIR = "_decisions"
-RESOLVE_STATS = "_resolve.json"
+# The resolve step's identity: its key is the stage's key over the run's context.
+RESOLVE_STEP = StageSpec("dedup-resolve", "1")
 REASON_EXACT = "exact_duplicate"
 REASON_NEAR = "near_duplicate"
 
@@ -82,8 +87,13 @@ def resolve_duplicates(
     """Step 2: cluster every document of the run (and the index it is checked against) and write
     each shard's decisions. Memory: a few numpy arrays of one entry per document, one band at a
     time; signatures are read back only for documents that are in a candidate pair."""
-    stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
     context = units[0].source["context"] if units else ""
+    decisions_dir = shards.join(stage_dir, DECISIONS_DIR)
+    key = resolve_key(units, config)
+    done = completed_step(decisions_dir, key)
+    if done is not None:
+        return Counter(done["stats"])
+    stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
     sig_paths = [signatures_path(stage_dir, u.name) for u in units]
     tables = [shards.read_parquet(p, ["order", "exact"]) for p in sig_paths]
     sizes = [t.num_rows for t in tables]
@@ -190,12 +200,10 @@ def resolve_duplicates(
                 "duplicates_removed": pa.array(removed_count[lo:hi].astype(np.int32)),
             }
         )
-        decisions = decisions.replace_schema_metadata({b"llmflow.context": context.encode()})
         shards.write_shard(stage_dir, f"{DECISIONS_DIR}/{unit.name}.parquet", decisions)
-    shards.write_json_atomic(
-        shards.join(stage_dir, DECISIONS_DIR, RESOLVE_STATS),
-        {"context": context, "stats": dict(sorted(stats.items()))},
-    )
+    outputs = [f"{unit.name}.parquet" for unit in units]
+    fields = {"context": context, "stats": dict(sorted(stats.items()))}
+    write_step_manifest(decisions_dir, RESOLVE_STEP, key, outputs, fields)
     return stats
 
 
@@ -217,15 +225,21 @@ def _withdrawn_nodes(
     return gone
 
 
-def resolve_stats(units: Sequence[WorkUnit], stage_dir: str) -> dict[str, int]:
+def resolve_key(units: Sequence[WorkUnit], config: DedupConfig) -> str:
+    """The resolve step's key: the run's context (every input shard, the index batches it is
+    checked against, the withdrawn ids) under the stage's config."""
+    context = units[0].source["context"] if units else ""
+    return step_key(RESOLVE_STEP, config, {"context": context})
+
+
+def resolve_stats(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str) -> dict[str, int]:
     """The counts of the resolve step that made the current decisions (for the manifest)."""
-    path = shards.join(stage_dir, DECISIONS_DIR, RESOLVE_STATS)
-    if not units or not shards.exists(path):
+    if not units:
         return {}
-    saved = shards.read_json(path)
-    if saved.get("context") != units[0].source["context"]:
+    done = completed_step(shards.join(stage_dir, DECISIONS_DIR), resolve_key(units, config))
+    if done is None:
         return {}
-    return {f"resolve_{k}": v for k, v in saved["stats"].items()}
+    return {f"resolve_{k}": v for k, v in done["stats"].items()}
 
 
 def _select(values: list[str], mask: np.ndarray) -> list[str]:
@@ -308,12 +322,13 @@ class _NodeStore:
         return _gather(nodes, self.offsets, run, indexed, self.index_sizes, column)
 
 
-def read_decisions(unit: WorkUnit, stage_dir: str) -> pa.Table:
-    """One shard's decisions, refused unless this run's resolve wrote them (same context)."""
-    table = shards.read_parquet(shards.join(stage_dir, DECISIONS_DIR, f"{unit.name}.parquet"), None)
-    context = (table.schema.metadata or {}).get(b"llmflow.context", b"").decode()
-    if context != unit.source["context"]:
+def read_decisions(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> pa.Table:
+    """One shard's decisions, refused unless this run's resolve wrote them (its step manifest
+    has this run's key and the file is the one it declared)."""
+    decisions_dir = shards.join(stage_dir, DECISIONS_DIR)
+    key = step_key(RESOLVE_STEP, config, {"context": unit.source["context"]})
+    if completed_step(decisions_dir, key) is None:
         raise RuntimeError(
             f"dedup decisions for {unit.name} belong to another run; resolve must run first"
         )
-    return table
+    return shards.read_parquet(shards.join(decisions_dir, f"{unit.name}.parquet"), None)
