@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
 from llmflow.tasks.core.stage import (
+    Rejection,
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -30,12 +31,15 @@ from llmflow.tasks.curate.pii import (
     PII_COUNTS_TYPE,
     STAGE,
     PiiConfig,
+    mostly_pii,
     pii_documents,
     pii_shard,
     redact_excerpt,
     redact_text,
+    scan_limit_reached,
 )
-from llmflow.tasks.curate.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
+from llmflow.tasks.curate.pii_detectors import PII_TYPES, Span
+from llmflow.tasks.curate.pii_scanner import PiiScanner, resolve_overlaps
 
 DEFAULT = PiiConfig()
 # jwt.io's example token (HS256; header {"alg": "HS256", "typ": "JWT"}).
@@ -393,6 +397,24 @@ def test_max_pii_fraction_decides_the_cut() -> None:
     assert pii_documents(_table([text]), PiiConfig(max_pii_fraction=0.8)).kept.num_rows == 1
     assert pii_documents(_table([text]), PiiConfig(max_pii_fraction=0.7)).kept.num_rows == 0
     assert pii_documents(_table([text]), PiiConfig(max_pii_fraction=1.0)).kept.num_rows == 1
+
+
+def test_rules_return_the_rejection_their_row_is_routed_with() -> None:
+    text = "mail jane@example.com"  # 16 of 21 chars
+    config = PiiConfig(max_pii_fraction=0.7)
+    redaction = redact_text(text, config)
+    assert scan_limit_reached(redaction, config) is None
+    rejection = mostly_pii(text, redaction, config)
+    assert rejection == Rejection(
+        "mostly_pii", "76% of 21 chars are PII (email=1); max_pii_fraction=0.7"
+    )
+    assert mostly_pii(text, redaction, PiiConfig(max_pii_fraction=0.8)) is None
+    result = pii_documents(_table(["A plain sentence.", text]), config)
+    assert result.kept.column("text").to_pylist() == ["A plain sentence."]
+    routed = result.rejected.select(["text", "reason", "detail"]).to_pylist()
+    assert routed == [
+        {"text": "mail <EMAIL>", "reason": rejection.reason, "detail": rejection.detail}
+    ]
 
 
 def test_scan_limit_rejects_a_number_dump_without_leaking_it() -> None:
