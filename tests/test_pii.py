@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from llmflow.tasks.core.stage import (
     documents_result,
     finalize_stage,
     plan_shard_units,
+    route,
     run_unit,
-    split_result,
     unit_key,
 )
 from llmflow.tasks.curate.pii import (
@@ -594,7 +593,7 @@ def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: P
 
     text = "Rufen Sie uns an: 030 901820."
     table = _table([text, text], {"lang": ["de", "en"]})
-    result = split_result(table, [False, False], ["lang", "lang"], ["", ""], Counter())
+    result = route(table, [Rejection("lang", ""), Rejection("lang", "")])
     stage_dir = str(tmp_path / "quality")
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "q0"), source={})
     finalize_stage(
