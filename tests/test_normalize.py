@@ -10,7 +10,13 @@ import pyarrow as pa
 import pytest
 
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
-from llmflow.tasks.curate.normalize import NormalizeConfig, normalize_documents, normalize_text
+from llmflow.tasks.core.stage import Rejection
+from llmflow.tasks.curate.normalize import (
+    NormalizeConfig,
+    normalize_documents,
+    normalize_text,
+    too_short,
+)
 
 DEFAULT = NormalizeConfig()
 
@@ -101,3 +107,21 @@ def test_min_chars(text: str) -> None:
     table = pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA)
     result = normalize_documents(table, NormalizeConfig(min_chars=2))
     assert result.kept.num_rows == 0 and result.rejected.num_rows == 1
+
+
+def test_too_short_returns_the_rejection_its_row_is_routed_with() -> None:
+    config = NormalizeConfig(min_chars=5)
+    assert too_short("four", config) == Rejection(
+        "empty_after_normalize", "4 chars after normalization, min_chars=5"
+    )
+    assert too_short("fives", config) is None
+    rows = [
+        {"id": "1", "text": "long enough", "url": None, "source": "s", "fetched_at": None},
+        {"id": "2", "text": "  four\u200b ", "url": None, "source": "s", "fetched_at": None},
+    ]
+    result = normalize_documents(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), config)
+    assert result.kept.column("id").to_pylist() == ["1"]
+    rejected = result.rejected.to_pylist()
+    assert [(r["id"], r["text"], Rejection(r["reason"], r["detail"])) for r in rejected] == [
+        ("2", "four", too_short("four", config))
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,26 +15,30 @@ from pydantic import ValidationError
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
 from llmflow.tasks.core.stage import (
+    Rejection,
     StageConfig,
     StageSpec,
     WorkUnit,
     documents_result,
     finalize_stage,
     plan_shard_units,
+    route,
     run_unit,
-    split_result,
     unit_key,
 )
 from llmflow.tasks.curate.pii import (
     PII_COUNTS_TYPE,
     STAGE,
     PiiConfig,
+    mostly_pii,
     pii_documents,
     pii_shard,
     redact_excerpt,
     redact_text,
+    scan_limit_reached,
 )
-from llmflow.tasks.curate.pii_detectors import PII_TYPES, PiiScanner, Span, resolve_overlaps
+from llmflow.tasks.curate.pii_detectors import PII_TYPES, Span
+from llmflow.tasks.curate.pii_scanner import PiiScanner, resolve_overlaps
 
 DEFAULT = PiiConfig()
 # jwt.io's example token (HS256; header {"alg": "HS256", "typ": "JWT"}).
@@ -395,6 +398,24 @@ def test_max_pii_fraction_decides_the_cut() -> None:
     assert pii_documents(_table([text]), PiiConfig(max_pii_fraction=1.0)).kept.num_rows == 1
 
 
+def test_rules_return_the_rejection_their_row_is_routed_with() -> None:
+    text = "mail jane@example.com"  # 16 of 21 chars
+    config = PiiConfig(max_pii_fraction=0.7)
+    redaction = redact_text(text, config)
+    assert scan_limit_reached(redaction, config) is None
+    rejection = mostly_pii(text, redaction, config)
+    assert rejection == Rejection(
+        "mostly_pii", "76% of 21 chars are PII (email=1); max_pii_fraction=0.7"
+    )
+    assert mostly_pii(text, redaction, PiiConfig(max_pii_fraction=0.8)) is None
+    result = pii_documents(_table(["A plain sentence.", text]), config)
+    assert result.kept.column("text").to_pylist() == ["A plain sentence."]
+    routed = result.rejected.select(["text", "reason", "detail"]).to_pylist()
+    assert routed == [
+        {"text": "mail <EMAIL>", "reason": rejection.reason, "detail": rejection.detail}
+    ]
+
+
 def test_scan_limit_rejects_a_number_dump_without_leaking_it() -> None:
     dump = "\n".join(f"Call (212) 736-{i:04d} or +44 20 7946 {i:04d}" for i in range(50))
     text = "Directory.\n" + dump
@@ -572,7 +593,7 @@ def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: P
 
     text = "Rufen Sie uns an: 030 901820."
     table = _table([text, text], {"lang": ["de", "en"]})
-    result = split_result(table, [False, False], ["lang", "lang"], ["", ""], Counter())
+    result = route(table, [Rejection("lang", ""), Rejection("lang", "")])
     stage_dir = str(tmp_path / "quality")
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "q0"), source={})
     finalize_stage(

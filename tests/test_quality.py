@@ -12,6 +12,7 @@ import pytest
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import Document
 from llmflow.tasks.core.stage import (
+    Rejection,
     StageConfig,
     StageSpec,
     WorkUnit,
@@ -23,6 +24,7 @@ from llmflow.tasks.core.stage import (
 )
 from llmflow.tasks.curate import quality, quality_signals
 from llmflow.tasks.curate.quality import STAGE, QualityConfig, quality_documents
+from llmflow.tasks.curate.quality_signals import EDIT_COLUMNS, Rule, signal_table
 
 CLEAN = (
     "The old library at the end of our street opens early on Saturday mornings. "
@@ -241,6 +243,54 @@ def test_clean_prose_is_kept_with_every_signal(pride_paragraph: str) -> None:
         assert all(row[name] is not None for name in signals)
     _, row = decide_one(pride_paragraph)
     assert row["quality_gopher_words"] > 100 and row["quality_c4_sentences"] >= 5
+
+
+def test_a_signal_rule_returns_the_rejection_its_row_is_routed_with() -> None:
+    rule = Rule("gopher_min_words", "<", 1000)
+    assert rule.check("quality_gopher_words", 12) == Rejection(
+        "gopher_min_words", "quality_gopher_words=12 < 1000"
+    )
+    assert rule.check("quality_gopher_words", 1000) is None
+    assert rule.check("quality_gopher_words", None) is None  # nothing measured never fires
+    assert Rule("fineweb_line_punct_ratio", "<", 0.12, zero_passes=True).check("s", 0.0) is None
+    assert Rule("fineweb_empty", "null").check("s", None) == Rejection(
+        "fineweb_empty", "no lines left after the C4 line filters"
+    )
+    outcome, row = decide_one(CLEAN, QualityConfig(gopher_min_words=1000))
+    assert outcome == "gopher_min_words"
+    assert Rejection(row["reason"], row["detail"]) == rule.check(
+        "quality_gopher_words", row["quality_gopher_words"]
+    )
+
+
+def test_each_signal_is_declared_once_for_schema_measure_and_rules() -> None:
+    # The stored names are the signal cache's columns: renaming one would orphan every cache.
+    assert quality_signals.signal_columns(QualityConfig()) == [
+        "lang",
+        "lang_score",
+        *(f"quality_rep_{k}" for k in ("dup_para_frac", "dup_para_char_frac", "dup_line_frac")),
+        "quality_rep_dup_line_char_frac",
+        *(f"quality_rep_top_{n}gram_char_frac" for n in (2, 3, 4)),
+        *(f"quality_rep_dup_{n}gram_char_frac" for n in range(5, 11)),
+        *(f"quality_gopher_{k}" for k in ("words", "mean_word_length", "hash_ratio")),
+        *(f"quality_gopher_{k}" for k in ("ellipsis_ratio", "bullet_line_frac")),
+        *(f"quality_gopher_{k}" for k in ("ellipsis_line_frac", "alpha_word_frac", "stop_words")),
+        *(f"quality_c4_{k}" for k in ("lorem_ipsum", "curly_bracket", "sentences")),
+        "quality_c4_lines_removed",
+        *(f"quality_fineweb_{k}_ratio" for k in ("line_punct", "short_line", "dup_line_char")),
+        "quality_fineweb_newline_ratio",
+    ]
+    config = QualityConfig(
+        rep_top_ngram_sizes=[2, 7], rep_top_ngram_max_char_frac=[0.2, 0.1], gopher_max_words=None
+    )
+    signals = signal_table(config)
+    computed = quality_signals.compute_signals([CLEAN, ""], config)
+    assert computed.schema.names == [s.name for s in (*signals, *EDIT_COLUMNS)]
+    assert [computed.schema.field(s.name).type for s in signals] == [s.type for s in signals]
+    reasons = [rule.reason for s in signals for rule in s.rules]
+    assert len(set(reasons)) == len(reasons)
+    assert "gopher_rep_top_7gram" in reasons and "gopher_rep_top_3gram" not in reasons
+    assert "gopher_max_words" not in reasons  # a threshold of None switches its rule off
 
 
 @pytest.mark.parametrize("reason", sorted(TRIPS))

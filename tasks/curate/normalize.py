@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from llmflow.tasks.core.stage import (
+    Rejection,
     ShardResult,
     StageConfig,
     StageSpec,
@@ -27,8 +28,8 @@ from llmflow.tasks.core.stage import (
     WorkUnit,
     put_column,
     read_unit_input,
+    route,
     run_unit,
-    split_result,
 )
 
 STAGE = StageSpec(name="normalize", version="1", libraries=("ftfy",))
@@ -146,27 +147,27 @@ def normalize_text(text: str, config: NormalizeConfig) -> tuple[str, list[str]]:
     return text, changes
 
 
+def too_short(text: str, config: NormalizeConfig) -> Rejection | None:
+    """Text that normalization left shorter than ``min_chars`` (often nothing at all)."""
+    if len(text) < config.min_chars:
+        return Rejection(
+            "empty_after_normalize",
+            f"{len(text)} chars after normalization, min_chars={config.min_chars}",
+        )
+    return None
+
+
 def normalize_documents(table: pa.Table, config: NormalizeConfig) -> ShardResult:
     """Normalize every document of a shard; those left too short go to the rejected set."""
-    texts = table.column("text").to_pylist()
     stats: Counter[str] = Counter()
     new_texts: list[str] = []
-    keep_mask: list[bool] = []
-    reasons: list[str] = []
-    details: list[str] = []
-    for text in texts:
+    for text in table.column("text").to_pylist():
         new, changes = normalize_text(text, config)
         stats.update(f"changed_{c}" for c in changes)
         stats["changed_documents"] += bool(changes)
         new_texts.append(new)
-        if len(new) < config.min_chars:
-            keep_mask.append(False)
-            reasons.append("empty_after_normalize")
-            details.append(f"{len(new)} chars after normalization, min_chars={config.min_chars}")
-        else:
-            keep_mask.append(True)
     updated = put_column(table, table.schema.field("text"), pa.array(new_texts, pa.string()))
-    return split_result(updated, keep_mask, reasons, details, stats)
+    return route(updated, [too_short(text, config) for text in new_texts], stats)
 
 
 @task(name="normalize-shard", cache_policy=NO_CACHE, persist_result=False)

@@ -5,9 +5,11 @@ numbers, card numbers and API keys in web text must not survive into the token s
 is found by a pattern and confirmed by a validator (phonenumbers' numbering plans, ``ipaddress``,
 Luhn, IBAN mod 97, SSA ranges, key formats), because a redacted version number or date corrupts
 text as surely as a missed e-mail leaks one; the rules are in
-:mod:`llmflow.tasks.curate.pii_detectors`
-and, for phone numbers, whose national formats follow the document's language (its ``lang``
-column), :mod:`llmflow.tasks.curate.pii_phones`.
+:mod:`llmflow.tasks.curate.pii_detectors` (e-mail, secrets), :mod:`llmflow.tasks.curate.pii_numbers`
+(cards, IBANs, SSNs, IP addresses) and, for phone numbers, whose national formats follow the
+document's language (its ``lang`` column), :mod:`llmflow.tasks.curate.pii_phones`;
+:mod:`llmflow.tasks.curate.pii_scanner` runs them and resolves overlaps. Each rule that removes a
+document returns a :class:`~llmflow.tasks.core.stage.Rejection`, and ``route`` counts and routes.
 
 Every document is kept with its text redacted, except one that is mostly PII (a contact list, a
 leaked dump, a key file): it goes to the rejected set with reason ``mostly_pii``, also redacted,
@@ -27,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
 
 from llmflow.tasks.core.stage import (
+    Rejection,
     ShardResult,
     StageConfig,
     StageSpec,
@@ -34,11 +37,12 @@ from llmflow.tasks.core.stage import (
     WorkUnit,
     put_column,
     read_unit_input,
+    route,
     run_unit,
-    split_result,
 )
-from llmflow.tasks.curate.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiScanner, PiiType, redact
+from llmflow.tasks.curate.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiType
 from llmflow.tasks.curate.pii_phones import PHONE_REGIONS_BY_LANG
+from llmflow.tasks.curate.pii_scanner import PiiScanner, redact
 
 STAGE = StageSpec(name="pii", version="2", libraries=("phonenumbers",))
 
@@ -243,6 +247,33 @@ def redact_excerpt(
     return redact(window[:end], spans, config.placeholder)[:max_chars]
 
 
+def _found(redaction: Redaction) -> str:
+    return ", ".join(f"{k}={v}" for k, v in redaction.counts.items() if v)
+
+
+def scan_limit_reached(redaction: Redaction, config: PiiConfig) -> Rejection | None:
+    """A number dump: phone candidates past ``max_phone_candidates`` were replaced unchecked."""
+    if not redaction.unchecked:
+        return None
+    return Rejection(
+        "pii_scan_limit",
+        f"more than max_phone_candidates={config.max_phone_candidates} phone-shaped"
+        f" numbers; {redaction.unchecked} replaced unchecked ({_found(redaction)})",
+    )
+
+
+def mostly_pii(text: str, redaction: Redaction, config: PiiConfig) -> Rejection | None:
+    """A contact list or a dump: more than ``max_pii_fraction`` of the characters were PII."""
+    fraction = redaction.pii_chars / len(text) if text else 0.0
+    if fraction <= config.max_pii_fraction:
+        return None
+    return Rejection(
+        "mostly_pii",
+        f"{fraction:.0%} of {len(text)} chars are PII ({_found(redaction)});"
+        f" max_pii_fraction={config.max_pii_fraction}",
+    )
+
+
 def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
     """Redact every document of a shard; those mostly made of PII go to the rejected set."""
     scanner = config.scanner()
@@ -250,9 +281,7 @@ def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
     stats.update(documents_with_pii=0, documents_redacted=0, phone_candidates_unchecked=0)
     new_texts: list[str] = []
     all_counts: list[dict[str, int]] = []
-    keep_mask: list[bool] = []
-    reasons: list[str] = []
-    details: list[str] = []
+    decisions: list[Rejection | None] = []
     texts = table.column("text").to_pylist()
     # The quality stage's language, where it ran before: it picks the national phone formats.
     langs = (
@@ -265,31 +294,15 @@ def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
         all_counts.append(result.counts)
         stats.update({f"pii_{name}": n for name, n in result.counts.items()})
         stats["phone_candidates_unchecked"] += result.unchecked
-        found = sum(result.counts.values())
-        stats["documents_with_pii"] += found > 0
-        fraction = result.pii_chars / len(text) if text else 0.0
-        listed = ", ".join(f"{k}={v}" for k, v in result.counts.items() if v)
-        if result.unchecked:
-            keep_mask.append(False)
-            reasons.append("pii_scan_limit")
-            details.append(
-                f"more than max_phone_candidates={config.max_phone_candidates} phone-shaped"
-                f" numbers; {result.unchecked} replaced unchecked ({listed})"
-            )
-        elif fraction > config.max_pii_fraction:
-            keep_mask.append(False)
-            reasons.append("mostly_pii")
-            details.append(
-                f"{fraction:.0%} of {len(text)} chars are PII ({listed});"
-                f" max_pii_fraction={config.max_pii_fraction}"
-            )
-        else:
-            keep_mask.append(True)
-            stats["documents_redacted"] += found > 0
+        found = sum(result.counts.values()) > 0
+        stats["documents_with_pii"] += found
+        decision = scan_limit_reached(result, config) or mostly_pii(text, result, config)
+        stats["documents_redacted"] += found and decision is None
+        decisions.append(decision)
     updated = put_column(table, table.schema.field("text"), pa.array(new_texts, pa.string()))
     # Run again on its own output, the stage's new counts replace the old.
     updated = put_column(updated, PII_COUNTS_FIELD, pa.array(all_counts, PII_COUNTS_TYPE))
-    return split_result(updated, keep_mask, reasons, details, stats)
+    return route(updated, decisions, stats)
 
 
 @task(name="pii-shard", cache_policy=NO_CACHE, persist_result=False)

@@ -8,8 +8,8 @@ means something in its own country: it is read in the regions the caller gives, 
 anywhere in the text, the others only after a cue word (``Tel:``, ``Phone``, ``☎``), since a
 digit group that is valid in one of several numbering plans is a phone number less often.
 
-Split out of :mod:`llmflow.tasks.curate.pii_detectors`, which turns the ``(start, end, validated)``
-tuples given here into its spans.
+:class:`~llmflow.tasks.curate.pii_scanner.PiiScanner` turns the ``(start, end, validated)`` tuples
+given here into its spans.
 """
 
 from __future__ import annotations

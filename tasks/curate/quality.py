@@ -1,13 +1,13 @@
 """quality: language ID, then the Gopher, C4 and FineWeb rules, in FineWeb's order.
 
 What each document measures (its signals) is kept apart from what is decided (Dolma's
-tagger/mixer split): :mod:`llmflow.tasks.curate.quality_signals` measures, :func:`decide` compares.
-Every
-output row, kept or rejected, carries its ``quality_*`` signals, ``lang`` and ``lang_score``, so
-anyone can see how far a document was from each threshold. The task stores each unit's signals
-under ``<stage_dir>/_signals/``, keyed by the input shard, the fields that change signals
-(:attr:`QualityConfig.SIGNAL_FIELDS`) and the signal code version: a run that only moves thresholds
-re-decides from them without measuring again.
+tagger/mixer split): :mod:`llmflow.tasks.curate.quality_signals` declares and measures each
+signal with the rules that read it, :func:`decide` applies those rules. Every output row, kept or
+rejected, carries its ``quality_*`` signals, ``lang`` and ``lang_score``, so anyone can see how
+far a document was from each threshold. The task stores each unit's signals under
+``<stage_dir>/_signals/``, keyed by the input shard, the fields that change signals
+(:attr:`QualityConfig.SIGNAL_FIELDS`) and the signal code version: a run that only moves
+thresholds re-decides from them without measuring again.
 
 Rules, definitions and defaults are datatrove 0.10.1's FineWeb pipeline (``LanguageFilter``,
 ``GopherRepetitionFilter``, ``GopherQualityFilter``, ``C4QualityFilter(filter_no_terminal_punct=
@@ -21,19 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, ClassVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator, model_validator
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import (
+    Rejection,
     ShardResult,
     StageConfig,
     StageSpec,
@@ -42,17 +40,17 @@ from llmflow.tasks.core.stage import (
     cached_table,
     put_column,
     read_unit_input,
+    route,
     run_unit,
-    with_reason,
 )
+from llmflow.tasks.curate.english_words import TERMINAL_PUNCTUATION
+from llmflow.tasks.curate.quality_measures import C4_LINE_RULES, apply_c4_edits
 from llmflow.tasks.curate.quality_signals import (
-    C4_LINE_RULES,
     EDIT_COLUMNS,
     SIGNAL_VERSION,
-    TERMINAL_PUNCTUATION,
-    apply_c4_edits,
     compute_signals,
     signal_columns,
+    signal_table,
 )
 
 STAGE = StageSpec(name="quality", version="1", libraries=("py3langid",))
@@ -330,218 +328,75 @@ class QualityConfig(StageConfig):
 # Decisions
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One removal rule: it fires when ``signal <op> threshold``; ``reason`` names it."""
-
-    reason: str
-    signal: str
-    op: str  # "<", ">", "true" (a boolean signal), "null" (no value: nothing left to measure)
-    threshold: float | None = None
-    zero_passes: bool = False  # a value of exactly 0 never fires (FineWeb's exclude_zero)
+def text_rule(text: str | None, config: QualityConfig) -> Rejection | None:
+    """Nothing to measure (``empty``), or too much to measure safely (``too_long``)."""
+    if not text or not text.strip():
+        return Rejection("empty", "no text")
+    if len(text) > config.max_chars:
+        return Rejection("too_long", f"{len(text)} chars > max_chars {config.max_chars}")
+    return None
 
 
-def decision_rules(config: QualityConfig) -> list[Rule]:
-    """The rules after language ID, in FineWeb's pipeline order (the first that fires wins)."""
-    c = config
-    rules = [
-        Rule("gopher_rep_dup_para_frac", "quality_rep_dup_para_frac", ">", c.rep_max_dup_para_frac),
-        Rule(
-            "gopher_rep_dup_para_char_frac",
-            "quality_rep_dup_para_char_frac",
-            ">",
-            c.rep_max_dup_para_char_frac,
-        ),
-        Rule("gopher_rep_dup_line_frac", "quality_rep_dup_line_frac", ">", c.rep_max_dup_line_frac),
-        Rule(
-            "gopher_rep_dup_line_char_frac",
-            "quality_rep_dup_line_char_frac",
-            ">",
-            c.rep_max_dup_line_char_frac,
-        ),
-    ]
-    for n, limit in zip(c.rep_top_ngram_sizes, c.rep_top_ngram_max_char_frac, strict=True):
-        rules.append(
-            Rule(f"gopher_rep_top_{n}gram", f"quality_rep_top_{n}gram_char_frac", ">", limit)
+def language_rule(lang: str | None, score: float | None, config: QualityConfig) -> Rejection | None:
+    """datatrove's LanguageFilter on the stored ``lang`` and ``lang_score``: the top language
+    must be allowed and its probability above ``min_lang_score``."""
+    allowed = set(config.languages)
+    if (
+        lang is None
+        or (allowed and lang not in allowed)
+        or score is None
+        or not score > config.min_lang_score
+    ):
+        return Rejection(
+            "lang",
+            f"{lang} {score or 0:.3f} (keep {sorted(allowed) or 'any'}"
+            f" above {config.min_lang_score})",
         )
-    for n, limit in zip(c.rep_dup_ngram_sizes, c.rep_dup_ngram_max_char_frac, strict=True):
-        rules.append(
-            Rule(f"gopher_rep_dup_{n}gram", f"quality_rep_dup_{n}gram_char_frac", ">", limit)
-        )
-    rules += [
-        Rule("gopher_min_words", "quality_gopher_words", "<", c.gopher_min_words),
-        Rule("gopher_max_words", "quality_gopher_words", ">", c.gopher_max_words),
-        Rule(
-            "gopher_min_mean_word_length",
-            "quality_gopher_mean_word_length",
-            "<",
-            c.gopher_min_mean_word_length,
-        ),
-        Rule(
-            "gopher_max_mean_word_length",
-            "quality_gopher_mean_word_length",
-            ">",
-            c.gopher_max_mean_word_length,
-        ),
-        Rule("gopher_hash_ratio", "quality_gopher_hash_ratio", ">", c.gopher_max_symbol_word_ratio),
-        Rule(
-            "gopher_ellipsis_ratio",
-            "quality_gopher_ellipsis_ratio",
-            ">",
-            c.gopher_max_symbol_word_ratio,
-        ),
-        Rule(
-            "gopher_bullet_lines",
-            "quality_gopher_bullet_line_frac",
-            ">",
-            c.gopher_max_bullet_line_frac,
-        ),
-        Rule(
-            "gopher_ellipsis_lines",
-            "quality_gopher_ellipsis_line_frac",
-            ">",
-            c.gopher_max_ellipsis_line_frac,
-        ),
-        Rule(
-            "gopher_alpha_words",
-            "quality_gopher_alpha_word_frac",
-            "<",
-            c.gopher_min_alpha_word_frac,
-        ),
-        Rule("gopher_stop_words", "quality_gopher_stop_words", "<", c.gopher_min_stop_words),
-    ]
-    if c.c4_filter_lorem_ipsum:
-        rules.append(Rule("c4_lorem_ipsum", "quality_c4_lorem_ipsum", "true"))
-    if c.c4_filter_curly_bracket:
-        rules.append(Rule("c4_curly_bracket", "quality_c4_curly_bracket", "true"))
-    rules += [
-        Rule("c4_min_sentences", "quality_c4_sentences", "<", c.c4_min_sentences),
-        Rule("fineweb_empty", "quality_fineweb_line_punct_ratio", "null"),
-        Rule(
-            "fineweb_line_punct_ratio",
-            "quality_fineweb_line_punct_ratio",
-            "<",
-            c.fineweb_min_line_punct_ratio,
-            zero_passes=c.fineweb_line_punct_exclude_zero,
-        ),
-        Rule(
-            "fineweb_short_line_ratio",
-            "quality_fineweb_short_line_ratio",
-            ">",
-            c.fineweb_max_short_line_ratio,
-        ),
-        Rule(
-            "fineweb_dup_line_char_ratio",
-            "quality_fineweb_dup_line_char_ratio",
-            ">",
-            c.fineweb_max_dup_line_char_ratio,
-        ),
-        Rule(
-            "fineweb_newline_ratio",
-            "quality_fineweb_newline_ratio",
-            ">",
-            c.fineweb_max_newline_ratio,
-        ),
-    ]
-    return [r for r in rules if r.op in ("true", "null") or r.threshold is not None]
-
-
-def _fires(rule: Rule, column: pa.ChunkedArray) -> np.ndarray:
-    """Where the rule fires; a null signal (nothing to measure) never fires except for 'null'."""
-    if rule.op == "null":
-        mask = pc.is_null(column)
-    elif rule.op == "true":
-        mask = pc.fill_null(column, False)
-    elif rule.op == "<":
-        mask = pc.fill_null(pc.less(column, rule.threshold), False)
-    else:
-        mask = pc.fill_null(pc.greater(column, rule.threshold), False)
-    if rule.zero_passes:
-        mask = pc.and_(mask, pc.fill_null(pc.not_equal(column, 0), False))
-    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _detail(rule: Rule, value: Any) -> str:
-    if rule.op == "true":
-        return f"{rule.signal} is true"
-    if rule.op == "null":
-        return "no lines left after the C4 line filters"
-    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-    return f"{rule.signal}={shown} {rule.op} {rule.threshold}"
+    return None
 
 
 def decide(table: pa.Table, attributes: pa.Table, config: QualityConfig) -> ShardResult:
     """Keep or reject each document from its stored signals; apply C4's line edits to kept ones.
 
-    ``attributes`` holds one row per input row, in order (see :func:`compute_attributes`). Both
+    ``attributes`` holds one row per input row, in order (see :func:`compute_attributes`). The
+    first rule that fires is the reason: :func:`text_rule`, :func:`language_rule`, then each
+    signal's rules in :func:`~llmflow.tasks.curate.quality_signals.signal_table` order. Both
     sides carry ``lang``, ``lang_score`` and the ``quality_*`` signals; rejected rows keep their
     original text. Stats count, among kept documents, those C4 edited (``c4_docs_edited``) and
     the lines it removed per rule (``c4_lines_removed_<rule>``).
     """
-    n = table.num_rows
-    texts = [t or "" for t in table.column("text").to_pylist()]
-    reasons: list[str | None] = [None] * n
-    details: list[str] = [""] * n
-    for i, text in enumerate(texts):
-        if not text.strip():
-            reasons[i], details[i] = "empty", "no text"
-        elif len(text) > config.max_chars:
-            reasons[i] = "too_long"
-            details[i] = f"{len(text)} chars > max_chars {config.max_chars}"
-
+    texts = table.column("text").to_pylist()
+    signals = signal_table(config)
+    judged = [(s, attributes.column(s.name).to_pylist()) for s in signals if s.rules]
     langs = attributes.column("lang").to_pylist()
     scores = attributes.column("lang_score").to_pylist()
-    allowed = set(config.languages)
-    for i, (lang, score) in enumerate(zip(langs, scores, strict=True)):
-        if reasons[i] is None and (
-            lang is None or (allowed and lang not in allowed) or not score > config.min_lang_score
-        ):
-            reasons[i] = "lang"
-            details[i] = f"{lang} {score or 0:.3f} (keep {sorted(allowed) or 'any'}"
-            details[i] += f" above {config.min_lang_score})"
-
-    undecided = np.array([r is None for r in reasons], dtype=bool)
-    for rule in decision_rules(config):
-        if not undecided.any():
-            break
-        column = attributes.column(rule.signal)
-        hits = np.flatnonzero(_fires(rule, column) & undecided)
-        if hits.size == 0:
-            continue
-        values = column.to_pylist()
-        for i in hits.tolist():
-            reasons[i] = rule.reason
-            details[i] = _detail(rule, values[i])
-        undecided[hits] = False
+    decisions: list[Rejection | None] = []
+    for i, text in enumerate(texts):
+        decision = text_rule(text, config) or language_rule(langs[i], scores[i], config)
+        for signal, values in judged:
+            if decision is not None:
+                break
+            decision = signal.check(values[i])
+        decisions.append(decision)
 
     stats: Counter[str] = Counter()
-    keep = undecided
-    kept_idx = np.flatnonzero(keep)
     removed_lines = attributes.column("c4_removed_lines").to_pylist()
     removed_rules = attributes.column("c4_removed_rules").to_pylist()
-    new_texts = list(texts)
-    for i in kept_idx.tolist():
-        edited = apply_c4_edits(texts[i], removed_lines[i], config)
-        if edited != texts[i]:
-            stats["c4_docs_edited"] += 1
-            new_texts[i] = edited
-        stats.update(f"c4_lines_removed_{r}" for r in removed_rules[i])
+    for i, decision in enumerate(decisions):
+        if decision is None:
+            edited = apply_c4_edits(texts[i], removed_lines[i], config)
+            if edited != texts[i]:
+                stats["c4_docs_edited"] += 1
+                texts[i] = edited
+            stats.update(f"c4_lines_removed_{r}" for r in removed_rules[i])
     for rule_name in C4_LINE_RULES:
         stats[f"c4_lines_removed_{rule_name}"] += 0
 
-    full = table
-    for name in signal_columns(config):
-        column = attributes.column(name)
-        full = put_column(full, pa.field(name, column.type), column)
-    mask = pa.array(keep)
-    edited_full = put_column(full, full.schema.field("text"), pa.array(new_texts, pa.string()))
-    rejected_rows = [i for i in range(n) if not keep[i]]
-    rejected = with_reason(
-        full.filter(pc.invert(mask)),
-        [reasons[i] or "" for i in rejected_rows],
-        [details[i] for i in rejected_rows],
-    )
-    return ShardResult(kept=edited_full.filter(mask), rejected=rejected, docs_in=n, stats=stats)
+    for signal in signals:
+        column = attributes.column(signal.name)
+        table = put_column(table, pa.field(signal.name, column.type), column)
+    table = put_column(table, table.schema.field("text"), pa.array(texts, pa.string()))
+    return route(table, decisions, stats)
 
 
 def compute_attributes(table: pa.Table, config: QualityConfig) -> pa.Table:
@@ -591,7 +446,7 @@ def load_or_compute_attributes(
     path = shards.join(stage_dir, SIGNALS_DIR, f"{unit.name}.parquet")
     key = signal_key(unit, table, config)
     attributes, reused = cached_table(path, key, lambda: compute_attributes(table, config))
-    needed = ["id", *signal_columns(config), *EDIT_COLUMNS]
+    needed = ["id", *signal_columns(config), *(column.name for column in EDIT_COLUMNS)]
     if reused and not (
         set(needed) <= set(attributes.column_names)
         and attributes.column("id").equals(table.column("id"))
