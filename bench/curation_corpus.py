@@ -55,12 +55,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, document_id, rejected_schema
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     ShardResult,
     StageConfig,
     StageSpec,
     WorkUnit,
-    finalize_stage,
     run_unit,
     unit_key,
 )

@@ -31,7 +31,8 @@ def build(root: Path, n: int) -> tuple[str, str]:
     """An input dataset of ``n`` documents and the dedup stage dir with their signatures."""
     from llmflow.tasks.core import shards
     from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
-    from llmflow.tasks.core.stage import StageSpec, UnitRecord, finalize_stage
+    from llmflow.tasks.core.manifests import finalize_stage
+    from llmflow.tasks.core.stage import StageSpec, UnitRecord
     from llmflow.tasks.curate.dedup import DedupConfig
     from llmflow.tasks.curate.dedup_minhash import band_column, band_keys, signatures_path
 

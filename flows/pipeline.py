@@ -30,7 +30,7 @@ from llmflow.tasks.core import document_versions, progress, run_charts
 from llmflow.tasks.core.dataset_lock import exclusive_writer
 from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import Phase
-from llmflow.tasks.core.stage import manifest_sha256
+from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.registry import GRAPH
 
 

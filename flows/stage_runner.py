@@ -25,8 +25,10 @@ from llmflow.flows.tracking import PipelineTracker, StageRun
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import Stage, StageContext
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.progress import StepProgress, artifact_key
-from llmflow.tasks.core.stage import UnitRecord, WorkUnit, finalize_stage, manifest_sha256
+from llmflow.tasks.core.shards import manifest_sha256
+from llmflow.tasks.core.stage import UnitRecord, WorkUnit
 from llmflow.tasks.registry import GRAPH
 
 _LIVE_INTERVAL_S = 3.0

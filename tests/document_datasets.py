@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
     documents_result,
-    finalize_stage,
     run_unit,
     unit_key,
 )

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     Rejection,
     StageConfig,
     StageSpec,
     WorkUnit,
     documents_result,
-    finalize_stage,
     plan_shard_units,
     route,
     run_unit,

@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES, DataLayout, PipelineConfig
 from llmflow.tasks.core import shards
-from llmflow.tasks.core.stage import manifest_sha256
+from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.registry import GRAPH
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`

@@ -11,13 +11,13 @@ import pytest
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import Document
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     Rejection,
     StageConfig,
     StageSpec,
     WorkUnit,
     documents_result,
-    finalize_stage,
     plan_shard_units,
     run_unit,
     unit_key,
@@ -463,16 +463,17 @@ DECISION_CHANGES = {
 def test_decision_fields_do_not_change_signals() -> None:
     """Every field is either a signal field or a decision field, and decision fields really leave
     the measured values alone, so stored signals can be reused when only they change."""
+    SIGNAL_FIELDS = QualityConfig.SIGNAL_FIELDS  # noqa: N806 - the config's constant
     fields = set(QualityConfig.model_fields)
     assert set(DECISION_CHANGES) == fields - QualityConfig.SIGNAL_FIELDS
     texts = [CLEAN, TRIPS["c4_lorem_ipsum"], TRIPS["gopher_rep_dup_5gram"], list_like_page()]
     base = quality_signals.compute_signals(texts, QualityConfig())
     for name, value in DECISION_CHANGES.items():
         config = QualityConfig(**{name: value})
-        assert config.signal_hash() == QualityConfig().signal_hash()
+        assert config.fields_hash(SIGNAL_FIELDS) == QualityConfig().fields_hash(SIGNAL_FIELDS)
         assert quality_signals.compute_signals(texts, config).equals(base), name
     changed = QualityConfig(c4_min_words_per_line=8)
-    assert changed.signal_hash() != QualityConfig().signal_hash()
+    assert changed.fields_hash(SIGNAL_FIELDS) != QualityConfig().fields_hash(SIGNAL_FIELDS)
     assert not quality_signals.compute_signals(texts, changed).equals(base)
 
 

@@ -9,12 +9,12 @@ import pytest
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import Document, FetchFailure
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
     documents_result,
-    finalize_stage,
     plan_shard_units,
     read_unit_input,
     run_unit,

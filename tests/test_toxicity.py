@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, Document
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     UnitRecord,
     WorkUnit,
     documents_result,
-    finalize_stage,
     plan_shard_units,
     run_unit,
     unit_key,

@@ -230,3 +230,9 @@ def iter_documents(stage_dir: str, columns: list[str] | None = None) -> Iterator
     manifest = read_manifest(stage_dir)
     for shard in manifest_shards(manifest):
         yield from read_shard(stage_dir, shard, columns).to_pylist()
+
+
+def manifest_sha256(stage_dir: str) -> str:
+    """The digest that names a dataset version: the hash of its manifest's bytes."""
+    data = read_bytes(join(stage_dir, MANIFEST_NAME))
+    return hashlib.sha256(data).hexdigest()

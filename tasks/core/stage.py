@@ -12,8 +12,9 @@ that hands that function to :func:`run_unit`. Everything else lives here, once:
   root, and work the same with or without a Prefect API).
 * Kept rows go to ``<stage>/<unit>.parquet``, removed rows to ``<stage>/rejected/<unit>.parquet``
   with their reason, fetch failures into the marker; all writes are atomic.
-* :func:`finalize_stage` builds the manifest from the markers and removes outputs of units that no
-  longer exist, so the manifest always describes exactly the files beside it.
+* :func:`~llmflow.tasks.core.manifests.finalize_stage` builds the manifest from the markers and
+  removes outputs of units that no longer exist, so the manifest always describes exactly the
+  files beside it.
 """
 
 from __future__ import annotations
@@ -272,85 +273,6 @@ def cached_table(path: str, key: str, compute: Callable[[], pa.Table]) -> tuple[
     return table, False
 
 
-def finalize_stage(
-    stage_dir: str,
-    spec: StageSpec,
-    config: StageConfig,
-    records: Iterable[UnitRecord],
-    input_manifest_sha256: str | None,
-    extra_stats: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Write the stage's manifest from its unit records and drop files of units that are gone.
-
-    Units are listed by name so the manifest does not depend on the order in which workers
-    finished; nothing time-dependent goes in, so a re-run that skipped every unit rewrites the
-    same bytes. ``extra_stats`` are counts of the stage as a whole (dedup's resolve step).
-
-    Counters of reused or recomputed work (names ending in ``_reused`` or ``_computed``) depend
-    on what earlier, perhaps interrupted, runs left behind rather than on the data, so they stay
-    out of the file, whose hash keys every later stage; the returned manifest carries them under
-    ``work`` for the run's report.
-    """
-    records = sorted(records, key=lambda r: r.name)
-    live = {r.name for r in records}
-    for name in shards.list_names(shards.join(stage_dir, shards.DONE_DIR), ".json"):
-        if name.removesuffix(".json") not in live:
-            shards.remove(shards.join(stage_dir, shards.DONE_DIR, name))
-    for sub in ("", shards.REJECTED_DIR, *UNIT_CACHE_DIRS):
-        directory = shards.join(stage_dir, sub) if sub else stage_dir
-        for name in shards.list_names(directory, SHARD_SUFFIX):
-            if name.removesuffix(SHARD_SUFFIX) not in live:
-                shards.remove(shards.join(directory, name))
-
-    reasons: Counter[str] = Counter()
-    stats: Counter[str] = Counter()
-    for r in records:
-        reasons.update(r.reasons)
-        stats.update(r.stats)
-    stats.update(extra_stats or {})
-    work = {k: v for k, v in stats.items() if k.endswith(WORK_COUNTER_SUFFIXES)}
-    shard_files = [r.shard for r in records]
-    rejected = [r.rejected for r in records if r.rejected]
-    schema = _first_schema(stage_dir, shard_files)
-    manifest = {
-        "format": shards.MANIFEST_FORMAT,
-        "stage": spec.name,
-        "code_version": spec.code_version(),
-        "config_hash": config.output_hash(),
-        "config": config.model_dump(mode="json"),
-        "input_manifest_sha256": input_manifest_sha256,
-        "schema": shards.schema_description(schema) if schema else [],
-        "shards": [s.to_dict() for s in shard_files],
-        "rejected_shards": [s.to_dict() for s in rejected],
-        "counts": {
-            "docs_in": sum(r.docs_in for r in records),
-            "kept": sum(s.rows for s in shard_files),
-            "rejected": sum(s.rows for s in rejected),
-            "bytes": sum(s.bytes for s in shard_files),
-            "rejected_by_reason": dict(sorted(reasons.items())),
-            "fetch_failures": sum(len(r.failures) for r in records),
-        },
-        "stats": {k: v for k, v in sorted(stats.items()) if k not in work},
-        "failures": [f for r in records for f in r.failures],
-    }
-    shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), manifest)
-    return manifest | {"work": dict(sorted(work.items()))}
-
-
-def manifest_sha256(stage_dir: str) -> str:
-    """The digest that names a dataset version: the hash of its manifest's bytes."""
-    data = shards.read_bytes(shards.join(stage_dir, shards.MANIFEST_NAME))
-    return hashlib.sha256(data).hexdigest()
-
-
-def _first_schema(stage_dir: str, shard_files: list[shards.ShardFile]) -> pa.Schema | None:
-    for shard in shard_files:
-        fs, p = shards.filesystem(shards.join(stage_dir, shard.path))
-        with fs.open(p, "rb") as f:
-            return pq.read_schema(f)
-    return None
-
-
 def plan_shard_units(
     spec: StageSpec,
     config: StageConfig,
@@ -378,7 +300,7 @@ def plan_shard_units(
                 source={"dir": input_dir, "shard": shard.to_dict()} | (source or {}),
             )
         )
-    return units, manifest_sha256(input_dir)
+    return units, shards.manifest_sha256(input_dir)
 
 
 def read_unit_input(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
@@ -414,31 +336,17 @@ def route(
     of flags, reasons and details."""
     if len(decisions) != table.num_rows:
         raise ValueError(f"{len(decisions)} decisions for {table.num_rows} rows")
+    mask = pa.array([d is None for d in decisions], pa.bool_())
     rejections = [d for d in decisions if d is not None]
-    return split_result(
-        table,
-        [d is None for d in decisions],
-        [r.reason for r in rejections],
-        [r.detail for r in rejections],
-        stats if stats is not None else Counter(),
-    )
-
-
-def split_result(
-    table: pa.Table,
-    keep: list[bool],
-    reasons: list[str],
-    details: list[str],
-    stats: Counter[str],
-) -> ShardResult:
-    """A shard's result from one keep flag per row: the removed rows, in order, get the
-    ``reasons`` and ``details`` given for them."""
-    mask = pa.array(keep, pa.bool_())
     return ShardResult(
         kept=table.filter(mask),
-        rejected=with_reason(table.filter(pc.invert(mask)), reasons, details),
+        rejected=with_reason(
+            table.filter(pc.invert(mask)),
+            [r.reason for r in rejections],
+            [r.detail for r in rejections],
+        ),
         docs_in=table.num_rows,
-        stats=stats,
+        stats=stats if stats is not None else Counter(),
     )
 
 

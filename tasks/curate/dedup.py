@@ -34,6 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.manifests import finalize_stage
+from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import (
     ShardResult,
     StageConfig,
@@ -41,8 +43,6 @@ from llmflow.tasks.core.stage import (
     UnitRecord,
     WorkUnit,
     completed_record,
-    finalize_stage,
-    manifest_sha256,
     plan_shard_units,
     read_unit_input,
     run_unit,

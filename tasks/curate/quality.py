@@ -19,9 +19,7 @@ uses, so ``lang_score`` is py3langid's probability.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
-from importlib.metadata import version
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -42,6 +40,7 @@ from llmflow.tasks.core.stage import (
     read_unit_input,
     route,
     run_unit,
+    unit_key,
 )
 from llmflow.tasks.curate.english_words import TERMINAL_PUNCTUATION
 from llmflow.tasks.curate.quality_measures import C4_LINE_RULES, apply_c4_edits
@@ -319,10 +318,6 @@ class QualityConfig(StageConfig):
         chars = TERMINAL_PUNCTUATION if self.fineweb_stop_chars is None else self.fineweb_stop_chars
         return tuple(sorted(chars))
 
-    def signal_hash(self) -> str:
-        """Hash of the fields that change signals: equal hashes mean stored signals still hold."""
-        return self.fields_hash(include=self.SIGNAL_FIELDS)
-
 
 # ---------------------------------------------------------------------------------------------
 # Decisions
@@ -414,8 +409,8 @@ def quality_documents(table: pa.Table, config: QualityConfig) -> ShardResult:
 # Stored signals
 
 
-def signal_code_version() -> str:
-    return f"{SIGNAL_VERSION}+py3langid=={version('py3langid')}"
+# The signals' own identity: stored signals are reused across stage versions while it holds.
+SIGNALS = StageSpec(name="quality-signals", version=SIGNAL_VERSION, libraries=("py3langid",))
 
 
 def signal_key(unit: WorkUnit, table: pa.Table, config: QualityConfig) -> str:
@@ -431,11 +426,7 @@ def signal_key(unit: WorkUnit, table: pa.Table, config: QualityConfig) -> str:
             for value in table.column(column).to_pylist():
                 digest.update((value or "").encode("utf-8", "surrogatepass") + b"\0")
         content = digest.hexdigest()
-    material = json.dumps(
-        {"input": content, "signals": config.signal_hash(), "code": signal_code_version()},
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
+    return unit_key(SIGNALS, config, content, fields=config.SIGNAL_FIELDS)
 
 
 def load_or_compute_attributes(

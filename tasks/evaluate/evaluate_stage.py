@@ -15,7 +15,7 @@ from typing import Any
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
 from llmflow.tasks.core.progress import progress_per_task
-from llmflow.tasks.core.stage import manifest_sha256
+from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig

@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import SOURCES_NAME, WITHDRAWN_NAME, WITHDRAWN_SCHEMA
 from llmflow.tasks.core.documents import Document, FetchFailure, Unchanged
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import (
     ShardResult,
@@ -42,7 +43,6 @@ from llmflow.tasks.core.stage import (
     UnitRecord,
     WorkUnit,
     documents_result,
-    finalize_stage,
     run_unit,
     unit_key,
 )

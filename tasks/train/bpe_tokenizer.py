@@ -28,7 +28,8 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import DOCUMENTS, StageContext, StepReport
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
-from llmflow.tasks.core.stage import StageConfig, StageSpec, manifest_sha256
+from llmflow.tasks.core.shards import manifest_sha256
+from llmflow.tasks.core.stage import StageConfig, StageSpec
 from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.train.chat_format import chat_template_config
 

@@ -33,6 +33,7 @@ from llmflow.models.hf_export import export_llama
 from llmflow.tasks.core import run_charts, shards
 from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.progress import StepProgress, run_logger
+from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import StageSpec
 from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
 from llmflow.tasks.train import checkpoints
@@ -64,13 +65,9 @@ def plan_job(
     mlflow_run_id: str | None = None,
 ) -> tuple[TrainJob, str]:
     """The run's job description and key, from the token dataset and the tokenizer."""
-    from llmflow.tasks.core import stage
-
     tokens_manifest = shards.read_manifest(tokenize_dir)
     tokenizer_manifest = shards.read_json(shards.join(tokenizer_dir, "manifest.json"))
-    key = run_key(
-        config, stage.manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"]
-    )
+    key = run_key(config, manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"])
     run_dir = local_dir(stage_dir) / "runs" / key[:16]
     decoder = config.decoder_config(tokens_manifest["tokenizer"]["vocab_size"])
     job = TrainJob(

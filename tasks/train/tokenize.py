@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.heldout_split import is_validation
+from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
     ShardResult,
     StageConfig,
@@ -39,7 +40,6 @@ from llmflow.tasks.core.stage import (
     UnitRecord,
     WorkUnit,
     completed_record,
-    finalize_stage,
     marker_path,
     plan_shard_units,
     read_unit_input,
