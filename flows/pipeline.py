@@ -52,7 +52,7 @@ from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.ingest import crawl
 from llmflow.tasks.train import bpe_tokenizer, pretrain, sft, tokenize
 from llmflow.tasks.train.train_config import TrainJob
-from llmflow.tasks.train.trainer import read_metrics
+from llmflow.tasks.train.train_metrics import read_metrics
 
 _REJECTED_SAMPLE = 20
 _LIVE_INTERVAL_S = 3.0
