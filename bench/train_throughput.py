@@ -50,7 +50,8 @@ from torch import nn
 from llmflow.models.decoder import PRESETS, Decoder, DecoderConfig
 from llmflow.tasks.core.shards import write_json_atomic
 from llmflow.tasks.train.train_config import PretrainConfig
-from llmflow.tasks.train.trainer import build_optimizer, peak_flops
+from llmflow.tasks.train.train_metrics import peak_flops
+from llmflow.tasks.train.trainer import build_optimizer
 
 # The reference has no grouped-query attention and a 4x GELU MLP, so only presets it can mirror
 # (llama-1b's GQA and 8192-wide SwiGLU would make it a different model) are offered.

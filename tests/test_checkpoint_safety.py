@@ -24,9 +24,10 @@ from test_pretrain import make_job as pretrain_job
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.evaluate.model_loading import load_causal_lm
-from llmflow.tasks.train import checkpoints, pretrain, sft, trainer
+from llmflow.tasks.train import checkpoints, pretrain, sft, train_metrics
 from llmflow.tasks.train.train_config import SftConfig, TrainJob
-from llmflow.tasks.train.trainer import read_metrics, train
+from llmflow.tasks.train.train_metrics import read_metrics
+from llmflow.tasks.train.trainer import train
 
 
 class Payload:
@@ -56,9 +57,10 @@ def tiny_checkpoint(directory: Path, step: int = 1) -> Path:
 
     decoder = DecoderConfig.model_validate(TINY_MODEL | {"vocab_size": 64})
     model = Decoder(decoder)
-    state = {"step": step, "scheduler": {}, "rng": [trainer._rng_state(torch.device("cpu"))]}
+    state = {"step": step, "scheduler": {}, "rng": [checkpoints.rng_state(torch.device("cpu"))]}
+    parts = {"model": model.state_dict(), "optimizer": {}, "trainer": state}
     return checkpoints.save_checkpoint(
-        directory, step, model.state_dict(), {}, state, decoder.model_dump(), keep=0
+        directory, step, parts | {"decoder": decoder.model_dump()}, keep=0
     )
 
 
@@ -122,7 +124,7 @@ def test_a_checkpoint_written_before_the_safe_format_still_loads(tmp_path: Path)
 
     state = checkpoints.load_checkpoint(checkpoint)["trainer"]
     np.random.seed(0)
-    trainer._set_rng_state(state["rng"][0], torch.device("cpu"))
+    checkpoints.set_rng_state(state["rng"][0], torch.device("cpu"))
     np.testing.assert_array_equal(np.random.random(3), expected)
 
 
@@ -133,7 +135,7 @@ def test_the_new_trainer_state_is_plain_weights_only_data(tmp_path: Path) -> Non
     # loadable with no allow-list at all: nothing but tensors and containers
     state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     np.random.seed(0)
-    trainer._set_rng_state(state["rng"][0], torch.device("cpu"))
+    checkpoints.set_rng_state(state["rng"][0], torch.device("cpu"))
     np.testing.assert_array_equal(np.random.random(3), expected)
 
 
@@ -251,11 +253,11 @@ def test_training_with_mlflow_down_finishes_and_warns_once(
     # MLflow's client fails fast here, so the sender tries many times during the run: one warning
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    monkeypatch.setattr(trainer, "_MLFLOW_FLUSH_S", 0.05)
+    monkeypatch.setattr(train_metrics, "_MLFLOW_FLUSH_S", 0.05)
     uri = f"http://127.0.0.1:{_closed_port()}"
     job = make_job(token_dirs, tmp_path / "down", max_steps=12, eval_interval=6)
     job = job.model_copy(update={"tracking_uri": uri, "mlflow_run_id": "a" * 32})
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.train_metrics")
 
     began = time.monotonic()
     result = train(job)
@@ -280,12 +282,12 @@ def test_training_does_not_wait_out_mlflows_own_retries(
     """MLflow's default retries keep one failed request going for minutes: the run ends anyway,
     after waiting at most the close timeout for the last metrics."""
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.setattr(trainer, "MLFLOW_CLOSE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(train_metrics, "MLFLOW_CLOSE_TIMEOUT_S", 3.0)
     uri = f"http://127.0.0.1:{_closed_port()}"
     job = make_job(token_dirs, tmp_path / "slow").model_copy(
         update={"tracking_uri": uri, "mlflow_run_id": "b" * 32}
     )
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.train_metrics")
     began = time.monotonic()
     train(job)
     took = time.monotonic() - began
@@ -306,7 +308,7 @@ def test_metrics_and_samples_reach_a_working_tracking_store(
     job = make_job(token_dirs, tmp_path / "ok").model_copy(
         update={"tracking_uri": uri, "mlflow_run_id": run_id}
     )
-    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.trainer")
+    caplog.set_level(logging.WARNING, logger="llmflow.tasks.train.train_metrics")
     train(job)
 
     local = {r["step"]: r["loss"] for r in read_metrics(job.run_dir) if "loss" in r}

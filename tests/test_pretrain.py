@@ -15,7 +15,8 @@ from document_datasets import build_token_dirs
 
 from llmflow.tasks.train import checkpoints, pretrain
 from llmflow.tasks.train.train_config import PretrainConfig, TrainJob
-from llmflow.tasks.train.trainer import NonFiniteLossError, lr_multiplier, read_metrics, train
+from llmflow.tasks.train.train_metrics import read_metrics
+from llmflow.tasks.train.trainer import NonFiniteLossError, Trainer, lr_multiplier, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 
@@ -117,6 +118,53 @@ def test_a_diverging_run_stops_with_a_clear_error(
         train(job)
 
 
+def test_a_nan_between_logged_steps_stops_the_run_before_anything_of_it_is_saved(
+    token_dirs: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss stays on the device between logged steps; a NaN at a step that is neither
+    logged, evaluated nor saved still stops the run, at the next point where the host looks (here
+    step 6's checkpoint), naming the step, and the checkpoint is not written."""
+    job = make_job(token_dirs, tmp_path / "nan-between", log_interval=4)  # saves at 3 and 6
+    poisoned = 5
+    step_once = Trainer.train_step
+
+    def train_step(self: Trainer) -> None:
+        if self.step + 1 != poisoned:
+            return step_once(self)
+        hook = self.model.register_forward_hook(lambda module, args, out: out * math.nan)
+        try:
+            step_once(self)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    steps: list[int] = []
+    with pytest.raises(NonFiniteLossError, match=r"step 5: training loss nan.*step-000003"):
+        train(job, on_step=lambda step, total: steps.append(step))
+    assert steps == [1, 2, 3, 4, 5]  # it stopped in step 6, before step 6's save
+    checkpoint_dir = Path(job.run_dir) / "checkpoints"
+    assert checkpoints.list_checkpoints(checkpoint_dir) == [3]
+    weights = checkpoints.load_checkpoint(checkpoint_dir / "step-000003")["model"]
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    rows = read_metrics(job.run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [4]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_logging_every_few_steps_logs_the_same_values_as_every_step(
+    token_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    """Reading the loss only at logged steps changes no number: the steps a sparse log keeps
+    hold what a log of every step holds for them."""
+    every = make_job(token_dirs, tmp_path / "every", max_steps=7)
+    sparse = make_job(token_dirs, tmp_path / "sparse", max_steps=7, log_interval=3)
+    train(every)
+    train(sparse)
+    kept = {row[0]: row for row in losses(every.run_dir)}
+    assert [s for s, *_ in losses(sparse.run_dir)] == [3, 4, 6, 7]  # log, eval, log, last
+    assert losses(sparse.run_dir) == [kept[s] for s in (3, 4, 6, 7)]
+
+
 def test_training_learns_below_the_unigram_entropy_and_exports_to_transformers(
     token_dirs: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -180,12 +228,19 @@ def test_config_errors_name_the_field(token_dirs: tuple[str, str], tmp_path: Pat
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_latest(tmp_path: Path) -> None:
-    state = {"w": torch.ones(2)}
-    checkpoints.save_checkpoint(tmp_path, 1, state, {}, {"step": 1}, {}, keep=2)
+    def state(step: int) -> dict[str, object]:
+        return {
+            "model": {"w": torch.ones(2)},
+            "optimizer": {},
+            "trainer": {"step": step},
+            "decoder": {},
+        }
+
+    checkpoints.save_checkpoint(tmp_path, 1, state(1), keep=2)
     (tmp_path / ".step-000002.tmp-dead").mkdir()  # a write killed half-way
     (tmp_path / ".step-000002.tmp-dead" / "model.pt").write_bytes(b"partial")
     assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "step-000001"
     for step in (2, 3):
-        checkpoints.save_checkpoint(tmp_path, step, state, {}, {"step": step}, {}, keep=2)
+        checkpoints.save_checkpoint(tmp_path, step, state(step), keep=2)
     assert checkpoints.list_checkpoints(tmp_path) == [2, 3]
     assert checkpoints.load_checkpoint(tmp_path / "step-000003")["trainer"]["step"] == 3

@@ -20,7 +20,9 @@ from llmflow.tasks.evaluate.evaluation import chat_samples
 from llmflow.tasks.train import checkpoints, pretrain, sft
 from llmflow.tasks.train.sft_data import IGNORE_INDEX
 from llmflow.tasks.train.train_config import PretrainConfig, SftConfig
-from llmflow.tasks.train.trainer import PackedConversations, _samples, read_metrics, train
+from llmflow.tasks.train.train_data import PackedConversations
+from llmflow.tasks.train.train_metrics import read_metrics
+from llmflow.tasks.train.trainer import _samples, train
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]

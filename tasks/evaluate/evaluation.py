@@ -193,9 +193,9 @@ def heldout_bits_per_byte(
     measured exactly as the trainer measures ``val_bpb`` (the same function), so the number is
     comparable with pretraining's curve. None when the split is empty."""
     from llmflow.tasks.train.bpe_tokenizer import load_tokenizer, token_byte_lengths
+    from llmflow.tasks.train.parallelize import Distributed
     from llmflow.tasks.train.token_shards import TokenStream
-    from llmflow.tasks.train.trainer import Batch, Distributed, eval_windows
-    from llmflow.tasks.train.trainer import evaluate as trainer_evaluate
+    from llmflow.tasks.train.train_data import Batch, eval_windows, validation_loss
 
     seq_len = int(model.config.max_position_embeddings)
     rows = eval_windows(TokenStream(val_shards), seq_len, windows) if val_shards else []
@@ -208,7 +208,7 @@ def heldout_bits_per_byte(
     for row in rows:
         ids = torch.from_numpy(row.astype("int64"))[None]
         batches.append(Batch(ids[:, :-1], ids[:, 1:]))
-    loss, bpb = trainer_evaluate(_HFLogits(model), batches, token_bytes, Distributed(0, 0, 1))
+    loss, bpb = validation_loss(_HFLogits(model), batches, token_bytes, Distributed(0, 0, 1))
     return {"loss": loss, "bpb": bpb, "windows": len(rows), "seq_len": seq_len}
 
 

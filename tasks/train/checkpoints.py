@@ -1,10 +1,13 @@
 """Training checkpoints: everything a run needs to continue exactly where it stopped.
 
-A checkpoint is a directory ``step-000100/`` holding ``model.pt`` (weights), ``optimizer.pt`` and
+A checkpoint is a :class:`~llmflow.tasks.train.trainer.Trainer`'s state dict on disk, one file per
+part: a directory ``step-000100/`` holding ``model.pt`` (weights), ``optimizer.pt`` and
 ``trainer.pt`` (scheduler, step, data position, every rank's RNG states) plus ``decoder.json`` (the
-model's shape, so weights can be loaded without the run's config). It is written under a temporary
-name and renamed into place, and ``latest.json`` is replaced atomically after it: a run killed
-mid-write leaves the previous checkpoint as the latest, never half of a new one.
+model's shape, so weights can be loaded without the run's config). :func:`save_checkpoint` writes
+such a dict and :func:`load_checkpoint` reads the same dict back, so saving and resuming are one
+code path. It is written under a temporary name and renamed into place, and ``latest.json`` is
+replaced atomically after it: a run killed mid-write leaves the previous checkpoint as the latest,
+never half of a new one.
 
 Checkpoints live on a local (or mounted) filesystem: ``torch.save`` of multi-GB states to an
 object store belongs to a copy step after training, not inside the loop.
@@ -26,6 +29,7 @@ import importlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import uuid
@@ -36,6 +40,8 @@ import numpy as np
 import torch
 
 LATEST = "latest.json"
+# The parts of a checkpoint saved with ``torch.save``, each as ``<part>.pt``, in writing order.
+PT_PARTS = ("model", "optimizer", "trainer")
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -71,25 +77,18 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    decoder_config: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write ``directory/step-NNNNNN`` atomically, point ``latest.json`` at it, keep the newest
-    ``keep`` checkpoints (0 keeps all)."""
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` (the parts of :data:`PT_PARTS` and ``decoder``, the model's shape) as
+    ``directory/step-NNNNNN`` atomically, point ``latest.json`` at it, keep the newest ``keep``
+    checkpoints (0 keeps all)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_name(step)
     tmp = directory / f".{step_name(step)}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    torch.save(model_state, tmp / "model.pt")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "decoder.json").write_text(json.dumps(decoder_config, indent=2, sort_keys=True) + "\n")
+    for part in PT_PARTS:
+        torch.save(state[part], tmp / f"{part}.pt")
+    decoder = json.dumps(state["decoder"], indent=2, sort_keys=True) + "\n"
+    (tmp / "decoder.json").write_text(decoder)
     if final.exists():  # the same step saved again (a resumed run's final save): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -140,6 +139,28 @@ def latest_checkpoint(directory: Path) -> Path | None:
             return path
     steps = list_checkpoints(directory)
     return directory / step_name(steps[-1]) if steps else None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator's state (torch, NumPy, Python, and the CUDA device's), in the form a
+    weights-only ``trainer.pt`` holds."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return portable_rng_state(state)
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put every generator back as :func:`rng_state` found it (old checkpoints' form too)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(numpy_rng_state(state["numpy"]))
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def portable_rng_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -214,17 +235,19 @@ def _check_trainer_state(state: Any, file: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The three states of one checkpoint, on ``map_location``, loaded without running any code
-    from the files (see the module's docstring)."""
+    """The state dict :func:`save_checkpoint` wrote to ``path``: its :data:`PT_PARTS` on
+    ``map_location`` (``trainer`` on the CPU), loaded without running any code from the files
+    (see the module's docstring), and ``decoder``."""
     decoder = path / "decoder.json"
     try:
         decoder_config = json.loads(decoder.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"checkpoint {path}: cannot read {decoder.name} ({error})") from error
-    trainer_file = path / "trainer.pt"
-    return {
-        "model": _load_pt(path / "model.pt", map_location),
-        "optimizer": _load_pt(path / "optimizer.pt", map_location),
-        "trainer": _check_trainer_state(_load_pt(trainer_file, "cpu", True), trainer_file),
-        "decoder": decoder_config,
-    }
+    state: dict[str, Any] = {}
+    for part in PT_PARTS:
+        file = path / f"{part}.pt"
+        if part == "trainer":
+            state[part] = _check_trainer_state(_load_pt(file, "cpu", True), file)
+        else:
+            state[part] = _load_pt(file, map_location)
+    return state | {"decoder": decoder_config}

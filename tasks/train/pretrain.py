@@ -40,7 +40,7 @@ from llmflow.tasks.train import checkpoints
 from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
 from llmflow.tasks.train.tokenize import token_shard_paths
 from llmflow.tasks.train.train_config import PretrainConfig, TrainConfig, TrainJob
-from llmflow.tasks.train.trainer import read_metrics
+from llmflow.tasks.train.train_metrics import read_metrics
 
 STAGE = StageSpec(name="pretrain", version="1", libraries=("torch",))
 HF_DIR = "hf"

@@ -1,104 +1,70 @@
 """The training loop (pretraining and SFT): one process of it, alone or as one rank under torchrun.
 
-The same function trains on a laptop's CPU and on each GPU of a node: ``torchrun`` sets the
-``RANK``/``WORLD_SIZE`` environment and this module joins the process group (gloo on the CPU, NCCL
-on GPUs) and wraps the model in DDP. Run directly as ``python -m llmflow.tasks.train.trainer
-job.json``
+The same code trains on a laptop's CPU and on each GPU of a node: ``torchrun`` sets the
+``RANK``/``WORLD_SIZE`` environment, and :mod:`llmflow.tasks.train.parallelize` joins the process
+group and wraps the model. Run directly as ``python -m llmflow.tasks.train.trainer job.json``
 (which is what :mod:`llmflow.tasks.train.pretrain` hands to torchrun).
 
-Exactness is a design goal, not an accident: the batch of step ``s`` is a pure function of the seed
-and ``s`` (a seeded permutation of the training windows per epoch), the checkpoint holds the
-optimizer, the scheduler and every rank's RNG states, so a run resumed from step ``k`` produces the
-same losses, step for step, as one that never stopped; and a global batch is the same sequences
-whatever the split into processes and micro-batches, so two DDP processes match one process with
-twice the accumulation.
+A :class:`Trainer` is the run's state: model, optimizer, scheduler, step and data position. Its
+:meth:`~Trainer.state_dict` is exactly what a checkpoint holds and :meth:`~Trainer.load_state_dict`
+exactly what resuming restores (:mod:`llmflow.tasks.train.checkpoints` writes and reads that dict),
+so saving and loading cannot drift apart. :func:`train` builds one and steps it.
 
-Pretraining and SFT differ only in their data (:class:`TrainWindows` cut from the token stream,
-:class:`PackedConversations` of whole conversations with an assistant-only loss), in where the
-weights start (SFT: the pretrained checkpoint) and in what a sample is (a continuation, a chat
-reply). The loss of a step is the summed loss over the step's trained targets divided by their
-number over the whole global batch: the mean over tokens, whatever the split into processes and
-micro-batches (SFT rows hold different numbers of assistant tokens, so a mean of per-micro-batch
-means would weigh them unevenly).
+Exactness is a design goal, not an accident: the batch of step ``s`` is a pure function of the seed
+and ``s`` (:mod:`llmflow.tasks.train.train_data`), the checkpoint holds the optimizer, the scheduler
+and every rank's RNG states, so a run resumed from step ``k`` produces the same losses, step for
+step, as one that never stopped; and a global batch is the same sequences whatever the split into
+processes and micro-batches, so two DDP processes match one process with twice the accumulation.
+
+Pretraining and SFT differ only in their data (windows cut from the token stream, packed
+conversations with an assistant-only loss), in where the weights start (SFT: the pretrained
+checkpoint) and in what a sample is (a continuation, a chat reply). The loss of a step is the summed
+loss over the step's trained targets divided by their number over the whole global batch: the mean
+over tokens, whatever the split into processes and micro-batches (SFT rows hold different numbers
+of assistant tokens, so a mean of per-micro-batch means would weigh them unevenly).
+
+The loss and gradient norm stay on the device between logged steps, as nanoGPT keeps them: the
+host waits for the device only when it logs, evaluates or saves, and that is where a NaN or
+infinite loss of any step since the last such point stops the run (:class:`NonFiniteLossError`),
+before anything of it is logged as good or saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
-import random
 import sys
-import threading
-import time
-import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from llmflow.models.decoder import Decoder
 from llmflow.models.generate import generate
 from llmflow.tasks.train import checkpoints
-from llmflow.tasks.train.sft_data import IGNORE_INDEX, read_packed_rows
+from llmflow.tasks.train.parallelize import gradient_sync, init_distributed, parallelize
 from llmflow.tasks.train.token_shards import TokenStream
 from llmflow.tasks.train.train_config import TrainConfig, TrainJob
+from llmflow.tasks.train.train_data import (
+    PackedConversations,
+    TrainWindows,
+    eval_batches,
+    unigram_entropy,
+    validation_loss,
+)
+from llmflow.tasks.train.train_metrics import MetricsSink, Stopwatch, peak_flops
 
 PROGRESS_PREFIX = "LLMFLOW_PROGRESS "
-METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
-_MLFLOW_FLUSH_S = 2.0
-_MLFLOW_MAX_BACKOFF_S = 60.0
-_MLFLOW_MAX_PENDING = 200_000
-_MLFLOW_MAX_PENDING_TEXTS = 100
-# How long the end of training waits for the last metrics to reach MLflow.
-MLFLOW_CLOSE_TIMEOUT_S = 15.0
-_UNIGRAM_MAX_TOKENS = 100_000_000
-
-log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s by GPU name (vendor data sheets). Longest match first: "H100 PCIe" before
-# "H100".
-PEAK_FLOPS_BF16: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("B200", 2250e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A10G", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss or the gradient norm is NaN or infinite."""
-
-
-def peak_flops(device: torch.device, configured: float | None) -> float | None:
-    """The device's peak for MFU: the configured figure, else the GPU's from the table."""
-    if configured is not None:
-        return configured
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS_BF16:
-        if key in name:
-            return flops
-    return None
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
@@ -135,183 +101,6 @@ def build_optimizer(
     )
 
 
-@dataclass
-class Batch:
-    """Inputs and aligned targets (``IGNORE_INDEX`` where nothing is trained); packed rows add
-    their segments and per-segment positions."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    segment_ids: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-
-    def logits(self, model: torch.nn.Module) -> torch.Tensor:
-        if self.segment_ids is None:
-            return model(self.x)
-        return model(self.x, segment_ids=self.segment_ids, position_ids=self.position_ids)
-
-
-def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(count)
-
-
-class TrainWindows:
-    """Training sequences: the token stream cut into windows of ``seq_len + 1`` ids, visited in a
-    seeded permutation per epoch, so sequence number ``k`` is the same whoever asks for it."""
-
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int) -> None:
-        self.stream = stream
-        self.seq_len = seq_len
-        self.seed = seed
-        self.count = (len(stream) - 1) // seq_len
-        if self.count < 1:
-            raise ValueError(
-                f"the training split has {len(stream)} tokens, fewer than one sequence of"
-                f" seq_len + 1 = {seq_len + 1}: lower pretrain.seq_len or add documents"
-            )
-        self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.stream)
-
-    def sequence(self, k: int) -> np.ndarray:
-        epoch, index = divmod(k, self.count)
-        if epoch != self._epoch:
-            self._order = _epoch_order(self.seed, epoch, self.count)
-            self._epoch = epoch
-        return self.stream.read(int(self._order[index]) * self.seq_len, self.seq_len + 1)
-
-    def batch(self, first: int, size: int, device: torch.device) -> Batch:
-        rows = torch.from_numpy(np.stack([self.sequence(first + i) for i in range(size)]))
-        rows = rows.to(device, non_blocking=True)
-        return Batch(rows[:, :-1], rows[:, 1:])
-
-    def targets(self, first: int, size: int) -> int:
-        """Trained targets in sequences ``first …``: every position of every window."""
-        return size * self.seq_len
-
-
-class PackedConversations:
-    """SFT rows (:func:`~llmflow.tasks.train.sft_data.pack_examples`, saved as ``.npz``), visited
-    in a
-    seeded permutation per epoch like :class:`TrainWindows`: row ``k`` is the same whoever asks."""
-
-    def __init__(self, path: str, seq_len: int, seed: int) -> None:
-        self.rows = read_packed_rows(path)
-        self.seed = seed
-        self.count = len(self.rows["ids"])
-        if self.count < 1:
-            raise ValueError(f"{path}: no packed conversation rows to train on")
-        if self.rows["ids"].shape[1] != seq_len:
-            raise ValueError(
-                f"{path}: rows of {self.rows['ids'].shape[1]} tokens, the run wants {seq_len}"
-            )
-        self._trained = (self.rows["targets"] != IGNORE_INDEX).sum(axis=1)
-        self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def tokens(self) -> int:
-        return int(self._trained.sum())
-
-    def _indices(self, first: int, size: int) -> np.ndarray:
-        out = np.empty(size, dtype=np.int64)
-        for i in range(size):
-            epoch, index = divmod(first + i, self.count)
-            if epoch not in self._orders:
-                self._orders = {epoch: _epoch_order(self.seed, epoch, self.count)}
-            out[i] = self._orders[epoch][index]
-        return out
-
-    def batch(self, first: int, size: int, device: torch.device) -> Batch:
-        return self.rows_batch(self._indices(first, size), device)
-
-    def rows_batch(self, indices: np.ndarray, device: torch.device) -> Batch:
-        take = {k: torch.from_numpy(v[indices]).to(device) for k, v in self.rows.items()}
-        return Batch(take["ids"], take["targets"], take["segment_ids"], take["position_ids"])
-
-    def targets(self, first: int, size: int) -> int:
-        return int(self._trained[self._indices(first, size)].sum())
-
-
-def eval_windows(stream: TokenStream, seq_len: int, limit: int) -> list[np.ndarray]:
-    """The first ``limit`` held-out windows, in order (a short split gives one shorter window)."""
-    total = len(stream)
-    if total < 2:
-        return []
-    count = min(limit, max(1, (total - 1) // seq_len))
-    length = min(seq_len + 1, total)
-    return [stream.read(i * seq_len, length) for i in range(count)]
-
-
-def eval_batches(job: TrainJob, seq_len: int, device: torch.device) -> list[Batch]:
-    """The held-out data in micro-batches: the first windows of the validation tokens, or the
-    first packed rows of the held-out conversations (none when the split is empty)."""
-    config = job.config
-    size, limit = config.micro_batch_size, config.eval_batches * config.micro_batch_size
-    if job.kind == "sft":
-        if not job.val_shards:
-            return []
-        held_out = PackedConversations(job.val_shards[0], seq_len, config.seed)
-        rows = np.arange(min(limit, held_out.count))
-        return [held_out.rows_batch(rows[i : i + size], device) for i in range(0, len(rows), size)]
-    windows = eval_windows(TokenStream(job.val_shards), seq_len, limit)
-    batches = []
-    for start in range(0, len(windows), size):
-        tokens = torch.from_numpy(np.stack(windows[start : start + size])).to(device)
-        batches.append(Batch(tokens[:, :-1], tokens[:, 1:]))
-    return batches
-
-
-def unigram_entropy(stream: TokenStream, vocab_size: int) -> float:
-    """Entropy (nats per token) of the training split's token frequencies: the loss of a model
-    that knows only how often each token occurs. A trained model must get well below it."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    done = 0
-    while done < min(len(stream), _UNIGRAM_MAX_TOKENS):
-        chunk = stream.read(done, min(1 << 22, len(stream) - done))
-        counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
-        done += len(chunk)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-@dataclass
-class Distributed:
-    rank: int
-    local_rank: int
-    world: int
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
-
-
-def _setup(config: TrainConfig) -> tuple[Distributed, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain.device is 'cuda' but torch sees no CUDA device")
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=None)
-    return Distributed(rank, local_rank, world), device
-
-
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     dtype = config.dtype
     if dtype == "auto":
@@ -319,253 +108,6 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Every generator's state, in the form a weights-only ``trainer.pt`` holds."""
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return checkpoints.portable_rng_state(state)
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(checkpoints.numpy_rng_state(state["numpy"]))
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class _MlflowWriter:
-    """Sends a run's metrics and sample texts to MLflow from a background thread.
-
-    Training never waits on the tracking server: a server that is down or slow (MLflow's client
-    retries a failed request for minutes by default) only delays this thread. Items queue here
-    (at most ``_MLFLOW_MAX_PENDING`` metrics; the oldest go first past that) and are sent every
-    ``_MLFLOW_FLUSH_S`` seconds with ``log_batch``; after a failure the next try waits twice as
-    long, up to ``_MLFLOW_MAX_BACKOFF_S``, so a server that comes back gets the backlog. The
-    first failure is logged once as a warning; nothing is lost, as every metric is also in the
-    run's ``metrics.jsonl``. :meth:`close` makes a last attempt and waits at most
-    ``MLFLOW_CLOSE_TIMEOUT_S``.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, local_file: Path) -> None:
-        self.uri = tracking_uri
-        self.run_id = run_id
-        self.local_file = local_file
-        self.dropped = 0
-        self._client: Any = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._metrics: list[Any] = []
-        self._texts: list[tuple[str, str]] = []
-        self._in_flight = (0, 0)
-        self._failures = 0
-        self._warned = False
-        self._thread = threading.Thread(
-            target=self._run, name="llmflow-mlflow-metrics", daemon=True
-        )
-        self._thread.start()
-
-    def add_metrics(self, metrics: list[Any]) -> None:
-        with self._lock:
-            self._metrics.extend(metrics)
-            overflow = len(self._metrics) - _MLFLOW_MAX_PENDING
-            if overflow > 0:
-                del self._metrics[:overflow]
-                self.dropped += overflow
-
-    def add_text(self, text: str, artifact_file: str) -> None:
-        with self._lock:
-            self._texts.append((text, artifact_file))
-            del self._texts[:-_MLFLOW_MAX_PENDING_TEXTS]
-
-    def stop(self) -> None:
-        """Ask for a last attempt and an exit, without waiting for either."""
-        self._stopping = True
-        self._wake.set()
-
-    def close(self, timeout: float) -> bool:
-        """Send what is left, waiting at most ``timeout`` seconds; whether all of it arrived."""
-        self.stop()
-        self._thread.join(timeout)
-        with self._lock:
-            metrics = len(self._metrics) + self._in_flight[0]
-            texts = len(self._texts) + self._in_flight[1]
-        if self._thread.is_alive() or metrics or texts or self.dropped:
-            log.warning(
-                "MLflow at %s: %d metric values (and %d dropped from the full queue) and %d"
-                " sample texts of run %s were not delivered within %.0f s of the end of training;"
-                " every metric is in %s",
-                self.uri,
-                metrics,
-                self.dropped,
-                texts,
-                self.run_id,
-                timeout,
-                self.local_file,
-            )
-            return False
-        return True
-
-    def _run(self) -> None:
-        delay = _MLFLOW_FLUSH_S
-        while True:
-            self._wake.wait(delay)
-            self._wake.clear()
-            stopping = self._stopping
-            sent = self._send()
-            if stopping:
-                return
-            delay = (
-                _MLFLOW_FLUSH_S
-                if sent
-                else min(_MLFLOW_MAX_BACKOFF_S, _MLFLOW_FLUSH_S * 2**self._failures)
-            )
-
-    def _send(self) -> bool:
-        with self._lock:
-            metrics, self._metrics = self._metrics, []
-            texts, self._texts = self._texts, []
-            self._in_flight = (len(metrics), len(texts))
-        if not metrics and not texts:
-            return True
-        done_metrics = done_texts = 0
-        try:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=self.uri)
-            while done_metrics < len(metrics):
-                chunk = metrics[done_metrics : done_metrics + 1000]
-                self._client.log_batch(self.run_id, metrics=chunk)
-                done_metrics += len(chunk)
-            for text, artifact_file in texts:
-                self._client.log_text(self.run_id, text, artifact_file)
-                done_texts += 1
-        except Exception as error:  # noqa: BLE001 - whatever MLflow raises, training goes on
-            with self._lock:  # back to the front of the queue, for the next attempt
-                self._metrics[:0] = metrics[done_metrics:]
-                self._texts[:0] = texts[done_texts:]
-                self._in_flight = (0, 0)
-            self._failures += 1
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "MLflow at %s is unreachable or refused run %s's metrics (%s); training goes"
-                    " on, every metric is written to %s and sending is retried in the"
-                    " background (this warning is not repeated)",
-                    self.uri,
-                    self.run_id,
-                    _short(error),
-                    self.local_file,
-                )
-            return False
-        with self._lock:
-            self._in_flight = (0, 0)
-        if self._failures:
-            log.info("MLflow at %s reachable again: the queued metrics were sent", self.uri)
-        self._failures = 0
-        return True
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-class MetricsSink:
-    """Rank 0's record of the run: ``metrics.jsonl`` in the run folder (what tests and a user
-    with no MLflow read), written as each step ends, and the MLflow run, sent in the background
-    (:class:`_MlflowWriter`) so that a slow or absent tracking server never holds training."""
-
-    def __init__(self, job: TrainJob, resume_step: int) -> None:
-        self.path = Path(job.run_dir) / METRICS_FILE
-        self._mlflow: _MlflowWriter | None = None
-        if job.tracking_uri and job.mlflow_run_id:
-            self._mlflow = _MlflowWriter(job.tracking_uri, job.mlflow_run_id, self.path)
-            # a run that raises never reaches close(): its writer still sends what it holds and
-            # ends once the sink is gone, instead of waking every few seconds for good
-            weakref.finalize(self, self._mlflow.stop)
-        # Lines past the checkpoint we resume from were written by the interrupted attempt and
-        # are about to be written again: drop them, so the file holds each step once.
-        if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
-        if self._mlflow is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self._mlflow.add_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self._mlflow is not None:
-            self._mlflow.add_text(text, artifact_file)
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Deliver what is queued for MLflow, waiting at most ``timeout`` seconds (default
-        ``MLFLOW_CLOSE_TIMEOUT_S``); whether everything arrived (True with no MLflow run)."""
-        if self._mlflow is None:
-            return True
-        return self._mlflow.close(MLFLOW_CLOSE_TIMEOUT_S if timeout is None else timeout)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's ``metrics.jsonl`` rows, in order."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    batches: list[Batch],
-    token_bytes: torch.Tensor,
-    parallel: Distributed,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[float, float]:
-    """Validation loss (nats per trained token) and bits per byte over the held-out batches.
-
-    Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, which
-    makes models with different tokenizers comparable; special tokens (``<|eos|>``) stand for no
-    bytes and are left out of both sums, as nanochat does. Targets set to ``IGNORE_INDEX`` (SFT's
-    prompts, padding) count in neither.
-    """
-    model.eval()
-    mine = batches[parallel.rank :: parallel.world]
-    device = token_bytes.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, loss(bytes), bytes
-    for batch in mine:
-        with autocast():
-            logits = batch.logits(model)
-        y = batch.y.reshape(-1)
-        losses = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y, reduction="none"
-        ).double()
-        trained = y != IGNORE_INDEX
-        nbytes = torch.where(trained, token_bytes[y.clamp(min=0)], 0).double()
-        sums += torch.stack(
-            [losses.sum(), trained.sum().double(), (losses * (nbytes > 0)).sum(), nbytes.sum()]
-        )
-    sums = parallel.all_sum(sums)
-    model.train()
-    loss = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
-    bpb = float(sums[2] / (math.log(2) * sums[3])) if sums[3] > 0 else float("nan")
-    return loss, bpb
 
 
 def _samples(
@@ -596,163 +138,174 @@ def _samples(
     return "\n".join(parts)
 
 
-def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train (or resume) the run described by ``job``; returns rank 0's summary of it."""
-    from llmflow.tasks.train.bpe_tokenizer import load_tokenizer, token_byte_lengths
+class Trainer:
+    """One process's training run. Its :meth:`state_dict` (model, optimizer, scheduler, step,
+    data position, every rank's RNG states) is exactly what a checkpoint holds; the rest is
+    rebuilt from the job. :func:`train` calls its steps in order."""
 
-    config = job.config
-    parallel, device = _setup(config)
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = run_dir / "checkpoints"
-    seq_len = config.seq_len or job.decoder.max_seq_len
-    if seq_len > job.decoder.max_seq_len:
-        raise ValueError(
-            f"{job.kind}.seq_len={seq_len} exceeds the model's max_seq_len="
-            f"{job.decoder.max_seq_len}"
-        )
-    per_micro = config.micro_batch_size * seq_len * parallel.world
-    if config.batch_tokens % per_micro:
-        raise ValueError(
-            f"{job.kind}.batch_tokens={config.batch_tokens} is not a multiple of micro_batch_size"
-            f" × seq_len × processes = {config.micro_batch_size} × {seq_len} × {parallel.world}"
-            f" = {per_micro}"
-        )
-    accumulation = config.batch_tokens // per_micro
-    global_sequences = config.batch_tokens // seq_len
+    def __init__(self, job: TrainJob) -> None:
+        from llmflow.tasks.train.bpe_tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(job.tokenizer_dir)
-    token_bytes = torch.zeros(job.decoder.vocab_size, dtype=torch.int64)
-    lengths = torch.from_numpy(np.asarray(token_byte_lengths(tokenizer), dtype=np.int64))
-    token_bytes[: len(lengths)] = lengths
-    token_bytes = token_bytes.to(device)
-
-    chat = job.kind == "sft"
-    if chat:
-        data: TrainWindows | PackedConversations = PackedConversations(
-            job.train_shards[0], seq_len, config.seed
+        self.job, self.config = job, job.config
+        self.parallel, self.device = init_distributed(self.config)
+        self.run_dir = Path(job.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.seq_len, self.accumulation = self._batch_shape()
+        self.global_sequences = self.config.batch_tokens // self.seq_len
+        self.chat = job.kind == "sft"
+        self.tokenizer = load_tokenizer(job.tokenizer_dir)
+        self.token_bytes = self._token_bytes()
+        self.data = self._training_data()
+        self.val_batches = eval_batches(job, self.seq_len, self.device)
+        if not self.val_batches and self.parallel.main:
+            print(
+                "no held-out data: validation loss and bits per byte are not measured"
+                f" (raise {'sft' if self.chat else 'tokenize'}.val_fraction, or add data)",
+                flush=True,
+            )
+        torch.manual_seed(self.config.seed)
+        self.model = Decoder(job.decoder).to(self.device)  # the weights, saved and loaded
+        self.optimizer = build_optimizer(self.model, self.config, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, self.config)
         )
-    else:
-        train_stream = TokenStream(job.train_shards)
-        data = TrainWindows(train_stream, seq_len, config.seed)
-    val_batches = eval_batches(job, seq_len, device)
+        # what the steps run: the decoder, compiled and/or wrapped for DDP as configured
+        self.parallel_model = parallelize(self.model, self.config, self.parallel, self.device)
+        self.step = self.resumed_from = 0
+        self.sink: MetricsSink | None = None
+        self.entropy = math.nan
+        self.last: dict[str, float] = {}  # the last step's metrics
+        self.lr = self.config.lr
+        # (step, loss, grad norm) of the steps since the host last looked, on the device
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._stopwatch = Stopwatch(self.device)
 
-    if not val_batches and parallel.main:
-        print(
-            "no held-out data: validation loss and bits per byte are not measured"
-            f" (raise {'sft' if chat else 'tokenize'}.val_fraction, or add data)",
-            flush=True,
-        )
-    torch.manual_seed(config.seed)
-    raw_model = Decoder(job.decoder).to(device)
-    optimizer = build_optimizer(raw_model, config, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, config)
-    )
-    start_step = 0
-    latest = checkpoints.latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        state = checkpoints.load_checkpoint(latest, map_location=device)
-        trainer_state = state["trainer"]
-        if trainer_state["global_sequences"] != global_sequences:
+    def _batch_shape(self) -> tuple[int, int]:
+        """(sequence length, micro-batches per step), checked against the model and batch."""
+        config, decoder, world = self.config, self.job.decoder, self.parallel.world
+        seq_len = config.seq_len or decoder.max_seq_len
+        if seq_len > decoder.max_seq_len:
             raise ValueError(
-                f"checkpoint {latest} was made with {trainer_state['global_sequences']} sequences"
-                f" per step, this run has {global_sequences}: start a new run folder"
+                f"{self.job.kind}.seq_len={seq_len} exceeds the model's max_seq_len="
+                f"{decoder.max_seq_len}"
             )
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        start_step = trainer_state["step"]
-        rng = trainer_state["rng"]
-        _set_rng_state(rng[parallel.rank] if parallel.rank < len(rng) else rng[0], device)
-    elif job.init_checkpoint is not None:  # a new SFT run starts from the pretrained weights
-        initial = checkpoints.load_checkpoint(Path(job.init_checkpoint), map_location=device)
-        if initial["decoder"] != job.decoder.model_dump():
+        per_micro = config.micro_batch_size * seq_len * world
+        if config.batch_tokens % per_micro:
             raise ValueError(
-                f"checkpoint {job.init_checkpoint} is a different model shape than the run's"
+                f"{self.job.kind}.batch_tokens={config.batch_tokens} is not a multiple of"
+                f" micro_batch_size × seq_len × processes = {config.micro_batch_size} × {seq_len}"
+                f" × {world} = {per_micro}"
             )
-        raw_model.load_state_dict(initial["model"])
+        return seq_len, config.batch_tokens // per_micro
 
-    # what the steps run: the decoder, compiled and/or wrapped for DDP as configured
-    model: torch.nn.Module = raw_model
-    if config.compile:
-        # typed as returning a plain callable; for a module it is a (compiled) module
-        model = cast(torch.nn.Module, torch.compile(model))
-    ddp: DistributedDataParallel | None = None
-    if parallel.world > 1:
-        model = ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = lambda: _autocast(config, device)  # noqa: E731
-    sink = MetricsSink(job, start_step) if parallel.main else None
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak = peak_flops(device, config.peak_flops)
-    # only rank 0 logs and reports it; the other ranks would each read the whole split for it
-    entropy = math.nan
-    if parallel.main and not chat:
-        entropy = unigram_entropy(train_stream, job.decoder.vocab_size)
-    if sink is not None and start_step == 0:
-        counts = {"train_tokens": data.tokens, "parameters": raw_model.num_parameters()}
-        sink.log(0, counts | ({} if chat else {"unigram_entropy": entropy}))
+    def _token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes per token id (0 for special tokens), for bits per byte."""
+        from llmflow.tasks.train.bpe_tokenizer import token_byte_lengths
 
-    def save(step: int) -> None:
-        rng: list[dict[str, Any] | None] = [_rng_state(device)]
-        if parallel.world > 1:
-            rng = [None] * parallel.world
-            dist.all_gather_object(rng, _rng_state(device))
-        if parallel.main:
-            checkpoints.save_checkpoint(
-                checkpoint_dir,
-                step,
-                {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
-                optimizer.state_dict(),
-                {
-                    "step": step,
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng,
-                    "global_sequences": global_sequences,
-                    "sequences_consumed": step * global_sequences,
-                    "seq_len": seq_len,
-                },
-                job.decoder.model_dump(),
-                config.keep_checkpoints,
+        token_bytes = torch.zeros(self.job.decoder.vocab_size, dtype=torch.int64)
+        lengths = np.asarray(token_byte_lengths(self.tokenizer), dtype=np.int64)
+        token_bytes[: len(lengths)] = torch.from_numpy(lengths)
+        return token_bytes.to(self.device)
+
+    def _training_data(self) -> TrainWindows | PackedConversations:
+        if self.chat:
+            return PackedConversations(self.job.train_shards[0], self.seq_len, self.config.seed)
+        return TrainWindows(TokenStream(self.job.train_shards), self.seq_len, self.config.seed)
+
+    # --- the state a checkpoint holds -------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint saves: ``model``, ``optimizer``, ``trainer`` (scheduler, step, data
+        position, every rank's RNG states) and ``decoder`` (the model's shape). Under torchrun
+        every rank calls it (the RNG states are gathered); only rank 0's is written, so only
+        rank 0 copies the weights to the host."""
+        rng: list[dict[str, Any] | None] = [checkpoints.rng_state(self.device)]
+        if self.parallel.world > 1:
+            rng = [None] * self.parallel.world
+            dist.all_gather_object(rng, checkpoints.rng_state(self.device))
+        weights = self.model.state_dict()
+        return {
+            "model": {k: v.detach().cpu() if self.parallel.main else v for k, v in weights.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng,
+                "global_sequences": self.global_sequences,
+                "sequences_consumed": self.step * self.global_sequences,
+                "seq_len": self.seq_len,
+            },
+            "decoder": self.job.decoder.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s, as a checkpoint gives it back)."""
+        trainer = state["trainer"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.step = trainer["step"]
+        rng, rank = trainer["rng"], self.parallel.rank
+        checkpoints.set_rng_state(rng[rank] if rank < len(rng) else rng[0], self.device)
+
+    def resume(self) -> None:
+        """Continue from the run's latest checkpoint, or (a new SFT run) start from the
+        pretrained weights; then open the run's metrics where the checkpoint left them."""
+        latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
+        if latest is not None:
+            state = checkpoints.load_checkpoint(latest, map_location=self.device)
+            made_with = state["trainer"]["global_sequences"]
+            if made_with != self.global_sequences:
+                raise ValueError(
+                    f"checkpoint {latest} was made with {made_with} sequences per step, this run"
+                    f" has {self.global_sequences}: start a new run folder"
+                )
+            self.load_state_dict(state)
+        elif self.job.init_checkpoint is not None:
+            initial = checkpoints.load_checkpoint(
+                Path(self.job.init_checkpoint), map_location=self.device
             )
+            if initial["decoder"] != self.job.decoder.model_dump():
+                raise ValueError(
+                    f"checkpoint {self.job.init_checkpoint} is a different model shape than the"
+                    " run's"
+                )
+            self.model.load_state_dict(initial["model"])
+        self.resumed_from = self.step
+        if self.parallel.main:
+            self._open_metrics()
+        self.parallel_model.train()
+        self._stopwatch.resume()
 
-    def run_eval(step: int) -> dict[str, float]:
-        """Held-out loss and bits per byte (when there is a held-out split), and samples."""
-        metrics: dict[str, float] = {}
-        if val_batches:
-            loss, bpb = evaluate(model, val_batches, token_bytes, parallel, autocast)
-            metrics = {"val_loss": loss, "val_bpb": bpb}
-        if sink is not None:
-            text = _samples(
-                raw_model, tokenizer, config.sample_prompts, config.sample_tokens, chat, step
-            )
-            sink.log_text(text, f"samples/{checkpoints.step_name(step)}.txt")
-            (run_dir / "samples").mkdir(exist_ok=True)
-            (run_dir / "samples" / f"{checkpoints.step_name(step)}.txt").write_text(text)
-        return metrics
+    def _open_metrics(self) -> None:
+        """Rank 0's record, with the run's sizes at step 0 (only rank 0 reads the whole split
+        for the unigram entropy)."""
+        self.sink = MetricsSink(self.job, self.step)
+        if isinstance(self.data, TrainWindows):
+            self.entropy = unigram_entropy(self.data.stream, self.job.decoder.vocab_size)
+        if self.step == 0:
+            counts = {"train_tokens": self.data.tokens, "parameters": self.model.num_parameters()}
+            self.sink.log(0, counts | ({} if self.chat else {"unigram_entropy": self.entropy}))
 
-    last: dict[str, float] = {}
-    step = start_step
-    model.train()
-    tick = time.perf_counter()
-    for step in range(start_step, config.max_steps):
-        loss_sum = torch.zeros((), device=device)
+    # --- one step ---------------------------------------------------------------------------
+
+    def train_step(self) -> None:
+        """One optimizer step on the global batch; its loss and gradient norm stay on the
+        device (read at the next log, evaluation or save)."""
+        config, parallel = self.config, self.parallel
+        first = self.step * self.global_sequences
         # every rank knows the whole step's count of trained targets (the data is a pure
         # function of the step), so each scales its sum by it; DDP's mean over ranks is undone
         # by the factor world
-        step_targets = max(1, data.targets(step * global_sequences, global_sequences))
-        for micro in range(accumulation):
-            first = step * global_sequences + (micro * parallel.world + parallel.rank) * (
-                config.micro_batch_size
-            )
-            batch = data.batch(first, config.micro_batch_size, device)
-            sync = parallel.world == 1 or micro == accumulation - 1
-            context = contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()
-            with context:
-                with autocast():
-                    logits = batch.logits(model)
+        step_targets = max(1, self.data.targets(first, self.global_sequences))
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            start = first + (micro * parallel.world + parallel.rank) * config.micro_batch_size
+            batch = self.data.batch(start, config.micro_batch_size, self.device)
+            with gradient_sync(self.parallel_model, micro == self.accumulation - 1):
+                with _autocast(config, self.device):
+                    logits = batch.logits(self.parallel_model)
                 loss = F.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]),
                     batch.y.reshape(-1),
@@ -760,84 +313,174 @@ def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> d
                 )
                 (loss * (parallel.world / step_targets)).backward()
             loss_sum += loss.detach()
-        if config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-        else:
-            grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm()
-        step_loss = parallel.all_sum(loss_sum) / step_targets
-        loss_value, norm_value = float(step_loss), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            latest = checkpoints.latest_checkpoint(checkpoint_dir)
-            raise NonFiniteLossError(
-                f"step {step + 1}: training loss {loss_value}, gradient norm {norm_value}; the run"
-                f" diverged and was stopped before the update. Lower {job.kind}.lr, lengthen"
-                f" {job.kind}.warmup_steps or set pretrain.model.qk_norm=true, then re-run (it"
-                f" resumes from {latest or 'the start'})."
-            )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        tokens_per_s = config.batch_tokens / (now - tick)
-        tick = now
+        grad_norm = self._clip_gradients()
+        self._pending.append((self.step + 1, parallel.all_sum(loss_sum) / step_targets, grad_norm))
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._stopwatch.steps += 1
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradients' total norm, after clipping them to ``grad_clip`` (if set)."""
+        if self.config.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        grads = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
+        return torch.stack(grads).norm()
+
+    def _host_losses(self) -> list[tuple[float, float]]:
+        """(loss, grad norm) of the steps since the host last looked, in one copy from the
+        device; a NaN or infinite one stops the run here, before it is logged or saved."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        values = torch.stack([torch.stack([x.double(), n.double()]) for _, x, n in pending])
+        rows: list[tuple[float, float]] = [(loss, norm) for loss, norm in values.tolist()]
+        for (step, _, _), (loss, norm) in zip(pending, rows, strict=True):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
+                raise NonFiniteLossError(
+                    f"step {step}: training loss {loss}, gradient norm {norm}; the run diverged"
+                    f" and was stopped before saving it. Lower {self.job.kind}.lr, lengthen"
+                    f" {self.job.kind}.warmup_steps or set pretrain.model.qk_norm=true, then"
+                    f" re-run (it resumes from {latest or 'the start'})."
+                )
+        return rows
+
+    # --- what happens between steps ---------------------------------------------------------
+
+    def _evaluates_now(self) -> bool:
+        return self.step % self.config.eval_interval == 0 or self.step == self.config.max_steps
+
+    def _logs_now(self) -> bool:
+        return (
+            self.step % self.config.log_interval == 0
+            or self.step == self.config.max_steps
+            or (self._evaluates_now() and bool(self.val_batches))
+        )
+
+    def reports_now(self) -> bool:
+        """Whether this step is logged or evaluated: the steps where the host reads the loss."""
+        return self._logs_now() or self._evaluates_now()
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last step's training metrics, throughput over the steps since the last report."""
+        loss, grad_norm = self._host_losses()[-1]
+        seconds, steps = self._stopwatch.lap()
+        tokens_per_s = self.config.batch_tokens * steps / seconds
+        flops_per_token = self.model.flops_per_token(self.seq_len)
         metrics = {
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": norm_value,
+            "loss": loss,
+            "lr": self.lr,
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
-            "tokens_seen": done * config.batch_tokens,
+            "tokens_seen": self.step * self.config.batch_tokens,
             "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
         }
+        peak = peak_flops(self.device, self.config.peak_flops)
         if peak:
             metrics["mfu"] = tokens_per_s * flops_per_token / peak
-        if done % config.eval_interval == 0 or done == config.max_steps:
-            metrics |= run_eval(done)
-            tick = time.perf_counter()  # evaluation time is not training throughput
-        if sink is not None and (
-            done % config.log_interval == 0 or done == config.max_steps or "val_loss" in metrics
-        ):
-            sink.log(done, metrics)
-        last = metrics
-        if parallel.main and (done % config.eval_interval == 0 or done == config.max_steps):
-            # A line per evaluation: the log (Prefect's, torchrun's output) says how the run goes.
-            line = f"{job.kind} step {done}/{config.max_steps}: loss {loss_value:.4f}"
+        return metrics
+
+    def maybe_evaluate(self) -> dict[str, float]:
+        """At an evaluation step, :meth:`evaluate_and_sample` (its time is not training's)."""
+        if not self._evaluates_now():
+            return {}
+        self._stopwatch.pause()
+        metrics = self.evaluate_and_sample()
+        self._stopwatch.resume()
+        return metrics
+
+    def evaluate_and_sample(self) -> dict[str, float]:
+        """Held-out loss and bits per byte (when there is a held-out split); rank 0 writes the
+        model's samples beside the run and to MLflow."""
+        metrics: dict[str, float] = {}
+        if self.val_batches:
+            loss, bpb = validation_loss(
+                self.parallel_model,
+                self.val_batches,
+                self.token_bytes,
+                self.parallel,
+                lambda: _autocast(self.config, self.device),
+            )
+            metrics = {"val_loss": loss, "val_bpb": bpb}
+        if self.sink is not None:
+            name = checkpoints.step_name(self.step)
+            prompts, tokens = self.config.sample_prompts, self.config.sample_tokens
+            text = _samples(self.model, self.tokenizer, prompts, tokens, self.chat, self.step)
+            self.sink.log_text(text, f"samples/{name}.txt")
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            (self.run_dir / "samples" / f"{name}.txt").write_text(text)
+        return metrics
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Record a reported step: to the metrics at a log step, a line to the output at an
+        evaluation step (the log, Prefect's or torchrun's, says how the run goes)."""
+        self.last = metrics
+        if self.sink is not None and self._logs_now():
+            self.sink.log(self.step, metrics)
+        if self.parallel.main and self._evaluates_now():
+            line = f"{self.job.kind} step {self.step}/{self.config.max_steps}"
+            line += f": loss {metrics['loss']:.4f}"
             if "val_loss" in metrics:
                 line += f", val loss {metrics['val_loss']:.4f} ({metrics['val_bpb']:.3f} bits/byte)"
-            print(f"{line}, {tokens_per_s:,.0f} tokens/s", flush=True)
-        if done % config.checkpoint_interval == 0 or done == config.max_steps:
-            save(done)
-            tick = time.perf_counter()
-        if parallel.main and on_step is not None:
-            on_step(done, config.max_steps)
-    if start_step >= config.max_steps:  # finished before, stopped before its export: re-measure
-        done = start_step
-        last = run_eval(done)
-    result = {
-        "steps": done,
-        "resumed_from": start_step,
-        "final_loss": last.get("loss"),
-        "val_loss": last.get("val_loss"),
-        "val_bpb": last.get("val_bpb"),
-        "unigram_entropy": None if chat else entropy,
-        "train_tokens": data.tokens,
-        "val_batches": len(val_batches),
-        "parameters": raw_model.num_parameters(),
-        "world_size": parallel.world,
-        "device": str(device),
-        "checkpoint": str(checkpoints.latest_checkpoint(checkpoint_dir)),
-    }
-    if sink is not None:
-        sink.close()
-        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    if parallel.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+            print(f"{line}, {metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
+
+    def maybe_save(self) -> None:
+        """At a checkpoint step, save the state (its time is not training's)."""
+        if self.step % self.config.checkpoint_interval and self.step != self.config.max_steps:
+            return
+        self._stopwatch.pause()
+        self._host_losses()  # a diverged state is never saved
+        state = self.state_dict()
+        if self.parallel.main:
+            checkpoints.save_checkpoint(
+                self.checkpoint_dir, self.step, state, self.config.keep_checkpoints
+            )
+        self._stopwatch.resume()
+
+    def finish(self) -> dict[str, Any]:
+        """Rank 0's summary of the run (also written as ``result.json``); the processes part."""
+        if self.resumed_from >= self.config.max_steps:  # done before, stopped before its export
+            self.last = self.evaluate_and_sample()
+        result = {
+            "steps": self.step,
+            "resumed_from": self.resumed_from,
+            "final_loss": self.last.get("loss"),
+            "val_loss": self.last.get("val_loss"),
+            "val_bpb": self.last.get("val_bpb"),
+            "unigram_entropy": None if self.chat else self.entropy,
+            "train_tokens": self.data.tokens,
+            "val_batches": len(self.val_batches),
+            "parameters": self.model.num_parameters(),
+            "world_size": self.parallel.world,
+            "device": str(self.device),
+            "checkpoint": str(checkpoints.latest_checkpoint(self.checkpoint_dir)),
+        }
+        if self.sink is not None:
+            self.sink.close()
+            text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+            (self.run_dir / RESULT_FILE).write_text(text)
+        if self.parallel.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+
+
+def train(job: TrainJob, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``job``; returns rank 0's summary of it."""
+    trainer = Trainer(job)
+    trainer.resume()
+    while trainer.step < job.config.max_steps:
+        trainer.train_step()
+        if trainer.reports_now():
+            metrics = trainer.step_metrics()
+            trainer.log(metrics | trainer.maybe_evaluate())
+        trainer.maybe_save()
+        if trainer.parallel.main and on_step is not None:
+            on_step(trainer.step, job.config.max_steps)
+    return trainer.finish()
 
 
 def _print_progress(step: int, total: int) -> None:
