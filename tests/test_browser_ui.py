@@ -349,7 +349,6 @@ def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> 
                 refresh = served_deployments(api, serve, log)["data-refresh"]
                 taken = [_log_in(page, urls["Prefect"], auth_string, shots)]
                 taken.append(_check_deployments(page, urls["Prefect"], shots))
-                taken.append(_check_flows(page, urls["Prefect"], shots))
                 run_id, shot = _run_from_ui(page, shots)
                 taken.append(shot)
                 run = wait_completed(api, run_id, log)
@@ -371,6 +370,7 @@ def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> 
 
                 taken += [
                     _check_flow_run(page, urls["Prefect"], run, task_runs, shots),
+                    _check_flows(page, urls["Prefect"], shots),
                     _check_mlflow(
                         page, urls["MLflow"], experiment.experiment_id, parent.info.run_name, shots
                     ),

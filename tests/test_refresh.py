@@ -113,6 +113,7 @@ def test_a_second_refresh_adds_only_what_is_new(
     assert asked["/p6.html"] == (200, False) and asked["/p7.html"] == (200, False)
 
     # Only the new and changed pages went through the stages of version 2.
+    layout = DataLayout.of(PipelineConfig(workdir=str(workdir)))  # now writing version 2
     crawl_dir = layout.stage_dir("crawl")
     assert crawl_dir.endswith("/documents/v0002/crawl")
     crawled = {d["url"].rsplit("/", 1)[1] for d in shards.iter_documents(crawl_dir)}
@@ -216,6 +217,7 @@ def test_a_refresh_rereads_only_changed_files_and_withdraws_what_left(
     (folder / "doc-3.txt").write_text(prose(3) + "\n")  # new
     finish([*args, "--refresh"], prefect_api, tmp_path / "refresh.log")
 
+    layout = DataLayout.of(PipelineConfig(workdir=str(workdir)))  # now writing version 2
     crawl_dir = layout.stage_dir("crawl")
     read_again = {Path(d["url"]).name for d in shards.iter_documents(crawl_dir)}
     assert read_again == {"doc-1.txt", "doc-3.txt"}  # doc-0 is unchanged: not read again
