@@ -23,6 +23,7 @@ from test_pretrain import TINY_MODEL
 from test_pretrain import make_job as pretrain_job
 
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.steps import completed_step
 from llmflow.tasks.evaluate.model_loading import load_causal_lm
 from llmflow.tasks.train import checkpoints, pretrain, sft, train_metrics
 from llmflow.tasks.train.train_config import SftConfig, TrainJob
@@ -208,8 +209,8 @@ def test_a_manifest_run_dir_outside_the_stage_folder_is_refused(tmp_path: Path, 
     _manifest(stage, value)
     manifest_file = str(stage / shards.MANIFEST_NAME)
 
-    with pytest.raises(ValueError) as error:
-        pretrain.completed(str(stage), "k" * 64)
+    with pytest.raises(ValueError) as error:  # what a re-run does with the finished run's manifest
+        pretrain.manifest_run_dir(str(stage), completed_step(str(stage), "k" * 64) or {})
     assert manifest_file in str(error.value) and f"run_dir={value!r}" in str(error.value)
 
     with pytest.raises(ValueError) as error:  # SFT would fine-tune the checkpoint it names
@@ -223,7 +224,7 @@ def test_a_manifest_run_dir_inside_the_stage_folder_is_used(tmp_path: Path) -> N
     (run / pretrain.HF_DIR).mkdir(parents=True)
     (run / pretrain.HF_DIR / "config.json").write_text("{}")
     _manifest(stage, "runs/abc")
-    assert pretrain.completed(str(stage), "k" * 64)["run_dir"] == "runs/abc"
+    assert (completed_step(str(stage), "k" * 64) or {})["run_dir"] == "runs/abc"
     assert pretrain.manifest_run_dir(str(stage), {"run_dir": "runs/abc"}) == run
 
 

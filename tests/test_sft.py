@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from document_datasets import build_token_dirs
 
+from llmflow.tasks.core.steps import write_step_manifest
 from llmflow.tasks.evaluate.evaluation import chat_samples
 from llmflow.tasks.train import checkpoints, pretrain, sft
 from llmflow.tasks.train.sft_data import IGNORE_INDEX
@@ -73,7 +74,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     result = train(job)
     export = Path(job.run_dir) / pretrain.HF_DIR
     pretrain.export_hf(Path(result["checkpoint"]), job.tokenizer_dir, export)
-    pretrain.write_manifest(pretrain_dir, key, job, result)  # declares the export's files
+    outputs, fields = pretrain.trained_outputs(pretrain_dir, job, result)  # the export's files
+    write_step_manifest(pretrain_dir, pretrain.STAGE, key, outputs, fields)
     data = root / "conversations.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversation_records()))
     return {"pretrain": pretrain_dir, "tokenizer": tokenizer_dir, "data": str(data)}

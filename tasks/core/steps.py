@@ -5,14 +5,15 @@ like any unit (:func:`~llmflow.tasks.core.stage.unit_key`: stage, code version, 
 output fields, a digest of what it reads) and writes, last, a manifest (:class:`StepManifest`)
 that carries the key and declares the files the step made. A re-run with the same key whose
 declared files are all still there, with their sizes (and, for small files, their sha256), is
-skipped; anything else runs the step again. One rule for every step, as ``run_unit``'s markers
-are one rule for every unit.
+skipped; anything else runs the step again. :func:`run_step` is the one executor of a step, as
+``run_unit`` is of a unit; dedup's global resolve is a step too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -109,3 +110,20 @@ def write_step_manifest(
     data = manifest.model_dump(mode="json") | fields
     shards.write_json_atomic(shards.join(stage_dir, shards.MANIFEST_NAME), data)
     return data
+
+
+def run_step(
+    stage_dir: str,
+    spec: StageSpec,
+    key: str,
+    make: Callable[[], tuple[list[str], dict[str, Any]]],
+) -> tuple[dict[str, Any], bool]:
+    """The one executor of a step, as :func:`~llmflow.tasks.core.stage.run_unit` is of a unit:
+    skip it when its manifest has this key and its files are intact; else run ``make`` (which
+    writes the step's files and returns their paths, relative to ``stage_dir``, and the
+    manifest's own fields) and write the manifest last. Returns (manifest, skipped)."""
+    done = completed_step(stage_dir, key)
+    if done is not None:
+        return done, True
+    outputs, fields = make()
+    return write_step_manifest(stage_dir, spec, key, outputs, fields), False

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageSpec, WorkUnit, read_unit_input
-from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
+from llmflow.tasks.core.steps import completed_step, run_step, step_key
 from llmflow.tasks.curate.dedup_index import DedupIndex, batch_name, index_for
 from llmflow.tasks.curate.dedup_minhash import band_column, signatures_path
 
@@ -85,14 +85,25 @@ def resolve_duplicates(
     units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str, signatures_reused: int = 0
 ) -> Counter[str]:
     """Step 2: cluster every document of the run (and the index it is checked against) and write
-    each shard's decisions. Memory: a few numpy arrays of one entry per document, one band at a
-    time; signatures are read back only for documents that are in a candidate pair."""
-    context = units[0].source["context"] if units else ""
+    each shard's decisions, unless the step is done for this run's context (its manifest, written
+    last by :func:`~llmflow.tasks.core.steps.run_step`). Memory: a few numpy arrays of one entry
+    per document, one band at a time; signatures are read back only for documents that are in a
+    candidate pair."""
     decisions_dir = shards.join(stage_dir, DECISIONS_DIR)
-    key = resolve_key(units, config)
-    done = completed_step(decisions_dir, key)
-    if done is not None:
-        return Counter(done["stats"])
+    manifest, _ = run_step(
+        decisions_dir,
+        RESOLVE_STEP,
+        resolve_key(units, config),
+        lambda: _resolve(units, config, stage_dir, signatures_reused),
+    )
+    return Counter(manifest["stats"])
+
+
+def _resolve(
+    units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str, signatures_reused: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Cluster and write the decisions; their file names and the step manifest's fields."""
+    context = units[0].source["context"] if units else ""
     stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
     sig_paths = [signatures_path(stage_dir, u.name) for u in units]
     tables = [shards.read_parquet(p, ["order", "exact"]) for p in sig_paths]
@@ -202,9 +213,7 @@ def resolve_duplicates(
         )
         shards.write_shard(stage_dir, f"{DECISIONS_DIR}/{unit.name}.parquet", decisions)
     outputs = [f"{unit.name}.parquet" for unit in units]
-    fields = {"context": context, "stats": dict(sorted(stats.items()))}
-    write_step_manifest(decisions_dir, RESOLVE_STEP, key, outputs, fields)
-    return stats
+    return outputs, {"context": context, "stats": dict(sorted(stats.items()))}
 
 
 def _withdrawn_nodes(

@@ -16,7 +16,7 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
 from llmflow.tasks.core.progress import progress_per_task
 from llmflow.tasks.core.shards import manifest_sha256
-from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
+from llmflow.tasks.core.steps import run_step, step_key
 from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.train import pretrain, tokenize
@@ -60,14 +60,14 @@ def _register_sft_model(
 
 
 def _score(ctx: StageContext, key: str, inputs: tuple[str, str | None, list[str]]) -> tuple:
-    """The stored outcome when it has this key, else a new evaluation, its manifest written
-    last."""
-    done = completed_step(ctx.dir, key)
-    if done is not None:
-        return done, True
-    with progress_per_task("evaluate") as on_task:
-        outcome = evaluation.run_evaluation(ctx.settings, *inputs, on_task)
-    return write_step_manifest(ctx.dir, STAGE, key, [], outcome), False
+    """The stored outcome when it has this key, else a new evaluation (its manifest written
+    last); returns (outcome, skipped)."""
+
+    def evaluate() -> tuple[list[str], dict[str, Any]]:
+        with progress_per_task("evaluate") as on_task:
+            return [], evaluation.run_evaluation(ctx.settings, *inputs, on_task)
+
+    return run_step(ctx.dir, STAGE, key, evaluate)
 
 
 def evaluate_step(ctx: StageContext) -> StepReport:

@@ -30,7 +30,7 @@ from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import StageConfig, StageSpec
-from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
+from llmflow.tasks.core.steps import run_step, step_key
 from llmflow.tasks.train.chat_format import chat_template_config
 
 # Version 2: tokenizer_config.json carries the chat template.
@@ -312,17 +312,22 @@ def train_tokenizer(
     """Train on the training split of ``input_dir`` into ``stage_dir``; returns (manifest, skipped).
 
     ``val_fraction`` is the tokenize stage's split: the same documents held out there are held
-    out here. Skipped when the last run had the same key (code, config, split, input shard_files)
-    and its tokenizer.json is intact.
+    out here. Skipped when the last run had the same key (code, config, split, input shards)
+    and its files are intact (:func:`~llmflow.tasks.core.steps.run_step`).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     corpus = _Corpus(input_dir, config, val_fraction)  # raises clearly if there is no dataset
-    input_sha = manifest_sha256(input_dir)
     key = _key(config, val_fraction, input_dir)
-    done = completed_step(stage_dir, key)
-    if done is not None:
-        return done, True
+    return run_step(
+        stage_dir, STAGE, key, lambda: _train(corpus, input_dir, stage_dir, config, val_fraction)
+    )
+
+
+def _train(
+    corpus: _Corpus, input_dir: str, stage_dir: str, config: TokenizerConfig, val_fraction: float
+) -> tuple[list[str], dict[str, Any]]:
+    """Train and write the tokenizer's files; their names and the manifest's fields."""
     if corpus.total_docs == 0:
         raise ValueError(f"no documents to train a tokenizer on: {input_dir} is an empty dataset")
 
@@ -357,7 +362,7 @@ def train_tokenizer(
         "config": config.model_dump(mode="json"),
         "config_hash": config.output_hash(),
         "val_fraction": val_fraction,
-        "input_manifest_sha256": input_sha,
+        "input_manifest_sha256": manifest_sha256(input_dir),
         "vocab_size": measured.get_vocab_size(with_added_tokens=True),
         "special_tokens": {t: special_token_id(measured, t) for t in SPECIAL_TOKENS},
         "docs_used": corpus.docs_used,
@@ -367,8 +372,7 @@ def train_tokenizer(
         "compression_on": "validation" if on_validation else "training",
         "tokenizer_sha256": hashlib.sha256(data).hexdigest(),
     }
-    outputs = [TOKENIZER_FILE, *_HF_FILES]
-    return write_step_manifest(stage_dir, STAGE, key, outputs, fields), False
+    return [TOKENIZER_FILE, *_HF_FILES], fields
 
 
 @task(name="tokenizer-train", cache_policy=NO_CACHE, persist_result=False)

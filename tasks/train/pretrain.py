@@ -35,7 +35,7 @@ from llmflow.tasks.core.graph import StageContext, StepReport
 from llmflow.tasks.core.progress import StepProgress, run_logger
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import StageSpec
-from llmflow.tasks.core.steps import completed_step, step_key, write_step_manifest
+from llmflow.tasks.core.steps import run_step, step_key
 from llmflow.tasks.train import checkpoints
 from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
 from llmflow.tasks.train.tokenize import token_shard_paths
@@ -166,16 +166,11 @@ def export_hf(checkpoint: Path, tokenizer_dir: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def write_manifest(
-    stage_dir: str,
-    key: str,
-    job: TrainJob,
-    result: dict[str, Any],
-    spec: StageSpec = STAGE,
-    extra: dict[str, Any] | None = None,
-) -> dict:
-    """The finished run's manifest (pretraining's or, with its ``spec``, SFT's), declaring the
-    exported model's files: a re-run skips only while they are intact."""
+def trained_outputs(
+    stage_dir: str, job: TrainJob, result: dict[str, Any], extra: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """A finished run's declared files (the exported model's, so a re-run skips only while they
+    are intact) and its manifest's fields, for pretraining or SFT."""
     run_dir = Path(job.run_dir).relative_to(local_dir(stage_dir))
     export = Path(job.run_dir) / HF_DIR
     outputs = [str(run_dir / HF_DIR / f.name) for f in sorted(export.iterdir()) if f.is_file()]
@@ -188,13 +183,13 @@ def write_manifest(
         "result": {k: v for k, v in result.items() if k not in ("device", "resumed_from")},
         **(extra or {}),
     }
-    return write_step_manifest(stage_dir, spec, key, outputs, fields)
+    return outputs, fields
 
 
 def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
     """The run folder a pretraining or SFT manifest names, kept inside the stage's folder.
 
-    The manifest stores it relative to the stage folder (:func:`write_manifest`); a value that is
+    The manifest stores it relative to the stage folder (:func:`trained_outputs`); a value that is
     absolute or climbs out with ``..`` is refused with an error naming the manifest, so a
     tampered manifest cannot point the export, SFT or evaluation at files elsewhere.
     """
@@ -204,16 +199,6 @@ def manifest_run_dir(stage_dir: str, manifest: dict[str, Any]) -> Path:
         shards.join(stage_dir, shards.MANIFEST_NAME),
         "run_dir",
     )
-
-
-def completed(stage_dir: str, key: str) -> dict[str, Any] | None:
-    """The manifest of a finished run with this key whose export is intact, else None; a
-    manifest whose ``run_dir`` points outside the stage's folder is refused."""
-    manifest = completed_step(stage_dir, key)
-    if manifest is None:
-        return None
-    manifest_run_dir(stage_dir, manifest)  # refuses a tampered run_dir
-    return manifest
 
 
 @task(name="pretrain", cache_policy=NO_CACHE, persist_result=False)
@@ -266,27 +251,29 @@ def record_training(ctx: StageContext, run: TrainingRun) -> tuple[dict[str, Any]
             mlflow_run.log_input(*run.data_input, "training")
         if any(run.data_record):
             mlflow_run.log(metrics=run.data_record[0], tags=run.data_record[1])
-        manifest = completed(ctx.dir, run.key)
-        skipped = manifest is not None
-        if manifest is None:
-            job = job.model_copy(
+
+        def train_and_export() -> tuple[list[str], dict[str, Any]]:
+            trained = job.model_copy(
                 update={"tracking_uri": mlflow_run.tracking_uri, "mlflow_run_id": mlflow_run.run_id}
             )
-            result = run.train(job, processes(job.config))
-            run_dir = Path(job.run_dir)
+            result = run.train(trained, processes(trained.config))
+            run_dir = Path(trained.run_dir)
             checkpoint = Path(result["checkpoint"])
-            export = export_hf(checkpoint, job.tokenizer_dir, run_dir / HF_DIR)
+            export = export_hf(checkpoint, trained.tokenizer_dir, run_dir / HF_DIR)
             mlflow_run.log_artifacts(checkpoint, "checkpoint")
             mlflow_run.log_artifacts(export, "hf_model")
             for file in HF_TOKENIZER_FILES:
-                mlflow_run.log_artifacts(Path(job.tokenizer_dir) / file, "tokenizer")
+                mlflow_run.log_artifacts(Path(trained.tokenizer_dir) / file, "tokenizer")
             mlflow_run.log_artifacts(run_dir / "metrics.jsonl", "")
             curves = run_charts.training_curves(
                 read_metrics(run_dir), f"{ctx.name}: {result['steps']} steps"
             )
             if curves is not None:
                 mlflow_run.log_figure(curves, "charts/training_curves.png")
-            manifest = write_manifest(ctx.dir, run.key, job, result, run.spec, run.extra)
+            return trained_outputs(ctx.dir, trained, result, run.extra)
+
+        manifest, skipped = run_step(ctx.dir, run.spec, run.key, train_and_export)
+        manifest_run_dir(ctx.dir, manifest)  # a tampered run_dir is refused before it is read
         result = manifest["result"]
         final = {k: result[k] for k in ("val_loss", "val_bpb", "unigram_entropy") if result.get(k)}
         mlflow_run.log(
