@@ -36,7 +36,17 @@ def free_port() -> int:
 def pydoc_site() -> Iterator[str]:
     """Start pydoc's HTTP server in a child process; yield its base URL; stop it by pid."""
     port = free_port()
-    env = dict(os.environ, BROWSER="true", DISPLAY="", PYTHONDONTWRITEBYTECODE="1")
+    # A fixed environment, never ours: pydoc renders default values, and cgi's default
+    # ``environ=os.environ`` would put every variable of the run (PREFECT_API_AUTH_STRING,
+    # credentials, paths) into the crawled pages, and so into the dataset, its manifests and
+    # MLflow; it would also make the documents differ from machine to machine.
+    env = {
+        "BROWSER": "true",
+        "DISPLAY": "",
+        "LANG": "C.UTF-8",
+        "PATH": os.defpath,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     process = subprocess.Popen(
         # -I -S: no site-packages and no current directory on the server's path, so it serves
         # the standard library only (never imports torch, mlflow or this project to render a
