@@ -29,7 +29,7 @@ from llmflow.flows.tracking import PipelineTracker, flatten, link_flow_run, reso
 from llmflow.tasks.core import document_versions, progress, run_charts
 from llmflow.tasks.core.dataset_lock import exclusive_writer
 from llmflow.tasks.core.document_versions import DOCUMENTS
-from llmflow.tasks.core.graph import Phase
+from llmflow.tasks.core.graph import PHASES, Phase
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.registry import GRAPH
 
@@ -212,13 +212,6 @@ def evaluate(config: PipelineConfig) -> dict[str, Any]:
     return _result(run)
 
 
-PHASE_FLOWS: dict[Phase, Flow[..., dict[str, Any]]] = {
-    "data": data,
-    "train": train,
-    "evaluate": evaluate,
-}
-
-
 @flow(name="llmflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def pipeline(
     config: PipelineConfig, stages: list[str] | None = None, refresh: bool = False
@@ -232,7 +225,8 @@ def pipeline(
     _check_refresh(selected, refresh)
     runner = None if deployment.id else task_runner(config)
     with _flow_run("pipeline", config, selected) as run:
-        for phase, phase_flow in PHASE_FLOWS.items():
+        for phase in PHASES:
+            phase_flow = FLOWS[phase]
             chosen = [s for s in selected if GRAPH[s].phase == phase]
             if not chosen:
                 continue

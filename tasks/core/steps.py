@@ -95,6 +95,20 @@ def completed_step(stage_dir: str, key: str) -> dict[str, Any] | None:
     return data
 
 
+def step_output_intact(stage_dir: str, key: str, path: str) -> bool:
+    """Whether the step's manifest has this key and declares ``path``, still intact: what one
+    consumer of one output checks (without re-reading every other output of the step)."""
+    manifest_path = shards.join(stage_dir, shards.MANIFEST_NAME)
+    if not shards.exists(manifest_path):
+        return False
+    try:
+        manifest = StepManifest.model_validate(shards.read_json(manifest_path))
+    except ValueError:
+        return False
+    declared = [o for o in manifest.outputs if o.path == path]
+    return manifest.key == key and len(declared) == 1 and _intact(stage_dir, declared[0])
+
+
 def write_step_manifest(
     stage_dir: str, spec: StageSpec, key: str, outputs: list[str], fields: dict[str, Any]
 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageSpec, WorkUnit, read_unit_input
-from llmflow.tasks.core.steps import completed_step, run_step, step_key
+from llmflow.tasks.core.steps import completed_step, run_step, step_key, step_output_intact
 from llmflow.tasks.curate.dedup_index import DedupIndex, batch_name, index_for
 from llmflow.tasks.curate.dedup_minhash import band_column, signatures_path
 
@@ -336,7 +336,7 @@ def read_decisions(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> pa.Ta
     has this run's key and the file is the one it declared)."""
     decisions_dir = shards.join(stage_dir, DECISIONS_DIR)
     key = step_key(RESOLVE_STEP, config, {"context": unit.source["context"]})
-    if completed_step(decisions_dir, key) is None:
+    if not step_output_intact(decisions_dir, key, f"{unit.name}.parquet"):
         raise RuntimeError(
             f"dedup decisions for {unit.name} belong to another run; resolve must run first"
         )
