@@ -57,13 +57,13 @@ from pydantic import Field
 from llmflow.tasks.core.documents import DOCUMENT_SCHEMA, document_id, rejected_schema
 from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
-    ShardResult,
     StageConfig,
     StageSpec,
     WorkUnit,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEC = StageSpec(name="bench-curation-corpus", version="1")
@@ -374,7 +374,7 @@ def write_corpus(out: str, n_docs: int = 55_000, seed: int = 0, data: Path = DEF
         digest = document_id(None, "\n".join(r["id"] for r in rows))
         unit = WorkUnit(name=f"part-{s:05d}", key=unit_key(SPEC, config, digest), source={})
 
-        def make(rows: list[dict[str, Any]] = rows) -> ShardResult:
+        def make(_: object, rows: list[dict[str, Any]] = rows) -> ShardResult:
             return ShardResult(
                 kept=pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA),
                 rejected=rejected_schema(DOCUMENT_SCHEMA).empty_table(),

@@ -41,14 +41,14 @@ class StageReport:
 
 def unit_counts(records: list[UnitRecord]) -> dict[str, float]:
     """The funnel so far, from the units finished: what MLflow shows while a stage runs."""
-    kept = sum(r.shard.rows for r in records)
-    rejected = sum(r.rejected.rows for r in records if r.rejected)
+    kept = sum(p.rows for r in records for p in r.parts)
+    rejected = sum(p.rows for r in records for p in r.rejected)
     metrics: dict[str, float] = {
         "docs_in": sum(r.docs_in for r in records),
         "docs_kept": kept,
         "docs_rejected": rejected,
         "fetch_failures": sum(len(r.failures) for r in records),
-        "bytes_out": sum(r.shard.bytes for r in records),
+        "bytes_out": sum(p.bytes for r in records for p in r.parts),
         "units_done": len(records),
         "units_skipped": sum(r.skipped for r in records),
     }

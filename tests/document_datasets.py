@@ -13,10 +13,10 @@ from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
-    documents_result,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import documents_result
 
 SOURCE = StageSpec(name="source", version="1")
 WHEN = datetime(2026, 1, 2, tzinfo=UTC)
@@ -31,7 +31,7 @@ def write_documents(directory: str, shards: dict[str, list[Document]]) -> list[s
         ids += [d.row()["id"] for d in docs]
         material = f"{name}:{[(d.url, d.text) for d in docs]}"
         unit = WorkUnit(name=name, key=unit_key(SOURCE, config, material), source={})
-        records.append(run_unit(directory, unit, lambda docs=docs: documents_result(docs)))
+        records.append(run_unit(directory, unit, lambda _, docs=docs: documents_result(docs)))
     finalize_stage(directory, SOURCE, config, records, None)
     return ids
 

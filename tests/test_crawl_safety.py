@@ -186,7 +186,7 @@ def test_seed_credentials_are_sent_but_never_stored(site: Site, tmp_path: Path) 
         run_unit(
             str(stage_dir),
             u,
-            lambda u=u: crawl.crawl_documents(u, cfg, str(stage_dir), lambda: None),
+            lambda output, u=u: crawl.crawl_documents(u, cfg, str(stage_dir), lambda: None, output),
         )
         for u in units
     ]
@@ -297,7 +297,7 @@ def tick():
 with ThreadPoolExecutor(max_workers=2) as pool:
     futures = [
         pool.submit(
-            run_unit, stage_dir, u, lambda u=u: crawl.crawl_documents(u, cfg, stage_dir, tick)
+            run_unit, stage_dir, u, lambda o, u=u: crawl.crawl_documents(u, cfg, stage_dir, tick, o)
         )
         for u in units
     ]

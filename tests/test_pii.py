@@ -20,12 +20,12 @@ from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
-    documents_result,
     plan_shard_units,
     route,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import documents_result
 from llmflow.tasks.curate.pii import (
     PII_COUNTS_TYPE,
     STAGE,
@@ -460,7 +460,7 @@ def test_task_through_run_unit_on_a_real_shard(tmp_path: Path) -> None:
         Document(url="http://x/3", text="4111 1111 1111 1111", source="t", fetched_at=WHEN),
     ]
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "p0"), source={})
-    record = run_unit(source_dir, unit, lambda: documents_result(docs))
+    record = run_unit(source_dir, unit, lambda _: documents_result(docs))
     finalize_stage(source_dir, SOURCE, StageConfig(), [record], None)
 
     stage_dir = shards.join(root, "pii")
@@ -597,7 +597,7 @@ def test_rejected_sample_reads_national_numbers_in_the_rows_language(tmp_path: P
     stage_dir = str(tmp_path / "quality")
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "q0"), source={})
     finalize_stage(
-        stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda: result)], None
+        stage_dir, SOURCE, StageConfig(), [run_unit(stage_dir, unit, lambda _: result)], None
     )
 
     sample = rejected_sample(stage_dir, shards.read_manifest(stage_dir))

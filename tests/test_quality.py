@@ -17,11 +17,11 @@ from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
-    documents_result,
     plan_shard_units,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import documents_result
 from llmflow.tasks.curate import quality, quality_signals
 from llmflow.tasks.curate.quality import STAGE, QualityConfig, quality_documents
 from llmflow.tasks.curate.quality_signals import EDIT_COLUMNS, Rule, signal_table
@@ -491,7 +491,7 @@ def make_source(root: str, texts: list[str]) -> str:
         for i, t in enumerate(texts)
     ]
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "v1"), source={})
-    record = run_unit(stage_dir, unit, lambda: documents_result(docs))
+    record = run_unit(stage_dir, unit, lambda _: documents_result(docs))
     finalize_stage(stage_dir, SOURCE, StageConfig(), [record], None)
     return stage_dir
 

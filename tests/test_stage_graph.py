@@ -28,7 +28,6 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.graph import Stage, StageGraph
 from llmflow.tasks.core.stage import (
     Rejection,
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -38,6 +37,7 @@ from llmflow.tasks.core.stage import (
     route,
     run_unit,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.normalize import NormalizeConfig
 from llmflow.tasks.registry import GRAPH, plan_shards
 
@@ -89,7 +89,7 @@ def count_words(table: pa.Table, config: WordsConfig) -> ShardResult:
 
 @task(name="words-shard", cache_policy=NO_CACHE, persist_result=False)
 def words_shard(unit: WorkUnit, config: WordsConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: count_words(read_unit_input(unit), config))
+    return run_unit(stage_dir, unit, lambda _: count_words(read_unit_input(unit), config))
 
 
 # --- and its one line in the registry -----------------------------------------------------------

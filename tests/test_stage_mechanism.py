@@ -14,12 +14,12 @@ from llmflow.tasks.core.stage import (
     StageConfig,
     StageSpec,
     WorkUnit,
-    documents_result,
     plan_shard_units,
     read_unit_input,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import documents_result
 from llmflow.tasks.curate.normalize import STAGE as NORMALIZE
 from llmflow.tasks.curate.normalize import NormalizeConfig, normalize_documents
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
@@ -54,7 +54,7 @@ def make_source(root: str, shard_files: dict[str, int]) -> str:
     for name, n in shard_files.items():
         unit = WorkUnit(name=name, key=unit_key(SOURCE, config, f"{name}:{n}"), source={})
         records.append(
-            run_unit(stage_dir, unit, lambda name=name, n=n: documents_result(_docs(name, n)))
+            run_unit(stage_dir, unit, lambda _, name=name, n=n: documents_result(_docs(name, n)))
         )
     finalize_stage(stage_dir, SOURCE, config, records, None)
     return stage_dir
@@ -65,7 +65,7 @@ def run_normalize(root: str, config: NormalizeConfig) -> tuple[list, dict]:
     stage_dir = shards.join(root, "normalize")
     units, digest = plan_shard_units(NORMALIZE, config, input_dir)
     records = [
-        run_unit(stage_dir, u, lambda u=u: normalize_documents(read_unit_input(u), config))
+        run_unit(stage_dir, u, lambda _, u=u: normalize_documents(read_unit_input(u), config))
         for u in units
     ]
     return records, finalize_stage(stage_dir, NORMALIZE, config, records, digest)
@@ -158,7 +158,7 @@ def test_changed_input_shard_redoes_only_that_unit_and_drops_vanished_units(root
     shards.remove(shards.join(source_dir, shards.DONE_DIR, "a.json"))
     config = StageConfig()
     unit_b = WorkUnit(name="b", key=unit_key(SOURCE, config, "b:changed"), source={})
-    record = run_unit(source_dir, unit_b, lambda: documents_result(_docs("b", 4)))
+    record = run_unit(source_dir, unit_b, lambda _: documents_result(_docs("b", 4)))
     finalize_stage(source_dir, SOURCE, config, [record], None)
     records, manifest = run_normalize(root, NormalizeConfig())
     assert [(r.name, r.skipped) for r in records] == [("b", False)]
@@ -227,7 +227,7 @@ def test_a_lone_surrogate_is_replaced_and_counted_and_the_unit_lands(tmp_path) -
         Document(url="http://x/bad\udcff", text="half a pair \ud800 here", source="t"),
     ]
     unit = WorkUnit(name="u", key="k", source={})
-    record = run_unit(stage_dir, unit, lambda: documents_result(docs))
+    record = run_unit(stage_dir, unit, lambda _: documents_result(docs))
     assert record.stats == {"lone_surrogates_replaced": 1}
     rows = pq.read_table(tmp_path / "source" / "u.parquet").to_pylist()
     assert [r["text"] for r in rows] == ["good text", "half a pair \ufffd here"]
@@ -242,7 +242,7 @@ def test_history_counters_stay_out_of_the_hashed_manifest(tmp_path) -> None:
 
     def finish(stats: dict[str, int]) -> tuple[bytes, dict]:
         unit = WorkUnit(name="u", key="k", source={})
-        record = run_unit(stage_dir, unit, lambda: documents_result(_docs("u", 1)))
+        record = run_unit(stage_dir, unit, lambda _: documents_result(_docs("u", 1)))
         record.stats = {"real": 1} | stats
         manifest = finalize_stage(stage_dir, SOURCE, config, [record], None)
         return shards.read_bytes(shards.join(stage_dir, shards.MANIFEST_NAME)), manifest

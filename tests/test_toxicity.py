@@ -21,11 +21,11 @@ from llmflow.tasks.core.stage import (
     StageSpec,
     UnitRecord,
     WorkUnit,
-    documents_result,
     plan_shard_units,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import documents_result
 from llmflow.tasks.curate import toxicity
 from llmflow.tasks.curate.toxicity import (
     STAGE,
@@ -175,7 +175,7 @@ def source_dataset(tmp_path: Path, texts: list[str]) -> str:
         for i, t in enumerate(texts)
     ]
     unit = WorkUnit(name="part-00000", key=unit_key(SOURCE, StageConfig(), "x"), source={})
-    record = run_unit(source_dir, unit, lambda: documents_result(docs))
+    record = run_unit(source_dir, unit, lambda _: documents_result(docs))
     finalize_stage(source_dir, SOURCE, StageConfig(), [record], None)
     return source_dir
 
@@ -219,7 +219,7 @@ def test_a_new_threshold_re_decides_from_stored_scores_without_the_scorer(
     records, first = run_stage(source_dir, stage_dir, ToxicityConfig())
     assert records[0].stats["scores_computed"] == 4 and "scores_reused" not in records[0].stats
     assert (tmp_path / "toxicity" / "_scores" / "part-00000.parquet").is_file()
-    kept = shards.read_shard(stage_dir, records[0].shard)
+    kept = shards.read_shard(stage_dir, records[0].parts[0])
     clean_score = kept.column("toxicity_profanity")[0].as_py()
     stricter = ToxicityConfig(thresholds={"profanity": clean_score})  # now CLEAN goes too
     fresh, fresh_manifest = run_stage(source_dir, str(tmp_path / "fresh"), stricter)
@@ -234,7 +234,7 @@ def test_a_new_threshold_re_decides_from_stored_scores_without_the_scorer(
     assert manifest["counts"]["rejected"] > first["counts"]["rejected"]  # re-decided
     assert manifest["counts"] == fresh_manifest["counts"]
     # The same bytes as scoring afresh: kept and rejected shards, and the manifest's stats.
-    assert (records[0].shard, records[0].rejected) == (fresh[0].shard, fresh[0].rejected)
+    assert (records[0].parts, records[0].rejected) == (fresh[0].parts, fresh[0].rejected)
     assert manifest["stats"] == fresh_manifest["stats"]
     assert manifest["stats"]["documents_empty"] == 1  # scoring's counters come back stored
 

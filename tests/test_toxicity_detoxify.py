@@ -201,7 +201,7 @@ def test_detoxify_scores_are_stored_and_re_decided_with_their_labels(
         assert records[0].stats["scores_reused"] == 3
         names = [c["name"] for c in manifest["schema"]]
         assert names[-3:] == [f"toxicity_{label}" for label in LABELS]
-        got = shards.read_shard(stage_dir, records[0].rejected) if records[0].rejected else None
+        got = shards.read_shard(stage_dir, records[0].rejected[0]) if records[0].rejected else None
         for column in ("reason", "detail", "toxicity_insult"):
             expected = want.column(column).to_pylist()
             assert (got.column(column).to_pylist() if got else []) == expected
@@ -244,7 +244,7 @@ def test_missing_detoxify_checkpoint_is_a_clear_error_before_any_work(
     stage_dir = str(tmp_path / "toxicity")
     unit = WorkUnit(name="part-00000", key="k", source={})
     with pytest.raises(DetoxifyCheckpointNotFound, match=str(configured)):
-        run_unit(stage_dir, unit, lambda: toxicity_documents(documents_table([CLEAN]), config))
+        run_unit(stage_dir, unit, lambda _: toxicity_documents(documents_table([CLEAN]), config))
     assert not (tmp_path / "toxicity").exists()  # nothing written, no completion marker
 
 

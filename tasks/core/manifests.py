@@ -88,10 +88,16 @@ def finalize_stage(
     for name in shards.list_names(shards.join(stage_dir, shards.DONE_DIR), ".json"):
         if name.removesuffix(".json") not in live:
             shards.remove(shards.join(stage_dir, shards.DONE_DIR, name))
+    # A unit's output parts by path; its cached tables (signals, signatures...) by its name.
+    written = {p.path for r in records for p in r.parts + r.rejected}
     for sub in ("", shards.REJECTED_DIR, *UNIT_CACHE_DIRS):
         directory = shards.join(stage_dir, sub) if sub else stage_dir
         for name in shards.list_names(directory, SHARD_SUFFIX):
-            if name.removesuffix(SHARD_SUFFIX) not in live:
+            path = f"{sub}/{name}" if sub else name
+            if sub in UNIT_CACHE_DIRS:
+                if name.removesuffix(SHARD_SUFFIX) not in live:
+                    shards.remove(shards.join(directory, name))
+            elif path not in written:
                 shards.remove(shards.join(directory, name))
 
     reasons: Counter[str] = Counter()
@@ -101,8 +107,8 @@ def finalize_stage(
         stats.update(r.stats)
     stats.update(extra_stats or {})
     work = {k: v for k, v in stats.items() if k.endswith(WORK_COUNTER_SUFFIXES)}
-    shard_files = [r.shard for r in records]
-    rejected = [r.rejected for r in records if r.rejected]
+    shard_files = [p for r in records for p in r.parts]
+    rejected = [p for r in records for p in r.rejected]
     schema = _first_schema(stage_dir, shard_files)
     typed = StageManifest(
         format=shards.MANIFEST_FORMAT,

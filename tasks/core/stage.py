@@ -11,7 +11,9 @@ that hands that function to :func:`run_unit`. Everything else lives here, once:
   completion markers, not Prefect's result cache: the markers live with the data, on any fsspec
   root, and work the same with or without a Prefect API).
 * Kept rows go to ``<stage>/<unit>.parquet``, removed rows to ``<stage>/rejected/<unit>.parquet``
-  with their reason, fetch failures into the marker; all writes are atomic.
+  with their reason, fetch failures into the marker; all writes are atomic. A unit with a part
+  size (a source reading a big file) writes numbered parts instead
+  (:mod:`~llmflow.tasks.core.unit_output`).
 * :func:`~llmflow.tasks.core.manifests.finalize_stage` builds the manifest from the markers and
   removes outputs of units that no longer exist, so the manifest always describes exactly the
   files beside it.
@@ -21,11 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar, NamedTuple
 
@@ -35,15 +36,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from llmflow.tasks.core import shards
-from llmflow.tasks.core.documents import (
-    DOCUMENT_SCHEMA,
-    Document,
-    FetchFailure,
-    Unchanged,
-    rejected_schema,
-)
-
-SHARD_SUFFIX = ".parquet"
+from llmflow.tasks.core.documents import rejected_schema
+from llmflow.tasks.core.unit_output import SHARD_SUFFIX, ShardResult, UnitOutput
 
 
 class StageConfig(BaseModel):
@@ -123,25 +117,14 @@ def unit_key(
 
 
 @dataclass
-class ShardResult:
-    """What a stage's plain function returns for one unit of work."""
-
-    kept: pa.Table
-    rejected: pa.Table
-    docs_in: int
-    stats: Counter[str] = field(default_factory=Counter)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
 class UnitRecord:
     """The completion marker of one unit: what it wrote and what it counted."""
 
     name: str
     key: str
     docs_in: int
-    shard: shards.ShardFile
-    rejected: shards.ShardFile | None
+    parts: list[shards.ShardFile]
+    rejected: list[shards.ShardFile]
     reasons: dict[str, int]
     stats: dict[str, int]
     failures: list[dict[str, Any]]
@@ -153,8 +136,8 @@ class UnitRecord:
             "name": self.name,
             "key": self.key,
             "docs_in": self.docs_in,
-            "shard": self.shard.to_dict(),
-            "rejected": self.rejected.to_dict() if self.rejected else None,
+            "parts": [p.to_dict() for p in self.parts],
+            "rejected": [r.to_dict() for r in self.rejected],
             "reasons": self.reasons,
             "stats": self.stats,
             "failures": self.failures,
@@ -167,8 +150,8 @@ class UnitRecord:
             name=d["name"],
             key=d["key"],
             docs_in=d["docs_in"],
-            shard=shards.ShardFile.from_dict(d["shard"]),
-            rejected=shards.ShardFile.from_dict(d["rejected"]) if d["rejected"] else None,
+            parts=[shards.ShardFile.from_dict(p) for p in d["parts"]],
+            rejected=[shards.ShardFile.from_dict(r) for r in d["rejected"]],
             reasons=d["reasons"],
             stats=d["stats"],
             failures=d["failures"],
@@ -188,47 +171,53 @@ def completed_record(stage_dir: str, unit: WorkUnit) -> UnitRecord | None:
         return None
     try:
         record = UnitRecord.from_dict(shards.read_json(path), skipped=True)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return None  # a marker from an older format: redo the unit
     if record.key != unit.key:
         return None
-    outputs = [record.shard] + ([record.rejected] if record.rejected else [])
+    outputs = record.parts + record.rejected
     if not all(shards.exists(shards.join(stage_dir, s.path)) for s in outputs):
         return None
     return record
 
 
-def run_unit(stage_dir: str, unit: WorkUnit, process: Callable[[], ShardResult]) -> UnitRecord:
+def run_unit(
+    stage_dir: str,
+    unit: WorkUnit,
+    process: Callable[[UnitOutput], ShardResult],
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+) -> UnitRecord:
     """Skip the unit if it is complete; else run ``process`` and write its outputs atomically.
 
+    ``process`` returns its rows as tables, or streams them into the :class:`UnitOutput` it is
+    handed (a source reading a big file); either way they land in parts of at most
+    ``max_rows`` rows / ``max_bytes`` bytes (one part, under the unit's name, without limits).
     The marker is written last: a crash before it means the unit is redone, never half-trusted.
     """
     done = completed_record(stage_dir, unit)
     if done is not None:
         return done
     started = time.perf_counter()
-    result = process()
-    kept_rows, rejected_rows = result.kept.num_rows, result.rejected.num_rows
+    output = UnitOutput(stage_dir, unit.name, max_rows, max_bytes)
+    result = process(output)
+    output.keep(result.kept)
+    if result.rejected.num_rows:
+        output.reject(result.rejected)
+    parts, rejected = output.close(result.kept.schema)
+    kept_rows, rejected_rows = sum(p.rows for p in parts), sum(r.rows for r in rejected)
     if kept_rows + rejected_rows > result.docs_in:
         raise RuntimeError(
             f"unit {unit.name}: {kept_rows} kept + {rejected_rows} rejected exceeds"
             f" {result.docs_in} documents in"
         )
-    shard = shards.write_shard(stage_dir, unit.name + SHARD_SUFFIX, result.kept)
-    rejected_path = f"{shards.REJECTED_DIR}/{unit.name}{SHARD_SUFFIX}"
-    rejected = None
-    if rejected_rows:
-        rejected = shards.write_shard(stage_dir, rejected_path, result.rejected)
-    else:
-        shards.remove(shards.join(stage_dir, rejected_path))
-    reasons = Counter(result.rejected.column("reason").to_pylist()) if rejected_rows else Counter()
     record = UnitRecord(
         name=unit.name,
         key=unit.key,
         docs_in=result.docs_in,
-        shard=shard,
+        parts=parts,
         rejected=rejected,
-        reasons=dict(sorted(reasons.items())),
+        reasons=dict(sorted(output.reasons.items())),
         stats=dict(sorted(result.stats.items())),
         failures=result.failures,
         seconds=round(time.perf_counter() - started, 3),
@@ -355,82 +344,3 @@ def with_reason(table: pa.Table, reasons: list[str], details: list[str]) -> pa.T
     schema = rejected_schema(table.schema)
     table = table.append_column(schema.field("reason"), pa.array(reasons, pa.string()))
     return table.append_column(schema.field("detail"), pa.array(details, pa.string()))
-
-
-def documents_result(
-    outcomes: Iterable[Document | FetchFailure | Unchanged], docs_in: int | None = None
-) -> ShardResult:
-    """Route a reader's outcomes: documents kept, rejections with reasons, fetch failures listed.
-
-    Used by source stages (crawl), whose input is not a table: every document read counts as one
-    in, so nothing is dropped without a trace. Kept documents with an id already seen in the unit
-    are counted under ``stats['duplicate_id_in_unit']`` and rejected with that reason; pages a
-    refresh found unchanged are counted under ``stats['unchanged_<why>']``; documents whose text
-    held a lone UTF-16 surrogate are kept with U+FFFD in its place and counted under
-    ``stats['lone_surrogates_replaced']``.
-    """
-    kept: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    stats: Counter[str] = Counter()
-    for outcome in outcomes:
-        if isinstance(outcome, Unchanged):
-            stats[f"unchanged_{outcome.reason}"] += 1
-            continue
-        if isinstance(outcome, FetchFailure):
-            failures.append(outcome.row())
-            continue
-        if _replace_lone_surrogates(outcome):
-            stats["lone_surrogates_replaced"] += 1
-        row = outcome.row()
-        if outcome.reject_reason is None and row["id"] in seen:
-            outcome.reject_reason, outcome.detail = "duplicate_id_in_unit", "same url and text"
-            stats["duplicate_id_in_unit"] += 1
-        if outcome.reject_reason is None:
-            seen.add(row["id"])
-            kept.append(row)
-        else:
-            rejected.append(row | {"reason": outcome.reject_reason, "detail": outcome.detail})
-    n = len(kept) + len(rejected)
-    for failure in failures:
-        failure["url"], _ = without_lone_surrogates(failure["url"])
-        failure["detail"], _ = without_lone_surrogates(failure["detail"])
-    failures.sort(key=lambda f: (f["url"], f["reason"]))
-    return ShardResult(
-        kept=pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA),
-        rejected=pa.Table.from_pylist(rejected, schema=rejected_schema(DOCUMENT_SCHEMA)),
-        docs_in=n if docs_in is None else docs_in,
-        stats=stats,
-        failures=failures,
-    )
-
-
-def without_lone_surrogates(value: str | None) -> tuple[str | None, bool]:
-    """``value`` with every lone UTF-16 surrogate (U+D800-U+DFFF) replaced by U+FFFD.
-
-    JSON escapes such as ``"\\ud800"`` decode to Python strings that no UTF-8 writer (Parquet,
-    JSON manifests) accepts; half a pair carries no character, so U+FFFD loses nothing. Returns
-    the string and whether anything was replaced; the ASCII check keeps the common case cheap.
-    """
-    if value is None or value.isascii():
-        return value, False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", value), True
-    return value, False
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _replace_lone_surrogates(document: Document) -> bool:
-    """Make a document's strings storable in place; whether any had to change."""
-    text, in_text = without_lone_surrogates(document.text)
-    url, in_url = without_lone_surrogates(document.url)
-    source, in_source = without_lone_surrogates(document.source)
-    detail, in_detail = without_lone_surrogates(document.detail)
-    document.text, document.url = text or "", url
-    document.source, document.detail = source or "", detail or ""
-    return in_text or in_url or in_source or in_detail

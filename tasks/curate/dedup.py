@@ -37,7 +37,6 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import (
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -48,6 +47,7 @@ from llmflow.tasks.core.stage import (
     run_unit,
     with_reason,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.dedup_index import batch_name, index_for
 from llmflow.tasks.curate.dedup_minhash import (
     SIGNATURE_VERSION,
@@ -207,7 +207,7 @@ def deduplicate_shard_plain(unit: WorkUnit, config: DedupConfig, stage_dir: str)
     return run_unit(
         stage_dir,
         unit,
-        lambda: apply_decisions(read_unit_input(unit), read_decisions(unit, config, stage_dir)),
+        lambda _: apply_decisions(read_unit_input(unit), read_decisions(unit, config, stage_dir)),
     )
 
 

@@ -21,7 +21,6 @@ from pydantic import Field
 
 from llmflow.tasks.core.stage import (
     Rejection,
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -31,6 +30,7 @@ from llmflow.tasks.core.stage import (
     route,
     run_unit,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 
 STAGE = StageSpec(name="normalize", version="1", libraries=("ftfy",))
 
@@ -172,4 +172,4 @@ def normalize_documents(table: pa.Table, config: NormalizeConfig) -> ShardResult
 
 @task(name="normalize-shard", cache_policy=NO_CACHE, persist_result=False)
 def normalize_shard(unit: WorkUnit, config: NormalizeConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: normalize_documents(read_unit_input(unit), config))
+    return run_unit(stage_dir, unit, lambda _: normalize_documents(read_unit_input(unit), config))

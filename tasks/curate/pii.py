@@ -30,7 +30,6 @@ from pydantic import Field, field_validator
 
 from llmflow.tasks.core.stage import (
     Rejection,
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -40,6 +39,7 @@ from llmflow.tasks.core.stage import (
     route,
     run_unit,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.pii_detectors import MAX_KEY_BLOCK, PII_TYPES, PiiType
 from llmflow.tasks.curate.pii_phones import PHONE_REGIONS_BY_LANG
 from llmflow.tasks.curate.pii_scanner import PiiScanner, redact
@@ -307,4 +307,4 @@ def pii_documents(table: pa.Table, config: PiiConfig) -> ShardResult:
 
 @task(name="pii-shard", cache_policy=NO_CACHE, persist_result=False)
 def pii_shard(unit: WorkUnit, config: PiiConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: pii_documents(read_unit_input(unit), config))
+    return run_unit(stage_dir, unit, lambda _: pii_documents(read_unit_input(unit), config))

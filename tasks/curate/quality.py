@@ -30,7 +30,6 @@ from pydantic import Field, field_validator, model_validator
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import (
     Rejection,
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -42,6 +41,7 @@ from llmflow.tasks.core.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.english_words import TERMINAL_PUNCTUATION
 from llmflow.tasks.curate.quality_measures import C4_LINE_RULES, apply_c4_edits
 from llmflow.tasks.curate.quality_signals import (
@@ -459,4 +459,4 @@ def quality_unit(unit: WorkUnit, config: QualityConfig, stage_dir: str) -> Shard
 
 @task(name="quality-shard", cache_policy=NO_CACHE, persist_result=False)
 def quality_shard(unit: WorkUnit, config: QualityConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: quality_unit(unit, config, stage_dir))
+    return run_unit(stage_dir, unit, lambda _: quality_unit(unit, config, stage_dir))

@@ -41,7 +41,6 @@ from pydantic import Field, field_validator, model_validator
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.stage import (
     Rejection,
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -53,6 +52,7 @@ from llmflow.tasks.core.stage import (
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.toxicity_detoxify import DetoxifyScorer, find_detoxify_checkpoint
 
 # detoxify and transformers decide the scores of the detoxify backend; alt-profanity-check pins
@@ -470,4 +470,4 @@ def toxicity_unit(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> Sha
 
 @task(name="toxicity-shard", cache_policy=NO_CACHE, persist_result=False)
 def toxicity_shard(unit: WorkUnit, config: ToxicityConfig, stage_dir: str) -> UnitRecord:
-    return run_unit(stage_dir, unit, lambda: toxicity_unit(unit, config, stage_dir))
+    return run_unit(stage_dir, unit, lambda _: toxicity_unit(unit, config, stage_dir))

@@ -38,14 +38,13 @@ from llmflow.tasks.core.documents import Document, FetchFailure, Unchanged
 from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import (
-    ShardResult,
     StageSpec,
     UnitRecord,
     WorkUnit,
-    documents_result,
     run_unit,
     unit_key,
 )
+from llmflow.tasks.core.unit_output import ShardResult, UnitOutput, documents_result, is_part_of
 from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
 from llmflow.tasks.ingest.crawl_guards import install_interrupt_handler
@@ -183,7 +182,7 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
                 key=unit_key(STAGE, config, installed_digest()),
                 source={
                     "kind": "installed",
-                    "previous_shard": _previous_shard(previous, INSTALLED_UNIT),
+                    "previous_parts": _previous_parts(previous, INSTALLED_UNIT),
                 },
             )
         )
@@ -205,7 +204,7 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
                     source={
                         "kind": "file",
                         "path": path,
-                        "previous_shard": _previous_shard(previous, name),
+                        "previous_parts": _previous_parts(previous, name),
                     },
                 )
             )
@@ -215,13 +214,18 @@ def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[Work
     return units
 
 
-def _previous_shard(previous: PreviousCrawl | None, name: str) -> str | None:
-    """The kept crawl shard the last version holds for a file unit (what a changed file's new
-    read is compared with)."""
+def _previous_parts(previous: PreviousCrawl | None, name: str) -> list[str]:
+    """The kept crawl shards the last version holds for a file unit (what a changed file's new
+    read is compared with): one, or the parts of a big file."""
     if previous is None or name not in previous.sources:
-        return None
+        return []
     crawl_dir = previous.crawl_dir(previous.sources[name]["version"])
-    return shards.join(crawl_dir, f"{name}.parquet")
+    manifest = shards.read_manifest(crawl_dir)
+    return [
+        shards.join(crawl_dir, s.path)
+        for s in shards.manifest_shards(manifest)
+        if is_part_of(s.path, name)
+    ]
 
 
 def _write_withdrawn(stage_dir: str, unit: WorkUnit, rows: list[dict[str, Any]]) -> None:
@@ -234,13 +238,16 @@ def _write_withdrawn(stage_dir: str, unit: WorkUnit, rows: list[dict[str, Any]])
     shards.write_shard(stage_dir, f"{WITHDRAWN_DIR}/{unit.name}.parquet", table)
 
 
-def _no_longer_in(previous_shard: str | None, result: ShardResult) -> list[dict[str, Any]]:
+def _no_longer_in(previous_parts: list[str], kept_ids: set[str]) -> list[dict[str, Any]]:
     """Documents of a file's last read that its new read does not have."""
-    if previous_shard is None or not shards.exists(previous_shard):
-        return []
-    old = shards.read_parquet(previous_shard, ["id", "url"])
-    gone = pc.invert(pc.is_in(old.column("id"), value_set=result.kept.column("id")))
-    return [r | {"reason": "source_changed"} for r in old.filter(gone).to_pylist()]
+    gone: list[dict[str, Any]] = []
+    value_set = pa.array(sorted(kept_ids), pa.string())
+    for path in previous_parts:
+        if shards.exists(path):
+            old = shards.read_parquet(path, ["id", "url"])
+            missing = pc.invert(pc.is_in(old.column("id"), value_set=value_set))
+            gone += [r | {"reason": "source_changed"} for r in old.filter(missing).to_pylist()]
+    return gone
 
 
 def _read_states(path: str | None) -> dict[str, PageState]:
@@ -315,9 +322,16 @@ def _write_states(stage_dir: str, unit: WorkUnit, states: dict[str, PageState]) 
 
 
 def crawl_documents(
-    unit: WorkUnit, config: CrawlConfig, stage_dir: str, on_document: Callable[[], None]
+    unit: WorkUnit,
+    config: CrawlConfig,
+    stage_dir: str,
+    on_document: Callable[[], None],
+    output: UnitOutput,
 ) -> ShardResult:
-    """Read one unit: crawl the web seeds, or read one file, and account for every outcome."""
+    """Read one unit: crawl the web seeds, or read one file, and account for every outcome.
+
+    Documents stream into ``output`` as they are read, so a big file becomes several shards
+    (``shard_docs``/``shard_bytes``) and memory is bounded by a shard, not by the file."""
     with ExitStack() as stack:
         extractor = stack.enter_context(
             BoundedExtractor(timeout_s=config.extract_timeout_s, memory_mb=config.extract_memory_mb)
@@ -331,8 +345,9 @@ def crawl_documents(
                 outcomes = iter_file_documents(
                     unit.source["path"], extractor, config.max_page_bytes, config.content_types
                 )
-            result = documents_result(_counting(outcomes, on_document))
-            withdrawn = _no_longer_in(unit.source.get("previous_shard"), result)
+            kept_ids: set[str] = set()
+            result = documents_result(_counting(outcomes, on_document), output, kept_ids)
+            withdrawn = _no_longer_in(unit.source.get("previous_parts", []), kept_ids)
             _write_withdrawn(stage_dir, unit, withdrawn)
             result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
             return result
@@ -376,7 +391,7 @@ def crawl_documents(
         withdrawn, stats = _account_refresh(previous, states, outcomes_list)
         _write_states(stage_dir, unit, states)
         _write_withdrawn(stage_dir, unit, withdrawn)
-        result = documents_result(outcomes_list)
+        result = documents_result(outcomes_list, output)
         result.stats.update(stats)
         result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
         return result
@@ -432,8 +447,9 @@ def finish(
         rows += shards.read_parquet(shards.join(withdrawn_dir, name)).to_pylist()
     if previous is not None:
         for name in sorted(set(previous.sources) - set(sources)):
-            old = _previous_shard(previous, name)
-            if old is not None and shards.exists(old):
+            for old in _previous_parts(previous, name):
+                if not shards.exists(old):
+                    continue
                 table = shards.read_parquet(old, ["id", "url"])
                 rows += [
                     {"id": r["id"], "url": r["url"], "reason": "source_removed"}
@@ -455,5 +471,7 @@ def crawl_unit(unit: WorkUnit, config: CrawlConfig, stage_dir: str) -> UnitRecor
         return run_unit(
             stage_dir,
             unit,
-            lambda: crawl_documents(unit, config, stage_dir, lambda: progress.advance()),
+            lambda output: crawl_documents(unit, config, stage_dir, progress.advance, output),
+            max_rows=config.shard_docs,
+            max_bytes=config.shard_bytes,
         )

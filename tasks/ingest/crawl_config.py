@@ -140,6 +140,17 @@ class CrawlConfig(StageConfig):
     write_warc: bool = Field(
         True, description="Keep every HTTP response raw as WARC next to the shards, for replay."
     )
+    shard_docs: int = Field(
+        10_000,
+        ge=1,
+        description="Documents per output shard, at most: a big file or crawl is written as"
+        " several shards as it is read, and each is one unit of work in every later stage.",
+    )
+    shard_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes (in memory) per output shard, at most: what bounds a unit's memory.",
+    )
 
     @field_validator("seeds")
     @classmethod

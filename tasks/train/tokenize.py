@@ -34,7 +34,6 @@ from llmflow.tasks.core import shards
 from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.stage import (
-    ShardResult,
     StageConfig,
     StageSpec,
     UnitRecord,
@@ -46,6 +45,7 @@ from llmflow.tasks.core.stage import (
     run_unit,
     with_reason,
 )
+from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.train.bpe_tokenizer import EOS, TOKENIZER_FILE
 from llmflow.tasks.train.token_shards import (
     TOKEN_SHARD_SUFFIX,
@@ -222,11 +222,12 @@ def tokenize_documents(unit: WorkUnit, config: TokenizeConfig, stage_dir: str) -
 
 def unit_shards(stage_dir: str, record: UnitRecord) -> dict[str, Any]:
     """What a finished unit wrote: its token shard_files, dtype and tokenizer (from its index)."""
-    fs, path = shards.filesystem(shards.join(stage_dir, record.shard.path))
+    (index,) = record.parts  # one index file per unit: tokenize sets no part limits
+    fs, path = shards.filesystem(shards.join(stage_dir, index.path))
     with fs.open(path, "rb") as f:
         metadata = pq.read_schema(f).metadata or {}
     if SHARDS_METADATA not in metadata:
-        raise RuntimeError(f"{record.shard.path} in {stage_dir} is not a tokenize index")
+        raise RuntimeError(f"{index.path} in {stage_dir} is not a tokenize index")
     return json.loads(metadata[SHARDS_METADATA])
 
 
@@ -256,7 +257,7 @@ def tokenize_unit(unit: WorkUnit, config: TokenizeConfig, stage_dir: str) -> Uni
     done = completed_record(stage_dir, unit)
     if done is not None and not _shards_intact(stage_dir, unit_shards(stage_dir, done)):
         shards.remove(marker_path(stage_dir, unit.name))
-    return run_unit(stage_dir, unit, lambda: tokenize_documents(unit, config, stage_dir))
+    return run_unit(stage_dir, unit, lambda _: tokenize_documents(unit, config, stage_dir))
 
 
 @task(name="tokenize-shard", cache_policy=NO_CACHE, persist_result=False)
