@@ -8,7 +8,9 @@ The document ``id`` is kept from the crawl: it names the document, not its curre
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
 from collections import Counter
 from typing import Literal
@@ -106,12 +108,33 @@ def ftfy_config(config: NormalizeConfig) -> ftfy.TextFixerConfig:
     )
 
 
-def _strip_controls(text: str) -> str:
-    return "".join(
-        ch
-        for ch in text
-        if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co")
+_CONTROL_CATEGORIES = ("Cc", "Cf", "Cs", "Co")
+
+
+@functools.cache
+def _controls() -> re.Pattern[str]:
+    """Every code point of a removed category (control, format, surrogate, private use) but the
+    kept ones, as one character class of ranges: a regex scan in C rather than a category lookup
+    per character in Python (that was 40% of the stage). Built once per process, from the same
+    ``unicodedata`` tables, so it removes exactly the same characters."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in _CONTROL_CATEGORIES:
+            continue
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    parts = (
+        re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+        for a, b in ranges
     )
+    return re.compile("[" + "".join(parts) + "]+")
+
+
+def _strip_controls(text: str) -> str:
+    return _controls().sub("", text)
 
 
 def _tidy_whitespace(text: str) -> str:
