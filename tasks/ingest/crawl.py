@@ -320,7 +320,12 @@ def crawl_documents(
     """Read one unit: crawl the web seeds, or read one file, and account for every outcome."""
     with ExitStack() as stack:
         extractor = stack.enter_context(
-            BoundedExtractor(timeout_s=config.extract_timeout_s, memory_mb=config.extract_memory_mb)
+            BoundedExtractor(
+                cpu_s=config.extract_cpu_s,
+                wall_s=config.extract_wall_s,
+                memory_mb=config.extract_memory_mb,
+                workers=config.extract_workers,
+            )
         )
         if unit.source["kind"] in ("installed", "file"):
             if unit.source["kind"] == "installed":
