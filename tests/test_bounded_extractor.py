@@ -88,14 +88,15 @@ def test_a_stopped_worker_is_not_over_its_cpu_budget() -> None:
         bounded.extract(ARTICLE)
         pid = only_pid(bounded)
         os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
         resume = threading.Timer(4 * cpu_s, os.kill, (pid, signal.SIGCONT))
         resume.start()
-        started = time.monotonic()
         try:
             text = bounded.extract(numbered(1))
         finally:
             resume.join()
-        assert time.monotonic() - started >= 4 * cpu_s  # it did wait, stopped, that long
+        waited = time.monotonic() - started
+        assert waited >= 4 * cpu_s, waited  # it did wait, stopped, that long
         assert "Tide pools (1) are" in text
         assert only_pid(bounded) == pid  # the same worker, kept
 
@@ -192,6 +193,26 @@ def test_a_busy_worker_does_not_block_another_caller() -> None:
             for thread in threads:
                 thread.join()
         assert all(f"Tide pools ({i}) are" in results[i] for i in range(2))
+
+
+def test_a_worker_outlives_the_thread_that_started_it() -> None:
+    """Linux's parent-death signal follows the thread that forked the worker: a pool made and
+    used in a short-lived thread (a Prefect task's, a reader's) must keep its worker after it."""
+    made: list[BoundedExtractor] = []
+
+    def make_and_use() -> None:
+        bounded = BoundedExtractor("resiliparse", workers=1)
+        bounded.extract(ARTICLE)  # the worker is up, its parent-death signal set
+        made.append(bounded)
+
+    thread = threading.Thread(target=make_and_use)
+    thread.start()
+    thread.join()
+    with made[0] as bounded:
+        pid = only_pid(bounded)
+        time.sleep(0.2)  # time for a signal to land, were one sent
+        assert "Tide pools (1) are" in bounded.extract(numbered(1))
+        assert only_pid(bounded) == pid
 
 
 def test_many_callers_share_a_pool_of_its_size() -> None:

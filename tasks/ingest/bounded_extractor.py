@@ -39,11 +39,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _stop_all(workers: set[Worker]) -> None:
-    """Finalizer: stop every worker the extractor has at the time."""
+def _stop_all(workers: set[Worker], spawner: ThreadPoolExecutor) -> None:
+    """Finalizer: stop every worker the extractor has at the time, then its spawning thread."""
     for worker in list(workers):
         workers.discard(worker)
         worker.stop(graceful=False)
+    spawner.shutdown(wait=False)
 
 
 class BoundedExtractor:
@@ -67,7 +68,9 @@ class BoundedExtractor:
     spawn and forkserver re-run the caller's ``__main__`` script in the child when it lacks an
     ``if __name__ == "__main__":`` guard. Pages and texts travel over
     ``multiprocessing.connection`` pipes. No worker outlives its parent (Linux's parent-death
-    signal; elsewhere end of file on its pipe).
+    signal; elsewhere end of file on its pipe). That signal fires when the *thread* that started
+    the worker ends, so every worker is started by one thread of the extractor's own, which lives
+    as long as the extractor: callers' threads (a reader's, asyncio's) may come and go.
 
     Bounds, per page: ``cpu_s`` seconds of the worker's CPU time (enforced by the kernel in the
     worker, see :mod:`~llmflow.tasks.ingest.extraction_worker`), so a loaded machine makes pages
@@ -115,9 +118,10 @@ class BoundedExtractor:
         self._live: set[Worker] = set()  # idle, busy and starting; shared with the finalizer
         self._closed = False
         self._owner_pid = os.getpid()
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-spawner")
         # Stops the workers if the extractor is garbage-collected or the interpreter exits
         # without close().
-        self._finalizer = weakref.finalize(self, _stop_all, self._live)
+        self._finalizer = weakref.finalize(self, _stop_all, self._live, self._spawner)
         with self._cond:
             self._idle.append(self._start_worker())
 
@@ -130,8 +134,10 @@ class BoundedExtractor:
     # -- the pool --------------------------------------------------------------------------------
 
     def _start_worker(self) -> Worker:
-        """A new worker, counted as live (the caller holds the lock)."""
-        worker = Worker(self.extractor, self.memory_mb * 1024 * 1024, self.cpu_s)
+        """A new worker, counted as live (the caller holds the lock), started by the spawning
+        thread (whose end is the worker's parent-death signal, see the class)."""
+        memory_bytes = self.memory_mb * 1024 * 1024
+        worker = self._spawner.submit(Worker, self.extractor, memory_bytes, self.cpu_s).result()
         self._live.add(worker)
         return worker
 
@@ -143,7 +149,8 @@ class BoundedExtractor:
         self._cond = threading.Condition()
         self._idle, self._live = [], set()
         self._owner_pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _stop_all, self._live)
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-spawner")
+        self._finalizer = weakref.finalize(self, _stop_all, self._live, self._spawner)
 
     def _acquire(self) -> Worker:
         """An idle worker, a new one while the pool is below its size, or the next one freed."""
@@ -324,6 +331,7 @@ class BoundedExtractor:
             worker.stop(graceful=True)
         for worker in busy:
             worker.kill()  # its caller's thread closes the pipes
+        self._spawner.shutdown(wait=False)
         self._finalizer.detach()
 
     def __enter__(self) -> BoundedExtractor:
