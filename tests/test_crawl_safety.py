@@ -226,13 +226,14 @@ def test_empty_seeds_are_refused(seeds: list[str]) -> None:
 # --------------------------------------------------------------------------- 4: hostile pages
 
 
-PAGE_TIMEOUT_S = 4.0
+PAGE_CPU_S = 4.0
+PAGE_WALL_S = 30.0  # the backstop: a loaded machine gives a page its CPU seconds more slowly
 
 
 @pytest.fixture(scope="module")
 def quick_extractor() -> Iterator[BoundedExtractor]:
-    """A short page timeout, warmed up so that the worker's start is not counted as a page's."""
-    with BoundedExtractor(timeout_s=PAGE_TIMEOUT_S) as bounded:
+    """A short page budget, warmed up so that the worker's start is not counted as a page's."""
+    with BoundedExtractor(cpu_s=PAGE_CPU_S, wall_s=PAGE_WALL_S) as bounded:
         bounded.extract("<p>warm</p>")
         yield bounded
 
@@ -240,34 +241,34 @@ def quick_extractor() -> Iterator[BoundedExtractor]:
 def test_tag_with_80000_attributes_does_not_stall_the_crawl(
     site: Site, quick_extractor: BoundedExtractor
 ) -> None:
-    """Handled within the page timeout, and the links on it are followed: the tag is cut short
-    before lxml parses the links; the text is the worker's (or its timeout, counted)."""
+    """Handled within the page's bounds, and the links on it are followed: the tag is cut short
+    before lxml parses the links; the text is the worker's (or its CPU budget's, counted)."""
     cfg = config("hostile", max_page_bytes=2_000_000)
     started = time.monotonic()
     outcomes = web.by_url(crawl_web([site.url("/hostile/")], cfg, quick_extractor))
     seconds = time.monotonic() - started
-    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    assert seconds < PAGE_WALL_S + 4.0, seconds
     hostile = outcomes[site.url("/hostile/")]
     assert isinstance(hostile, Document)
-    assert hostile.reject_reason in (None, "extract_timeout"), hostile
+    assert hostile.reject_reason in (None, "extract_cpu_timeout"), hostile
     for path in ("/hostile/1", "/hostile/2"):
         page = outcomes[site.url(path)]
         assert isinstance(page, Document) and page.reject_reason is None, path
 
 
-def test_link_parsing_is_bounded_by_the_extraction_timeout(
+def test_link_parsing_is_bounded_by_the_extraction_budget(
     site: Site, quick_extractor: BoundedExtractor
 ) -> None:
-    """A page the cheap guard misses ('>' in every value) is stopped by the worker's timeout:
+    """A page the cheap guard misses ('>' in every value) is stopped by the worker's budget:
     one rejected page with its reason, and the crawl goes on to the next seed."""
     cfg = config("hostile-quoted", max_page_bytes=2_000_000)
     started = time.monotonic()
     seeds = [site.url("/hostile/quoted"), site.url("/hostile/1")]
     outcomes = web.by_url(crawl_web(seeds, cfg, quick_extractor))
     seconds = time.monotonic() - started
-    assert seconds < PAGE_TIMEOUT_S + 4.0, seconds
+    assert seconds < PAGE_WALL_S + 4.0, seconds
     hostile = outcomes[site.url("/hostile/quoted")]
-    assert isinstance(hostile, Document) and hostile.reject_reason == "extract_timeout"
+    assert isinstance(hostile, Document) and hostile.reject_reason == "extract_cpu_timeout"
     page = outcomes[site.url("/hostile/1")]
     assert isinstance(page, Document) and page.reject_reason is None
 

@@ -37,7 +37,14 @@ from llmflow.tasks.ingest.html_text import ExtractionError
 MAX = 5_000_000
 
 
-class TagStripper:
+class StandIn:
+    """What the readers use of BoundedExtractor besides extract: one page at a time, in order."""
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
+class TagStripper(StandIn):
     """Stands in for BoundedExtractor where extraction quality is not what is tested."""
 
     def extract(self, html: str, url: str | None = None) -> str:
@@ -45,7 +52,7 @@ class TagStripper:
         return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
 
 
-class TimingOut:
+class TimingOut(StandIn):
     def extract(self, html: str, url: str | None = None) -> str:
         raise _Timeout()
 
@@ -55,7 +62,7 @@ class _Timeout(ExtractionError):
 
     def __init__(self) -> None:
         Exception.__init__(self, "extraction took too long")
-        self.reason = "extract_timeout"
+        self.reason = "extract_cpu_timeout"
         self.detail = "over 0.1 s"
 
 
@@ -240,6 +247,17 @@ def test_clueweb_quirks_every_record_accounted_for(web: Path, extractor) -> None
     # EUC-JP, under a "Content-Encoding: gzip" header that is not true (the body is plain).
     assert "ブラウニー ブリーフケース" in first.text
     assert all("ポーター" in d.text and "\ufffd" not in d.text for d in items)
+
+
+def test_archive_pages_extracted_several_at_once_come_out_the_same(web: Path, extractor) -> None:
+    """The reader keeps pages in flight in the extractor's pool: the same outcomes, in order."""
+    with BoundedExtractor(workers=3) as pool, BoundedExtractor(workers=1) as one:
+        for name in ("warcfile.warc.gz", "clueweb-quirk.warc.gz"):
+            path = web / "resiliparse" / name
+            in_pool = [(d.url, d.reject_reason, d.text) for d in read(path, pool)]
+            one_by_one = [(d.url, d.reject_reason, d.text) for d in read(path, one)]
+            assert in_pool == one_by_one and len(in_pool) > 10
+        assert len(pool.pids) > 1
 
 
 def test_warcio_samples_revisit_chunked_and_arc(web: Path, extractor) -> None:
@@ -486,7 +504,7 @@ def test_extraction_error_becomes_a_rejection(tmp_path: Path) -> None:
     path = tmp_path / "one.warc.gz"
     write_warc(path, [("response", "200 OK", [("Content-Type", "text/html")], b"<p>hi</p>")])
     (doc,) = read(path, TimingOut())
-    assert (doc.reject_reason, doc.detail, doc.text) == ("extract_timeout", "over 0.1 s", "")
+    assert (doc.reject_reason, doc.detail, doc.text) == ("extract_cpu_timeout", "over 0.1 s", "")
     assert doc.url == "http://site.test/0"
 
 

@@ -80,7 +80,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def extractor() -> Iterator[BoundedExtractor]:
-    with BoundedExtractor(timeout_s=20.0) as bounded:
+    with BoundedExtractor(cpu_s=20.0) as bounded:
         yield bounded
 
 

@@ -334,7 +334,12 @@ def crawl_documents(
     (``shard_docs``/``shard_bytes``) and memory is bounded by a shard, not by the file."""
     with ExitStack() as stack:
         extractor = stack.enter_context(
-            BoundedExtractor(timeout_s=config.extract_timeout_s, memory_mb=config.extract_memory_mb)
+            BoundedExtractor(
+                cpu_s=config.extract_cpu_s,
+                wall_s=config.extract_wall_s,
+                memory_mb=config.extract_memory_mb,
+                workers=config.extract_workers,
+            )
         )
         if unit.source["kind"] in ("installed", "file"):
             if unit.source["kind"] == "installed":

@@ -8,10 +8,10 @@ import it without importing each other.
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import ClassVar
+from typing import ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmflow.tasks.core.stage import StageConfig
 from llmflow.tasks.ingest.web_scope import parse_scope_entry
@@ -65,7 +65,10 @@ class CrawlConfig(StageConfig):
     """Where documents come from and how politely they are fetched."""
 
     # How fast and how many at once changes no page's text: such changes redo no finished crawl.
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"concurrency", "politeness_delay_s"})
+    # The wall-clock backstop is here too: it trips only on a starved machine, never by design.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"concurrency", "politeness_delay_s", "extract_workers", "extract_wall_s"}
+    )
 
     seeds: list[str] = Field(
         default_factory=lambda: ["pydoc:", "installed:"],
@@ -129,13 +132,37 @@ class CrawlConfig(StageConfig):
     user_agent: str = Field(
         default_factory=default_user_agent, description="User-Agent header and robots.txt agent."
     )
-    extract_timeout_s: float = Field(
-        10.0, gt=0, description="HTML-to-text extraction of one page is stopped after this long."
+    extract_cpu_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "CPU seconds the HTML-to-text extraction of one page (text and links) may use; a page"
+            " over it is rejected 'extract_cpu_timeout'. CPU time, not wall clock, so a loaded"
+            " machine rejects no page that an idle one keeps."
+        ),
+    )
+    extract_wall_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "Wall-clock backstop (seconds) for one page's extraction, for a worker that gets no"
+            " CPU at all; a page over it is rejected 'extract_wall_timeout' (load, not the page)."
+            " At least extract_cpu_s."
+        ),
+    )
+    extract_workers: int = Field(
+        0,
+        ge=0,
+        description=(
+            "HTML-to-text worker processes per unit of work, at most (0: one per CPU core this"
+            " process may use; each is started only when pages overlap). Units run at once"
+            " (max_workers) each have their own: lower it when several units read WARC files."
+        ),
     )
     extract_memory_mb: int = Field(
         1024,
         ge=128,
-        description="Memory bound (MiB) of the HTML-to-text worker; about 70 MiB is its own.",
+        description="Memory bound (MiB) of each HTML-to-text worker; about 70 MiB is its own.",
     )
     write_warc: bool = Field(
         True, description="Keep every HTTP response raw as WARC next to the shards, for replay."
@@ -173,3 +200,13 @@ class CrawlConfig(StageConfig):
         for entry in prefixes:
             parse_scope_entry(entry)
         return prefixes
+
+    @model_validator(mode="after")
+    def _wall_backstop_covers_the_cpu_budget(self) -> Self:
+        """A backstop shorter than the budget would make the budget a wall-clock limit again."""
+        if self.extract_wall_s < self.extract_cpu_s:
+            raise ValueError(
+                f"extract_wall_s ({self.extract_wall_s}) must be at least extract_cpu_s"
+                f" ({self.extract_cpu_s}): it is a backstop for a starved worker, not the budget"
+            )
+        return self

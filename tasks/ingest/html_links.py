@@ -3,7 +3,8 @@
 lxml (links) and resiliparse (text) are both quadratic in the attributes of one tag: a page with
 one tag holding 80,000 attributes kept lxml busy for minutes. :func:`cap_tags` shortens such tags
 before any parser sees them, and the crawler runs both parsers in the bounded extraction worker
-(:class:`llmflow.tasks.ingest.bounded_extractor.BoundedExtractor`), whose timeout is the last word.
+(:class:`llmflow.tasks.ingest.bounded_extractor.BoundedExtractor`), whose CPU budget is the last
+word.
 """
 
 from __future__ import annotations

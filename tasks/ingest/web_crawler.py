@@ -78,7 +78,7 @@ class _Crawler:
         """:meth:`run`, cancelled within INTERRUPT_POLL_S of an interrupt (``self.interrupted``).
 
         Cancelling closes every connection in flight; an extraction already handed to the
-        worker finishes first (bounded by extract_timeout_s), as asyncio waits for its thread.
+        worker finishes first (bounded by extract_cpu_s), as asyncio waits for its thread.
         """
         start = interrupt_count()
         crawl = asyncio.create_task(self.run(seeds))

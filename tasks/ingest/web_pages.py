@@ -5,7 +5,7 @@ A refresh passes what the last crawl saw of each page (:class:`PageState`): its 
 Last-Modified go out as If-None-Match / If-Modified-Since, a 304 answer reuses the page's stored
 links (so the crawl still reaches what it links to), and a page whose extracted text is unchanged
 gives :class:`Unchanged` instead of a document. Text and links are extracted in the bounded
-worker, so a hostile page costs at most the extraction timeout.
+workers, so a hostile page costs at most the extraction's CPU budget.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class PageOutcomes:
         if "html" not in media:
             return (document(text) if text.strip() else document("", "empty")), []
         # Links and text both come from the bounded worker: a hostile page costs at most the
-        # extraction timeout. Links are kept even when the page's own text is rejected (a hub
+        # extraction's CPU budget. Links are kept even when the page's own text is rejected (a hub
         # page with no prose still leads to pages that have some), and at any depth (a refresh
         # may reach the page from higher up).
         try:

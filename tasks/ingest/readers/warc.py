@@ -72,6 +72,35 @@ class _BrokenRecord:
     url: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """A response's payload, read from the archive, whose decoding and extraction are still to
+    do (in the extractor's pool, beside other pages)."""
+
+    body: bytes
+    content_type: str | None
+    url: str
+    source: str
+    fetched_at: datetime
+    extractor: BoundedExtractor
+    cut: bool
+
+    def document(self) -> Document:
+        return document_from_body(
+            self.body,
+            self.content_type,
+            self.url,
+            self.source,
+            self.fetched_at,
+            self.extractor,
+            cut=self.cut,
+        )
+
+
+def _finished(outcome: Document | FetchFailure | _Page) -> Document | FetchFailure:
+    return outcome.document() if isinstance(outcome, _Page) else outcome
+
+
 class _TruncationNotingStream:
     """A gzip stream that ends quietly where the file ends early, and remembers that it did.
 
@@ -134,15 +163,21 @@ class ArchiveReader:
         self._reported_record: ArcWarcRecord | None = None
 
     def documents(self) -> Iterator[Document | FetchFailure]:
+        """Every outcome in file order. Records are read one after the other (warcio streams
+        them); their pages are decoded and extracted several at a time, by the extractor's pool
+        (:meth:`BoundedExtractor.imap`), which keeps a few pages in flight and their order."""
         with self.fs.open(self.path, "rb") as f:
-            for item in self._records(f):
-                if isinstance(item, _BrokenRecord):
-                    detail = f"{self.path} at byte {item.offset}: {item.error}"
-                    yield rejected(item.url, self.file_source, None, "malformed_record", detail)
-                    continue
-                result = self._convert(item)
-                if result is not None:
-                    yield result
+            yield from self.extractor.imap(_finished, self._outcomes(f))
+
+    def _outcomes(self, f: IO[bytes]) -> Iterator[Document | FetchFailure | _Page]:
+        for item in self._records(f):
+            if isinstance(item, _BrokenRecord):
+                detail = f"{self.path} at byte {item.offset}: {item.error}"
+                yield rejected(item.url, self.file_source, None, "malformed_record", detail)
+                continue
+            result = self._convert(item)
+            if result is not None:
+                yield result
 
     # -- iteration with resynchronisation -----------------------------------------------------
 
@@ -258,7 +293,7 @@ class ArchiveReader:
 
     # -- one record to a document ------------------------------------------------------------
 
-    def _convert(self, record: ArcWarcRecord) -> Document | FetchFailure | None:
+    def _convert(self, record: ArcWarcRecord) -> Document | FetchFailure | _Page | None:
         if record.rec_type == "conversion":
             return self._conversion(record)
         if record.rec_type in ("response", "resource"):
@@ -305,7 +340,7 @@ class ArchiveReader:
             return rejected(url, source, fetched_at, "undecodable", str(e))
         return text_document(text, url, source, fetched_at, self.max_page_bytes, "record")
 
-    def _response(self, record: ArcWarcRecord) -> Document | FetchFailure | None:
+    def _response(self, record: ArcWarcRecord) -> Document | FetchFailure | _Page | None:
         url = _target_uri(record) or ""
         if not url.lower().startswith(("http://", "https://")):
             return None  # dns:, metadata://, filedesc://: crawler bookkeeping, not pages
@@ -345,9 +380,7 @@ class ArchiveReader:
         if payload is None:
             return rejected(url, source, fetched_at, "oversize", f"over {self.max_page_bytes}")
         cut = bool(record.rec_headers.get_header("WARC-Truncated"))
-        return document_from_body(
-            payload, content_type, url, source, fetched_at, self.extractor, cut=cut
-        )
+        return _Page(payload, content_type, url, source, fetched_at, self.extractor, cut)
 
 
 def _target_uri(record: ArcWarcRecord) -> str | None:
