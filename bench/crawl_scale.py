@@ -62,6 +62,7 @@ from scale import git_commit, llmflow_command, md_head, md_preamble, md_row, mer
 SITE = Path("/usr/share/doc/rust-doc/html")
 WHOLE_SITE = 1_000_000  # max_pages for --pages 0: more than the site has
 MB = 2**20
+FULL = ["python bench/crawl_scale.py --pages 2000 10000 0 --kill-at 5000 --kill-max-pages 10000"]
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -301,7 +302,7 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 def render(results: dict[str, Any], note: str | None) -> str:
     title = "Crawl at scale: rust-doc on loopback, and a kill and resume"
-    out = md_preamble(title, "crawl_scale", results, note)
+    out = md_preamble(title, "crawl_scale", FULL, results, note)
     out += [
         "",
         "Goal: ≥ 100 pages/s with more than 1.6 cores busy on 2 (CPU utilisation of the crawl's"

@@ -222,8 +222,9 @@ class MeasuredProcess:
             orphans = []
             for entry in os.listdir("/proc"):
                 stat = _stat(int(entry)) if entry.isdigit() else None
-                mine = stat is not None and stat[0] == me
-                if mine and (int(entry) in self.seen or stat[1] == self.process.pid):
+                if stat is None or stat[0] != me:
+                    continue
+                if int(entry) in self.seen or stat[1] == self.process.pid:
                     orphans.append(int(entry))
             if not orphans:
                 return

@@ -52,6 +52,11 @@ LINEAR_TOLERANCE = 0.15
 WALL_GOAL_S = 45 * 60  # normalize -> pii at 1M documents on 2 cores
 DEDUP_GOAL_BYTES = 300
 MB = 2**20
+FULL = [
+    "python bench/scale.py --docs 10000 100000 1000000 --runners threads processes dask"
+    " --layout files",
+    "python bench/scale.py --docs 100000 1000000 --runners threads --layout big",
+]
 
 
 def git_commit() -> str:
@@ -129,6 +134,8 @@ def run_stages(
             "docs_in": counts.get("docs_in", 0),
             "kept": counts.get("kept", 0),
             "units": len(manifest.get("shards", [])),
+            "rejected_by_reason": counts.get("rejected_by_reason", {}),
+            "stats": manifest.get("stats", {}),  # what the stage found (pii spans, clusters...)
             "wall_s": round(tree.wall_s, 2),
             "cpu_s": round(tree.cpu_s, 2),
             "sampled_cpu_s": round(tree.sampled_cpu_s, 2),
@@ -210,8 +217,8 @@ def md_head(columns: list[str], text_columns: int) -> list[str]:
     return [md_row(columns), md_row(rule)]
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
+def _num(value: float | None, digits: int = 2, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -244,7 +251,7 @@ def _linearity(measured: list[dict[str, Any]], fixed: Groups, sizes: list[int]) 
         if len(known) >= 2 and known[0] > 0:
             dev = max(abs(v / known[0] - 1) for v in known) * 100
             verdict = "yes" if dev <= LINEAR_TOLERANCE * 100 else "**no**"
-        cells = [*group, *(_num(v, 3) for v in values), f"{_num(dev, 0)}%", verdict]
+        cells = [*group, *(_num(v, 3) for v in values), _num(dev, 0, "%"), verdict]
         out.append(md_row(cells))
     return out
 
@@ -274,7 +281,9 @@ def _memory(measured: list[dict[str, Any]], fixed: Groups, sizes: list[int]) -> 
             per_doc = grown * MB / known[-1]["docs_in"]
         stage = f"{group[2]} ({'per shard' if group[2] in PER_SHARD else 'whole input'})"
         peaks = [_num(None if r is None else r["peak_tree_mb"], 0) for r in rows]
-        out.append(md_row([group[0], group[1], stage, *peaks, f"{_num(ratio)}x", _num(per_doc, 0)]))
+        out.append(
+            md_row([group[0], group[1], stage, *peaks, _num(ratio, 2, "x"), _num(per_doc, 0)])
+        )
     return out
 
 
@@ -303,12 +312,20 @@ def _curation_wall(measured: list[dict[str, Any]], fixed: Groups, sizes: list[in
     return out
 
 
-def md_preamble(title: str, script: str, results: dict[str, Any], note: str | None) -> list[str]:
-    """Title, the note (smoke figures...), the machine and every command that made the rows."""
+def md_preamble(
+    title: str, script: str, full: list[str], results: dict[str, Any], note: str | None
+) -> list[str]:
+    """Title, the note (smoke figures...), the commands of the full measurement, the machine
+    and every command that made the rows."""
     out = [f"# {title}", ""] + ([f"**{note}**", ""] if note else [])
     machine = results["runs"][-1]["machine"]
     out += [
-        f"Produced by `bench/{script}.py` (its docstring says how it measures).",
+        f"Produced by `bench/{script}.py` (its docstring says how it measures). The full"
+        " measurement of issue 16's goals (results accumulate, so the commands may run apart):",
+        "",
+        "```",
+        *full,
+        "```",
         "",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()) + ". It is shared:"
         " wall time counts waiting for a core while others work, so the load average (1, 5,"
@@ -327,7 +344,8 @@ def render(results: dict[str, Any], note: str | None) -> str:
     measured = [r for r in rows if not r["baseline"]]
     fixed = _fixed(rows)
     sizes = sorted({r["docs"] for r in measured})
-    out = md_preamble("Growth: every data stage from 10k to 1M documents", "scale", results, note)
+    title = "Growth: every data stage from 10k to 1M documents"
+    out = md_preamble(title, "scale", FULL, results, note)
     out += [
         "",
         "CPU seconds: user + system of the whole process tree of the stage's `llmflow run`"
