@@ -176,29 +176,52 @@ def read_shard(stage_dir: str, shard: ShardFile, columns: list[str] | None = Non
     """
     path = join(stage_dir, shard.path)
     data = read_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != shard.bytes or digest != shard.sha256:
-        raise CorruptShardError(
-            f"{path} is corrupt: {len(data)} bytes with sha256 {digest[:16]}…, but its manifest"
-            f" recorded {shard.bytes} bytes with sha256 {shard.sha256[:16]}…. Delete the file"
-            " and run the stage that wrote it again: that stage redoes the missing shard"
-        )
+    _check_bytes(path, shard, len(data), hashlib.sha256(data).hexdigest())
     return _decode_parquet(path, data, columns)
 
 
+def verify_shard(stage_dir: str, shard: ShardFile) -> None:
+    """:func:`read_shard`'s check, streamed: for a reader that then reads a column at a time
+    (the dedup index), so the whole file never sits in memory."""
+    path = join(stage_dir, shard.path)
+    fs, p = filesystem(path)
+    _check_bytes(path, shard, int(fs.size(p)), file_sha256(path))
+
+
+def _check_bytes(path: str, shard: ShardFile, size: int, digest: str) -> None:
+    if size != shard.bytes or digest != shard.sha256:
+        raise CorruptShardError(
+            f"{path} is corrupt: {size} bytes with sha256 {digest[:16]}…, but its manifest"
+            f" recorded {shard.bytes} bytes with sha256 {shard.sha256[:16]}…. Delete the file"
+            " and run the stage that wrote it again: that stage redoes the missing shard"
+        )
+
+
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file by its full path (a derived table that no manifest lists)."""
-    return _decode_parquet(path, read_bytes(path), columns)
+    """A Parquet file by its full path (a derived table that no manifest lists); only the
+    ``columns`` asked for are read from storage."""
+    fs, p = filesystem(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        if not fs.exists(p):
+            raise
+        raise _unreadable(path, error) from error
 
 
 def _decode_parquet(path: str, data: bytes, columns: list[str] | None) -> pa.Table:
     try:
         return pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowException, OSError) as error:
-        raise CorruptShardError(
-            f"{path} is not a readable Parquet file ({error}). Delete it and run the stage that"
-            " wrote it again"
-        ) from error
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: str, error: Exception) -> CorruptShardError:
+    return CorruptShardError(
+        f"{path} is not a readable Parquet file ({error}). Delete it and run the stage that"
+        " wrote it again"
+    )
 
 
 def schema_description(schema: pa.Schema) -> list[dict[str, str]]:

@@ -51,6 +51,7 @@ from llmflow.tasks.core.unit_output import ShardResult
 from llmflow.tasks.curate.dedup_index import batch_name, index_for
 from llmflow.tasks.curate.dedup_minhash import (
     SIGNATURE_VERSION,
+    band_column,
     compute_signatures,
     signatures_path,
 )
@@ -158,7 +159,7 @@ def plan_dedup_units(
     against: dict[str, Any] = {}
     if config.incremental:
         batches = index_for(config, stage_dir).batches_except(config, batch_name(input_digest))
-        against = {k: v["file"]["sha256"] for k, v in batches.items()}
+        against = {k: [f["sha256"] for f in v["files"]] for k, v in batches.items()}
     if withdrawn is not None and shards.exists(withdrawn):
         against["withdrawn"] = hashlib.sha256(shards.read_bytes(withdrawn)).hexdigest()
     else:
@@ -232,22 +233,29 @@ def dedup_shard(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> UnitReco
 
 
 def update_index(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str) -> int:
-    """Add this run's kept documents to the persistent index (as its input's batch)."""
+    """Append this run's kept documents to the persistent index (as its input's batch).
+
+    One index file per shard, each built from that shard's signatures, decisions and ids alone:
+    memory is one shard's, whatever the run's or the index's size. Returns the rows appended.
+    """
     if not config.incremental or not units:
         return 0
-    parts = []
-    for unit in units:
-        decisions = read_decisions(unit, config, stage_dir)
-        kept = pc.invert(pc.is_valid(decisions.column("reason")))
-        signatures = shards.read_parquet(signatures_path(stage_dir, unit.name), None)
+    columns = ["order", "exact", *(band_column(b) for b in range(config.bands)), "minhash"]
+
+    def kept_rows(unit: WorkUnit) -> tuple[str, pa.Table]:
+        kept = pc.invert(pc.is_valid(read_decisions(unit, config, stage_dir).column("reason")))
+        signatures = shards.read_parquet(signatures_path(stage_dir, unit.name), columns)
         ids = read_unit_input(unit, ["id"]).column("id")
-        rows = signatures.append_column("id", ids).filter(kept).drop_columns(["row"])
-        parts.append(rows.replace_schema_metadata(None))
-    batch = pa.concat_tables(parts)
-    index_for(config, stage_dir).write_batch(
-        config, batch_name(units[0].source["input_digest"]), batch
+        rows = signatures.add_column(0, "id", ids).filter(kept)
+        return unit.name, rows.replace_schema_metadata(None)
+
+    source = units[0].source
+    return index_for(config, stage_dir).append(
+        config,
+        batch_name(source["input_digest"]),
+        source["context"][:16],
+        (kept_rows(unit) for unit in units),
     )
-    return batch.num_rows
 
 
 # --- the whole stage without Prefect (tests, benchmarks) ----------------------------------------

@@ -33,6 +33,7 @@ SIGNATURES_DIR = "_signatures"
 # version are not comparable and must not be mixed.
 SIGNATURE_VERSION = "2"
 _MINHASH_CHUNK = 8192  # shingles per datasketch update: bounds the (shingles x permutations) matrix
+_SHINGLE_DOCS = 1000  # documents shingled at once: bounds the per-word arrays, not the shard
 
 # RE2 (Arrow's regex engine) classes are ASCII unless spelled as Unicode properties.
 _NUMBERS = r"\p{Nd}+(?:[.,]\p{Nd}+)?"
@@ -154,10 +155,6 @@ def signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:
     ids = table.column("id").to_pylist()
     permutations = MinHash(num_perm=config.num_perm, seed=config.seed, scheme="affine32")
     signatures = np.empty((len(texts), config.num_perm), dtype=np.uint32)
-    if config.near:
-        hashes, offsets = shard_shingles(texts, config.ngram_size)
-    else:
-        hashes, offsets = np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
     minhash = MinHash(
         num_perm=config.num_perm,
         seed=config.seed,
@@ -165,15 +162,24 @@ def signature_table(table: pa.Table, config: DedupConfig) -> pa.Table:
         permutations=permutations.permutations,
         scheme="affine32",
     )
-    for i in range(len(texts)):
-        minhash.clear()
-        for start in range(offsets[i], offsets[i + 1], _MINHASH_CHUNK):
-            minhash.update_batch(hashes[start : min(start + _MINHASH_CHUNK, offsets[i + 1])])
-        signatures[i] = minhash.hashvalues
+    exact = []
+    # A slice of documents at a time: shingling holds several arrays per word of its input.
+    for first in range(0, len(texts), _SHINGLE_DOCS):
+        chunk = texts.slice(first, _SHINGLE_DOCS)
+        exact.append(exact_keys(chunk))
+        if config.near:
+            hashes, offsets = shard_shingles(chunk, config.ngram_size)
+        else:
+            hashes, offsets = np.zeros(0, np.uint32), np.zeros(len(chunk) + 1, np.int64)
+        for i in range(len(chunk)):
+            minhash.clear()
+            for start in range(offsets[i], offsets[i + 1], _MINHASH_CHUNK):
+                minhash.update_batch(hashes[start : min(start + _MINHASH_CHUNK, offsets[i + 1])])
+            signatures[first + i] = minhash.hashvalues
     columns: dict[str, pa.Array] = {
         "row": pa.array(np.arange(len(texts), dtype=np.int32)),
         "order": pa.array(np.array([order_key(i) for i in ids], dtype=np.uint64)),
-        "exact": exact_keys(texts),
+        "exact": pa.concat_arrays(exact) if exact else exact_keys(texts),
     }
     keys = band_keys(signatures, config.bands, config.rows_per_band)
     for b in range(config.bands):

@@ -16,19 +16,18 @@ decisions back through :func:`read_decisions`, which refuses files of another co
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageSpec, WorkUnit, read_unit_input
 from llmflow.tasks.core.steps import completed_step, run_step, step_key, step_output_intact
-from llmflow.tasks.curate.dedup_index import DedupIndex, batch_name, index_for
+from llmflow.tasks.curate.dedup_index import IndexView, batch_name, index_for, key_array
 from llmflow.tasks.curate.dedup_minhash import band_column, signatures_path
 
 if TYPE_CHECKING:
@@ -69,11 +68,25 @@ class _UnionFind:
 
 
 def _adjacent_equal_pairs(keys: np.ndarray) -> np.ndarray:
-    """(k, 2) node pairs that share a key: each node paired with the next one of its key."""
+    """(k, 2) positions that share a key: each position paired with the next one of its key."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
     return np.stack([order[same], order[same + 1]], axis=1)
+
+
+def _pairs_with_index(run_keys: np.ndarray, index: IndexView, column: str) -> np.ndarray:
+    """Node pairs that share a key of ``column``: the run's nodes (0..n_run) with each other and
+    with the index rows (node n_run + row) that hold one of the run's keys.
+
+    Keys that no run document has only pair index documents with each other, pairs the resolve
+    drops, so only the matching index rows are read in: the pairs are the ones a sort of the
+    whole index's column would give (nodes stay in node order within a key).
+    """
+    n_run = len(run_keys)
+    rows, keys = index.matching(column, np.unique(run_keys))
+    nodes = np.concatenate([np.arange(n_run, dtype=np.int64), n_run + rows])
+    return nodes[_adjacent_equal_pairs(np.concatenate([run_keys, keys]))]
 
 
 def _estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -84,11 +97,11 @@ def _estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def resolve_duplicates(
     units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str, signatures_reused: int = 0
 ) -> Counter[str]:
-    """Step 2: cluster every document of the run (and the index it is checked against) and write
-    each shard's decisions, unless the step is done for this run's context (its manifest, written
-    last by :func:`~llmflow.tasks.core.steps.run_step`). Memory: a few numpy arrays of one entry
-    per document, one band at a time; signatures are read back only for documents that are in a
-    candidate pair."""
+    """Step 2: cluster every document of the run (and the index documents that share a key with
+    one) and write each shard's decisions, unless the step is done for this run's context (its
+    manifest, written last by :func:`~llmflow.tasks.core.steps.run_step`). Memory: a few numpy
+    arrays of one entry per run document, one band at a time, plus the index rows that match;
+    signatures are read back only for documents that are in a candidate pair."""
     decisions_dir = shards.join(stage_dir, DECISIONS_DIR)
     manifest, _ = run_step(
         decisions_dir,
@@ -99,68 +112,63 @@ def resolve_duplicates(
     return Counter(manifest["stats"])
 
 
-def _resolve(
-    units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str, signatures_reused: int
-) -> tuple[list[str], dict[str, Any]]:
-    """Cluster and write the decisions; their file names and the step manifest's fields."""
-    context = units[0].source["context"] if units else ""
-    stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
-    sig_paths = [signatures_path(stage_dir, u.name) for u in units]
-    tables = [shards.read_parquet(p, ["order", "exact"]) for p in sig_paths]
-    sizes = [t.num_rows for t in tables]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    n_run = int(offsets[-1])
-
+def _index_view(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str) -> IndexView:
+    """The index batches this run is checked against (all but its own), verified."""
     index = index_for(config, stage_dir)
     batches: dict[str, dict[str, Any]] = {}
     if config.incremental and units:
         batches = index.batches_except(config, batch_name(units[0].source["input_digest"]))
-    index_tables = [index.read_batch(b, ["order", "exact"]) for b in batches]
-    index_sizes = [t.num_rows for t in index_tables]
+    view = index.view(batches)
+    view.verify()
+    return view
 
-    order = _concat_np([t.column("order") for t in tables + index_tables], np.uint64)
-    n_nodes = len(order)
-    is_index = np.zeros(n_nodes, dtype=bool)
-    is_index[n_run:] = True
-    gone = _withdrawn_nodes(units, index, list(batches), n_run, n_nodes)
-    stats["index_documents_withdrawn"] = int(gone.sum())
-    # Documents kept by an earlier run come first (they are already in the corpus), then the
-    # lowest order key; node number breaks ties between copies of the same id.
-    previously_kept = is_index & ~gone
-    if n_nodes > n_run:
-        previously_kept[:n_run] = np.isin(order[:n_run], order[n_run:][~gone[n_run:]])
-    rank = np.empty(n_nodes, dtype=np.int64)
-    rank[np.lexsort((np.arange(n_nodes), order, ~previously_kept))] = np.arange(n_nodes)
-    stats["index_documents"] = n_nodes - n_run
 
-    pairs: list[np.ndarray] = []
+def _resolve(
+    units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str, signatures_reused: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Cluster and write the decisions; their file names and the step manifest's fields.
+
+    Nodes are the run's documents (0..n_run, shard by shard) and then the index's rows (n_run +
+    row); only the index rows that share a key with a run document are ever in memory.
+    """
+    context = units[0].source["context"] if units else ""
+    stats: Counter[str] = Counter({"signature_shards_reused": signatures_reused})
+    sig_paths = [signatures_path(stage_dir, u.name) for u in units]
+    tables = [shards.read_parquet(p, ["order", "exact"]) for p in sig_paths]
+    offsets = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+    n_run = int(offsets[-1])
+    index = _index_view(units, config, stage_dir)
+    stats["index_documents"] = index.rows
+
+    order = _concat_np([t.column("order") for t in tables])
+    gone = n_run + _withdrawn_rows(units, index)
+    stats["index_documents_withdrawn"] = len(gone)
+    # A run document whose id an earlier run kept (and this one does not withdraw) stays kept.
+    rows, orders = index.matching("order", np.unique(order))
+    previously_kept = np.isin(order, orders[~np.isin(n_run + rows, gone)])
+
+    pairs: list[np.ndarray] = [np.zeros((0, 2), dtype=np.int64)]
     if config.exact:
-        exact = _concat_exact([t.column("exact") for t in tables + index_tables])
-        pairs.append(_adjacent_equal_pairs(exact))
+        exact = key_array(pa.chunked_array([t.column("exact") for t in tables], pa.binary(16)))
+        pairs.append(_pairs_with_index(exact, index, "exact"))
         del exact
-    del tables, index_tables
+    del tables
     if config.near:
         with StepProgress("dedup-bands", "dedup: LSH bands", config.bands) as progress:
             for b in range(config.bands):
                 column = band_column(b)
-                keys = _concat_np(
-                    [shards.read_parquet(p, [column]).column(0) for p in sig_paths]
-                    + [index.read_batch(name, [column]).column(0) for name in batches],
-                    np.uint64,
-                )
-                pairs.append(_adjacent_equal_pairs(keys))
+                keys = _concat_np([shards.read_parquet(p, [column]).column(0) for p in sig_paths])
+                pairs.append(_pairs_with_index(keys, index, column))
                 progress.advance()
-    candidates = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-    candidates = np.sort(candidates, axis=1)
-    candidates = candidates[~(is_index[candidates[:, 0]] & is_index[candidates[:, 1]])]
-    candidates = candidates[~(gone[candidates[:, 0]] | gone[candidates[:, 1]])]
+    candidates = np.sort(np.concatenate(pairs), axis=1)
+    candidates = candidates[candidates[:, 0] < n_run]  # a pair of index documents: both kept
+    candidates = candidates[~np.isin(candidates, gone).any(axis=1)]
     candidates = np.unique(candidates, axis=0)
     stats["candidate_pairs"] = len(candidates)
 
-    involved = np.unique(candidates)
-    store = _NodeStore(offsets, sig_paths, units, index, list(batches), index_sizes)
-    minhash = np.array(store.values(involved, "minhash"), dtype=np.uint32)
-    minhash = minhash.reshape(-1, config.num_perm)
+    involved = np.unique(candidates)  # node numbers, ascending
+    store = _NodeStore(offsets, sig_paths, units, index)
+    minhash = store.minhash(involved, config.num_perm)
     if config.min_similarity > 0 and len(candidates):
         similarity = _estimated_jaccard(
             minhash[np.searchsorted(involved, candidates[:, 0])],
@@ -170,11 +178,24 @@ def _resolve(
         stats["candidate_pairs_below_min_similarity"] = int((~keep).sum())
         candidates = candidates[keep]
 
+    # Keep order: documents kept by an earlier run first (they are already in the corpus), then
+    # the lowest order key; node number breaks ties between copies of the same id. Index nodes
+    # in a pair are never withdrawn ones, so all of them were kept.
+    in_run = involved < n_run
+    kept_before = np.ones(len(involved), dtype=bool)
+    kept_before[in_run] = previously_kept[involved[in_run]]
+    involved_order = np.empty(len(involved), dtype=np.uint64)
+    involved_order[in_run] = order[involved[in_run]]
+    if not in_run.all():
+        involved_order[~in_run] = store.index_values(involved[~in_run], "order")
+    rank = np.empty(len(involved), dtype=np.int64)
+    rank[np.lexsort((involved, involved_order, ~kept_before))] = np.arange(len(involved))
+
     clusters = _UnionFind(rank)
-    for a, b in candidates.tolist():
+    for a, b in np.searchsorted(involved, candidates).tolist():
         clusters.union(a, b)
-    roots = np.array([clusters.find(int(x)) for x in involved], dtype=np.int64)
-    removed = (roots != involved) & (involved < n_run) & ~previously_kept[involved]
+    roots = involved[[clusters.find(x) for x in range(len(involved))]]
+    removed = (roots != involved) & in_run & ~kept_before
     dup_nodes, dup_roots = involved[removed], roots[removed]
     similarity = _estimated_jaccard(
         minhash[np.searchsorted(involved, dup_nodes)], minhash[np.searchsorted(involved, dup_roots)]
@@ -183,9 +204,8 @@ def _resolve(
         store.values(dup_roots, "exact"), dtype=object
     )
     root_ids = store.values(dup_roots, "id")
-    removed_count = np.bincount(dup_roots, minlength=n_nodes)
+    removed_count = np.bincount(dup_roots[dup_roots < n_run], minlength=n_run)
     stats["clusters"] = int(len(np.unique(dup_roots)))
-
     for u, unit in enumerate(units):
         lo, hi = offsets[u], offsets[u + 1]
         mine = (dup_nodes >= lo) & (dup_nodes < hi)
@@ -216,22 +236,15 @@ def _resolve(
     return outputs, {"context": context, "stats": dict(sorted(stats.items()))}
 
 
-def _withdrawn_nodes(
-    units: Sequence[WorkUnit], index: DedupIndex, batches: list[str], n_run: int, n_nodes: int
-) -> np.ndarray:
-    """Which nodes are index documents that have since left the dataset (never a keeper)."""
-    gone = np.zeros(n_nodes, dtype=bool)
+def _withdrawn_rows(units: Sequence[WorkUnit], index: IndexView) -> np.ndarray:
+    """Index rows whose documents have since left the dataset (never a keeper)."""
     path = units[0].source.get("withdrawn") if units else None
-    if path is None or not batches:
-        return gone
-    withdrawn_ids = shards.read_parquet(path, ["id"]).column("id")
-    if len(withdrawn_ids):
-        ids = pa.concat_arrays(
-            [index.read_batch(b, ["id"]).column("id").combine_chunks() for b in batches]
-        )
-        member = pc.is_in(ids, value_set=withdrawn_ids.combine_chunks())
-        gone[n_run:] = member.to_numpy(zero_copy_only=False)
-    return gone
+    if path is None or not index.rows:
+        return np.zeros(0, dtype=np.int64)
+    withdrawn_ids = shards.read_parquet(path, ["id"]).column("id").combine_chunks()
+    if not len(withdrawn_ids):
+        return np.zeros(0, dtype=np.int64)
+    return index.rows_in("id", withdrawn_ids)
 
 
 def resolve_key(units: Sequence[WorkUnit], config: DedupConfig) -> str:
@@ -255,80 +268,67 @@ def _select(values: list[str], mask: np.ndarray) -> list[str]:
     return [v for v, m in zip(values, mask.tolist(), strict=True) if m]
 
 
-def _concat_np(arrays: Iterable[pa.ChunkedArray | pa.Array], dtype: type) -> np.ndarray:
-    parts: list[np.ndarray] = [np.asarray(a.to_numpy(), dtype=dtype) for a in arrays]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def _concat_exact(arrays: Iterable[pa.ChunkedArray]) -> np.ndarray:
-    """16-byte exact keys as one numpy void array (sortable, comparable)."""
-    parts = []
-    for a in arrays:
-        combined = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-        raw = np.frombuffer(combined.buffers()[1], dtype="V16", count=len(combined), offset=0)
-        parts.append(raw[combined.offset : combined.offset + len(combined)])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype="V16")
-
-
-def _locate(nodes: np.ndarray, offsets: np.ndarray, index_sizes: list[int]) -> list[tuple]:
-    """Node number → ("run", unit number, row) or ("index", batch number, row)."""
-    n_run = int(offsets[-1])
-    index_offsets = np.concatenate([[n_run], n_run + np.cumsum(index_sizes)]).astype(np.int64)
-    out = []
-    for node in nodes.tolist():
-        if node < n_run:
-            u = int(np.searchsorted(offsets, node, side="right") - 1)
-            out.append(("run", u, node - int(offsets[u])))
-        else:
-            b = int(np.searchsorted(index_offsets, node, side="right") - 1)
-            out.append(("index", b, node - int(index_offsets[b])))
-    return out
-
-
-def _gather(
-    nodes: np.ndarray,
-    offsets: np.ndarray,
-    read_run: Callable[[int], pa.Table],
-    read_index: Callable[[int], pa.Table],
-    index_sizes: list[int],
-    column: str,
-) -> list[Any]:
-    """Values of ``column`` for the given nodes, reading each file at most once."""
-    located = _locate(nodes, offsets, index_sizes)
-    wanted: dict[tuple[str, int], list[int]] = {}
-    for kind, f, row in located:
-        wanted.setdefault((kind, f), []).append(row)
-    values: dict[tuple[str, int, int], Any] = {}
-    for (kind, f), rows in wanted.items():
-        table = read_run(f) if kind == "run" else read_index(f)
-        taken = table.column(column).take(pa.array(rows)).to_pylist()
-        values.update({(kind, f, r): v for r, v in zip(rows, taken, strict=True)})
-    return [values[loc] for loc in located]
+def _concat_np(arrays: Iterable[pa.ChunkedArray | pa.Array]) -> np.ndarray:
+    """uint64 key columns of the run's shards as one numpy array."""
+    parts = [key_array(a) for a in arrays]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
 class _NodeStore:
-    """Where each node's rows live: the run's shards (signatures, input ids), then index batches."""
+    """Where each node's rows live: the run's shards (signatures, input ids), then the index."""
 
     offsets: np.ndarray
     sig_paths: list[str]
     units: Sequence[WorkUnit]
-    index: DedupIndex
-    batch_names: list[str]
-    index_sizes: list[int]
+    index: IndexView
+
+    def _run_values(self, nodes: np.ndarray, column: str) -> pa.Array:
+        """``column`` of run nodes, in their order, reading each shard's file at most once."""
+        unit_of = np.searchsorted(self.offsets, nodes, side="right") - 1
+        parts, positions = [], []
+        for u in np.unique(unit_of).tolist():
+            mine = np.flatnonzero(unit_of == u)
+            if column == "id":
+                table = read_unit_input(self.units[u], ["id"])
+            else:
+                table = shards.read_parquet(self.sig_paths[u], [column])
+            parts.append(table.column(column).take(pa.array(nodes[mine] - self.offsets[u])))
+            positions.append(mine)
+        taken = pa.chunked_array(parts).combine_chunks()
+        return taken.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+
+    def _arrays(self, nodes: np.ndarray, column: str) -> list[tuple[np.ndarray, pa.Array]]:
+        """(positions, values) of the run nodes and of the index nodes among ``nodes``."""
+        n_run = int(self.offsets[-1])
+        out = []
+        in_run = np.flatnonzero(nodes < n_run)
+        if len(in_run):
+            out.append((in_run, self._run_values(nodes[in_run], column)))
+        in_index = np.flatnonzero(nodes >= n_run)
+        if len(in_index):
+            out.append((in_index, self.index.take(nodes[in_index] - n_run, column)))
+        return out
 
     def values(self, nodes: np.ndarray, column: str) -> list[Any]:
-        """``column`` ("id" or a signature column) of the given nodes, in their order."""
+        """``column`` ("id" or "exact") of the given nodes, in their order, as Python values."""
+        result: list[Any] = [None] * len(nodes)
+        for positions, values in self._arrays(nodes, column):
+            for p, v in zip(positions.tolist(), values.to_pylist(), strict=True):
+                result[p] = v
+        return result
 
-        def run(u: int) -> pa.Table:
-            if column == "id":
-                return read_unit_input(self.units[u], ["id"])
-            return shards.read_parquet(self.sig_paths[u], [column])
+    def index_values(self, nodes: np.ndarray, column: str) -> np.ndarray:
+        """A uint64 column of index nodes."""
+        return key_array(self.index.take(nodes - int(self.offsets[-1]), column))
 
-        def indexed(b: int) -> pa.Table:
-            return self.index.read_batch(self.batch_names[b], [column])
-
-        return _gather(nodes, self.offsets, run, indexed, self.index_sizes, column)
+    def minhash(self, nodes: np.ndarray, num_perm: int) -> np.ndarray:
+        """(nodes, num_perm) MinHash values of the given nodes."""
+        result = np.zeros((len(nodes), num_perm), dtype=np.uint32)
+        for positions, values in self._arrays(nodes, "minhash"):
+            flat = values.flatten().to_numpy(zero_copy_only=False)
+            result[positions] = flat.reshape(len(positions), num_perm)
+        return result
 
 
 def read_decisions(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> pa.Table:
