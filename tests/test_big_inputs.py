@@ -151,7 +151,7 @@ def test_a_unit_that_keeps_nothing_is_an_empty_shard(tmp_path: Path) -> None:
 
 _PEAK_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from llmflow.tasks.ingest import crawl
     from llmflow.tasks.ingest.crawl_config import CrawlConfig
 
@@ -161,10 +161,18 @@ _PEAK_SCRIPT = textwrap.dedent(
     (unit,) = crawl.plan_crawl_units(warm)
     crawl.crawl_unit.fn(unit, warm, stage_dir + "-warm")
     config = CrawlConfig(seeds=[path], write_warc=False, shard_docs=shard_docs)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    # ru_maxrss would carry the parent's peak across exec: VmHWM, reset here, is this read's.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
     (unit,) = crawl.plan_crawl_units(config)
     record = crawl.crawl_unit.fn(unit, config, stage_dir)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = status("VmHWM")
     print(json.dumps({"parts": len(record.parts), "growth_kb": after - before}))
     """
 )
