@@ -23,6 +23,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from llmflow.tasks.core.stage import UnitRecord, run_unit
 from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.crawl_checkpoint import SeenSet
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
 from llmflow.tasks.ingest.crawl_guards import CrawlInterrupted, stop_crawls
 from llmflow.tasks.ingest.web_scope import host_partition
@@ -137,6 +138,7 @@ KILLED_CRAWL = """
 import sys
 from llmflow.tasks.core.stage import run_unit
 from llmflow.tasks.ingest import crawl
+from llmflow.tasks.ingest.crawl_checkpoint import SeenSet
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
 
 cfg = CrawlConfig.model_validate_json(sys.argv[1])
@@ -251,3 +253,16 @@ def test_a_refresh_accounts_for_the_last_crawl_part_by_part(tmp_path: Path) -> N
         {"url": u, "etag": None, "last_modified": None, "doc_id": u.upper(), "links": ["x"]}
         for u in ("d", "e")
     ]
+
+
+def test_the_seen_set_keeps_eight_bytes_a_url() -> None:
+    urls = [f"https://example.org/page/{i}" for i in range(10_000)]
+    seen = SeenSet(lambda url: url)
+    seen.update(urls + urls)
+    assert len(seen) == 10_000 and seen.compact().nbytes == 8 * 10_000 and not seen.recent
+    assert all(url in seen for url in urls[::97]) and "https://example.org/other" not in seen
+    seen.add("https://example.org/new")  # added in a visit that is then taken back
+    seen.discard("https://example.org/new")
+    assert "https://example.org/new" not in seen
+    seen.discard(urls[0])  # only what came since the last checkpoint can be taken back
+    assert urls[0] in seen
