@@ -13,8 +13,9 @@ Across a resume every response is in exactly one WARC file, except those of page
 extraction Ctrl-C cut short (at most ``concurrency``): received before the stop, they are asked
 for again, and both answers are kept.
 
-In a refresh, the last crawl's page states (read part by part) give conditional requests; after
-the crawl, each earlier page is accounted for (:func:`account_refresh`): changed or gone pages
+In a refresh, the last crawl's page states give conditional requests (held as one map by URL
+while the crawl runs: the one thing that still grows with an earlier crawl); after the crawl,
+each earlier page is accounted for part by part (:func:`account_refresh`): changed or gone pages
 withdraw their documents, pages not reached keep theirs and their state.
 """
 
