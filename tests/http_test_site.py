@@ -44,6 +44,8 @@ HOPS = 20
 AUTH_USER = "crawler"
 AUTH_PASSWORD = "s3cret-Pa55word"
 HOSTILE_ATTRIBUTES = 80_000  # on one tag: minutes of lxml parsing, unbounded
+# Sections whose pages are plain pages named after their path.
+PLAIN_SECTIONS = ("/polite/", "/wide/", "/scope/", "/outside/", "/hostile/", "/hosts/")
 MANY_DELAY_S = 0.3  # each /many/ page takes this long to answer
 
 MAIN_INDEX = [
@@ -245,13 +247,18 @@ class Handler(BaseHTTPRequestHandler):
             attributes = " ".join(f"data-a{i}={value}" for i in range(HOSTILE_ATTRIBUTES))
             body = f"<div {attributes}>hostile</div>"
             self.send(200, html_page("hostile", body, links=["/hostile/1", "/hostile/2"]))
+        elif path == "/hosts/":
+            # Served under two host names (127.0.0.1 and localhost): the relative link stays on
+            # the host it was found on, the absolute one always goes to localhost.
+            links = ["/hosts/a", f"http://localhost:{PORTS['main']}/hosts/b"]
+            self.send(200, html_page("hosts", links=links))
         elif path.startswith("/many/"):
             # A slow site with many pages: 5 links per page, each page MANY_DELAY_S to answer.
             n = int(path.rsplit("/", 1)[1])
             time.sleep(MANY_DELAY_S)
             links = [f"/many/{5 * n + i}" for i in range(1, 6)]
             self.send(200, html_page(f"many {n}", links=links))
-        elif path.startswith(("/polite/", "/wide/", "/scope/", "/outside/", "/hostile/")):
+        elif path.startswith(PLAIN_SECTIONS):
             self.send(200, html_page(path))
         else:
             self.send(404, html_page("not found"))

@@ -28,7 +28,6 @@ from llmflow.tasks.core.stage import run_unit
 from llmflow.tasks.ingest import crawl
 from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
-from llmflow.tasks.ingest.web_crawler import crawl_web
 from llmflow.tasks.ingest.web_scope import Scope
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,7 +47,7 @@ def test_robots_txt_redirect_to_another_port_is_not_followed(
 ) -> None:
     """bounce's robots.txt redirects to the other server: that server must see no request."""
     cfg = config("bounce")
-    outcomes = crawl_web([site.url("/", "bounce")], cfg, extractor)
+    outcomes = web.crawl([site.url("/", "bounce")], cfg, extractor)
     assert site.log(cfg.user_agent, site="other") == []
     # The crawl itself goes on: robots.txt counts as unavailable, the pages are fetched.
     kept = [o.url for o in outcomes if isinstance(o, Document) and o.reject_reason is None]
@@ -64,7 +63,7 @@ def test_robots_txt_redirect_inside_scope_is_followed(
         "bounce-allowed",
         allowed_prefixes=[f"127.0.0.1:{site.ports['bounce']}", f"127.0.0.1:{site.ports['other']}"],
     )
-    crawl_web([site.url("/", "bounce")], cfg, extractor)
+    web.crawl([site.url("/", "bounce")], cfg, extractor)
     assert paths(site.log(cfg.user_agent, site="other")) == ["/robots.txt"]
 
 
@@ -122,7 +121,7 @@ def test_private_addresses_are_refused_when_not_allowed(
 ) -> None:
     cfg = config(f"no-private-{host}", allow_private_addresses=False)
     seed = f"http://{host}:{site.ports['main']}/a"
-    outcomes = crawl_web([seed], cfg, extractor)
+    outcomes = web.crawl([seed], cfg, extractor)
     assert len(outcomes) == 1
     failure = outcomes[0]
     assert isinstance(failure, FetchFailure)
@@ -136,7 +135,7 @@ def test_private_addresses_are_refused_when_not_allowed(
 def test_private_addresses_are_fetched_by_default(site: Site, extractor: BoundedExtractor) -> None:
     cfg = config("private-ok")
     assert cfg.allow_private_addresses is True
-    outcomes = crawl_web([f"http://localhost:{site.ports['main']}/a"], cfg, extractor)
+    outcomes = web.crawl([f"http://localhost:{site.ports['main']}/a"], cfg, extractor)
     assert [type(o) for o in outcomes] == [Document]
 
 
@@ -245,7 +244,7 @@ def test_tag_with_80000_attributes_does_not_stall_the_crawl(
     before lxml parses the links; the text is the worker's (or its CPU budget's, counted)."""
     cfg = config("hostile", max_page_bytes=2_000_000)
     started = time.monotonic()
-    outcomes = web.by_url(crawl_web([site.url("/hostile/")], cfg, quick_extractor))
+    outcomes = web.by_url(web.crawl([site.url("/hostile/")], cfg, quick_extractor))
     seconds = time.monotonic() - started
     assert seconds < PAGE_WALL_S + 4.0, seconds
     hostile = outcomes[site.url("/hostile/")]
@@ -264,7 +263,7 @@ def test_link_parsing_is_bounded_by_the_extraction_budget(
     cfg = config("hostile-quoted", max_page_bytes=2_000_000)
     started = time.monotonic()
     seeds = [site.url("/hostile/quoted"), site.url("/hostile/1")]
-    outcomes = web.by_url(crawl_web(seeds, cfg, quick_extractor))
+    outcomes = web.by_url(web.crawl(seeds, cfg, quick_extractor))
     seconds = time.monotonic() - started
     assert seconds < PAGE_WALL_S + 4.0, seconds
     hostile = outcomes[site.url("/hostile/quoted")]
@@ -336,9 +335,17 @@ def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> 
     assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
     assert "KeyboardInterrupt" in err or "CrawlInterrupted" in err, err[-2000:]
     assert "finished" not in out
-    # Nothing half-written, and nothing that looks complete: the unit is redone next time.
-    written = [p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*") if p.is_file()]
-    assert written == [], written
+    # Nothing half-written, and nothing that looks complete: no marker, and a checkpoint of
+    # the pages whose outcome was known, for the next run to resume from.
+    written = {p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*") if p.is_file()}
+    assert not any(".tmp-" in name or name.startswith("_done/") for name in written), written
+    checkpoints = stage_dir / "_state/web.checkpoint"
+    checkpoint = json.loads((checkpoints / "checkpoint.json").read_text())
+    assert checkpoint["position"]["pages"] >= 1
+    assert pq.read_table(checkpoints / checkpoint["frontier"]).num_rows  # URLs left to try
+    parts = {p["path"] for p in checkpoint["done"]["parts"]}
+    assert parts and parts <= written, (parts, written)
+    assert {"_state/web.00000.parquet", "warc/web.00000.warc.gz"} <= written, written
     requests = len(site.log("llmflow-test/interrupt"))
     time.sleep(1.0)
     assert len(site.log("llmflow-test/interrupt")) == requests  # no request after the exit

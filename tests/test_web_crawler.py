@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from warcio.archiveiterator import ArchiveIterator
@@ -25,7 +26,8 @@ from llmflow.tasks.core.documents import Document, FetchFailure
 from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
 from llmflow.tasks.ingest.warc_writer import WarcRecorder
-from llmflow.tasks.ingest.web_crawler import crawl_web
+from llmflow.tasks.ingest.web_crawler import Batch, crawl_web
+from llmflow.tasks.ingest.web_pages import PageState
 from llmflow.tasks.ingest.web_scope import normalize_url
 
 SITE_PROGRAM = Path(__file__).with_name("http_test_site.py")
@@ -102,6 +104,37 @@ def config(name: str, **overrides: object) -> CrawlConfig:
     return CrawlConfig(**values)
 
 
+class Collected:
+    """A crawl's batches kept in memory (the crawl stage writes them to disk instead)."""
+
+    def __init__(self, warc: WarcRecorder | None = None) -> None:
+        self.warc = warc
+        self.outcomes: list[Outcome] = []
+        self.states: list[PageState] = []
+        self.batches: list[int] = []  # outcomes per batch
+        self.complete = False
+
+    def batch(self, batch: Batch) -> None:
+        self.outcomes += batch.outcomes
+        self.states += batch.states
+        self.batches.append(len(batch.outcomes))
+        self.complete = batch.complete
+
+
+def crawl(
+    seeds: list[str],
+    cfg: CrawlConfig,
+    bounded: BoundedExtractor,
+    warc: WarcRecorder | None = None,
+    **options: Any,
+) -> list[Outcome]:
+    """Every outcome of a crawl, sorted by URL (documents before failures of one URL)."""
+    sink = Collected(warc)
+    crawl_web(seeds, cfg, bounded, sink, **options)
+    assert sink.complete
+    return sorted(sink.outcomes, key=lambda r: (r.url or "", not isinstance(r, Document)))
+
+
 def by_url(outcomes: list[Outcome]) -> dict[str, Outcome]:
     table: dict[str, Outcome] = {}
     for outcome in outcomes:
@@ -130,7 +163,7 @@ def main_crawl(
     ticks: list[None] = []
     started = time.monotonic()
     with WarcRecorder(str(warc_path)) as warc:
-        outcomes = crawl_web(
+        outcomes = crawl(
             [site.url("/")], cfg, extractor, warc=warc, on_page=lambda: ticks.append(None)
         )
     seconds = time.monotonic() - started
@@ -372,7 +405,7 @@ def assert_spaced(starts: list[float], delay: float) -> None:
 
 def test_politeness_spaces_request_starts(site: Site, extractor: BoundedExtractor):
     cfg = config("polite", politeness_delay_s=0.3, concurrency=4)
-    outcomes = crawl_web([site.url("/polite/")], cfg, extractor)
+    outcomes = crawl([site.url("/polite/")], cfg, extractor)
     assert len([o for o in outcomes if isinstance(o, Document)]) == 7
     starts = [e["time"] for e in site.log(cfg.user_agent)]
     assert len(starts) == 8  # robots.txt + index + 6 pages
@@ -381,7 +414,7 @@ def test_politeness_spaces_request_starts(site: Site, extractor: BoundedExtracto
 
 def test_robots_crawl_delay_wins_when_longer(site: Site, extractor: BoundedExtractor):
     cfg = config("crawl-delay", politeness_delay_s=0.05)
-    outcomes = crawl_web([site.url("/", "delay")], cfg, extractor)
+    outcomes = crawl([site.url("/", "delay")], cfg, extractor)
     assert [o.url for o in outcomes] == [site.url("/", "delay"), site.url("/d1", "delay")]
     starts = [e["time"] for e in site.log(cfg.user_agent)]
     assert len(starts) == 3
@@ -390,7 +423,7 @@ def test_robots_crawl_delay_wins_when_longer(site: Site, extractor: BoundedExtra
 
 def test_robots_txt_5xx_disallows_the_whole_host(site: Site, extractor: BoundedExtractor):
     cfg = config("down")
-    outcomes = crawl_web([site.url("/", "down")], cfg, extractor)
+    outcomes = crawl([site.url("/", "down")], cfg, extractor)
     assert len(outcomes) == 1
     assert isinstance(outcomes[0], FetchFailure) and outcomes[0].reason == "robots_disallowed"
     assert paths(site.log(cfg.user_agent)) == ["/robots.txt", "/robots.txt"]  # one retry
@@ -400,7 +433,7 @@ def test_robots_txt_4xx_allows_everything(site: Site, extractor: BoundedExtracto
     """Also called from inside a running event loop, as an async caller would."""
 
     async def from_a_coroutine() -> list[Outcome]:
-        return crawl_web([site.url("/", "other")], config("other"), extractor)
+        return crawl([site.url("/", "other")], config("other"), extractor)
 
     outcomes = asyncio.run(from_a_coroutine())
     assert [o.url for o in outcomes if isinstance(o, Document)] == [
@@ -411,14 +444,14 @@ def test_robots_txt_4xx_allows_everything(site: Site, extractor: BoundedExtracto
 
 def test_max_depth(site: Site, extractor: BoundedExtractor):
     cfg = config("depth", max_depth=2)
-    outcomes = crawl_web([site.url("/depth/0")], cfg, extractor)
+    outcomes = crawl([site.url("/depth/0")], cfg, extractor)
     assert [o.url for o in outcomes] == [site.url(f"/depth/{i}") for i in range(3)]
     assert paths(site.log(cfg.user_agent)) == ["/robots.txt", "/depth/0", "/depth/1", "/depth/2"]
 
 
 def test_max_pages_is_exact_and_deterministic(site: Site, extractor: BoundedExtractor):
-    first = crawl_web([site.url("/wide/")], config("wide-1", max_pages=4), extractor)
-    second = crawl_web([site.url("/wide/")], config("wide-2", max_pages=4), extractor)
+    first = crawl([site.url("/wide/")], config("wide-1", max_pages=4), extractor)
+    second = crawl([site.url("/wide/")], config("wide-2", max_pages=4), extractor)
     expected = [site.url(p) for p in ("/wide/", "/wide/0", "/wide/1", "/wide/2")]
     assert [o.url for o in first] == [o.url for o in second] == expected
     assert len(site.log("llmflow-test/wide-1")) == 5  # robots.txt + 4 pages
@@ -426,14 +459,30 @@ def test_max_pages_is_exact_and_deterministic(site: Site, extractor: BoundedExtr
 
 def test_allowed_prefixes(site: Site, extractor: BoundedExtractor):
     cfg = config("prefix", allowed_prefixes=[site.url("/scope/")])
-    outcomes = crawl_web([site.url("/scope/")], cfg, extractor)
+    outcomes = crawl([site.url("/scope/")], cfg, extractor)
     assert [o.url for o in outcomes] == [site.url("/scope/"), site.url("/scope/in")]
     assert not [p for p in paths(site.log(cfg.user_agent)) if p.startswith("/outside")]
 
 
 def test_seed_outside_the_prefixes_is_reported(site: Site, extractor: BoundedExtractor):
     cfg = config("bad-seed", allowed_prefixes=[site.url("/scope/")])
-    outcomes = crawl_web([site.url("/a"), "not a url"], cfg, extractor)
+    outcomes = crawl([site.url("/a"), "not a url"], cfg, extractor)
     reasons = {o.url: o.reason for o in outcomes if isinstance(o, FetchFailure)}
     assert reasons == {site.url("/a"): "out_of_scope", "not a url": "invalid_url"}
     assert site.log(cfg.user_agent) == []
+
+
+def test_a_crawl_in_batches_tries_what_one_batch_does(
+    site: Site, extractor: BoundedExtractor
+) -> None:
+    """checkpoint_pages cuts the crawl into batches (a checkpoint after each); the URLs tried
+    and what they gave do not change."""
+    whole = crawl([site.url("/wide/")], config("batches-whole"), extractor)
+    sink = Collected()
+    crawl_web([site.url("/wide/")], config("batches-of-3", checkpoint_pages=3), extractor, sink)
+    assert sink.batches == [3, 3, 3, 2] and sink.complete
+    assert len({s.url for s in sink.states}) == 11  # each page's state, in its batch
+    batched = sorted(sink.outcomes, key=lambda r: r.url or "")
+    assert [(o.url, type(o), getattr(o, "text", None)) for o in batched] == [
+        (o.url, type(o), getattr(o, "text", None)) for o in whole
+    ]

@@ -10,6 +10,7 @@ keys every later stage, so nothing time-dependent goes in.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -27,6 +28,9 @@ from llmflow.tasks.core.stage import (
     StageSpec,
     UnitRecord,
 )
+
+# The number of a unit's part (unit_output.part_name): "web.00003" is a part of unit "web".
+_NUMBERED = re.compile(r"\.\d{5}$")
 
 
 class Counts(BaseModel):
@@ -95,7 +99,9 @@ def finalize_stage(
         for name in shards.list_names(directory, SHARD_SUFFIX):
             path = f"{sub}/{name}" if sub else name
             if sub in UNIT_CACHE_DIRS:
-                if name.removesuffix(SHARD_SUFFIX) not in live:
+                # one table per unit, or numbered parts of it (a long crawl's page states)
+                stem = name.removesuffix(SHARD_SUFFIX)
+                if stem not in live and _NUMBERED.sub("", stem) not in live:
                     shards.remove(shards.join(directory, name))
             elif path not in written:
                 shards.remove(shards.join(directory, name))

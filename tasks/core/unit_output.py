@@ -11,6 +11,10 @@ the name a later stage's unit takes), else ``<unit>.00000.parquet``, ``<unit>.00
 in the order the rows came, so concatenating the parts gives the rows in the reader's order and
 the ids are the reader's. Rejected rows go the same way to ``rejected/``.
 
+A reader that checkpoints (a long crawl) calls :meth:`UnitOutput.flush` before each checkpoint,
+so every row it has read is in a part on disk, and after a restart :meth:`UnitOutput.resume`
+with the parts its checkpoint lists: the next part gets the next number.
+
 :func:`documents_result` routes a reader's outcomes (documents, rejections, fetch failures):
 into memory for a small source, or into a :class:`UnitOutput` batch by batch for a big one.
 """
@@ -104,6 +108,7 @@ class _Parts:
                 self._write_part()
 
     def _write_part(self) -> None:
+        """The buffer as the next numbered part (nothing when it is empty)."""
         if not self.buffer:
             return
         table = pa.concat_tables(self.buffer)
@@ -156,6 +161,26 @@ class UnitOutput:
         """Rejected rows, with their ``reason`` and ``detail`` columns (counted by reason)."""
         self.reasons.update(table.column("reason").to_pylist())
         self.rejected.add(table)
+
+    def flush(self) -> tuple[list[shards.ShardFile], list[shards.ShardFile]]:
+        """Write what is buffered as the next numbered parts; (kept parts, rejected parts) so far.
+
+        For a checkpoint: afterwards every row handed in is on disk, in the parts returned."""
+        self.kept._write_part()
+        self.rejected._write_part()
+        return list(self.kept.written), list(self.rejected.written)
+
+    def resume(
+        self,
+        kept: list[shards.ShardFile],
+        rejected: list[shards.ShardFile],
+        reasons: dict[str, int],
+    ) -> None:
+        """Go on after parts an earlier, interrupted run wrote (what :meth:`flush` returned then,
+        and the rejection counts): they stay, and the next part gets the next number."""
+        self.kept.written = list(kept)
+        self.rejected.written = list(rejected)
+        self.reasons = Counter(reasons)
 
     def close(
         self, kept_schema: pa.Schema

@@ -1,8 +1,10 @@
 """crawl: documents from the web, from Common Crawl WARC/WET files, or from local files.
 
 The seeds decide the reader: http(s) URLs (and ``pydoc:``, the embedded default's local site) are
-crawled together as one unit of work, since they share one frontier; every file a seed names is
-a unit of its own, so a directory of WARC files resumes file by file. Every document read is
+crawled together as one unit of work, since they share one frontier (or ``web_partitions`` units,
+each owning a share of the hosts), which checkpoints as it goes and resumes from its last batch
+(:mod:`web_unit`); every file a seed names is a unit of its own, so a directory of WARC files
+resumes file by file. Every document read is
 accounted for: kept, rejected with a reason, or listed as a fetch failure in the manifest.
 
 In a refresh (a version after the first, :mod:`llmflow.tasks.core.document_versions`) the crawl
@@ -21,10 +23,9 @@ import hashlib
 import json
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import SOURCES_NAME, WITHDRAWN_NAME, WITHDRAWN_SCHEMA
-from llmflow.tasks.core.documents import Document, FetchFailure, Unchanged
+from llmflow.tasks.core.documents import Document, FetchFailure
 from llmflow.tasks.core.manifests import finalize_stage
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import (
@@ -46,6 +47,7 @@ from llmflow.tasks.core.stage import (
 )
 from llmflow.tasks.core.unit_output import ShardResult, UnitOutput, documents_result, is_part_of
 from llmflow.tasks.ingest.bounded_extractor import BoundedExtractor
+from llmflow.tasks.ingest.crawl_checkpoint import remove_checkpoint
 from llmflow.tasks.ingest.crawl_config import CrawlConfig, redact_url
 from llmflow.tasks.ingest.crawl_guards import install_interrupt_handler
 from llmflow.tasks.ingest.file_sources import expand_file_seed, is_file_seed, iter_file_documents
@@ -55,29 +57,20 @@ from llmflow.tasks.ingest.installed_docs import (
     installed_documents,
 )
 from llmflow.tasks.ingest.pydoc_site import PYDOC_SEED, pydoc_site
-from llmflow.tasks.ingest.warc_writer import WarcRecorder
-from llmflow.tasks.ingest.web_crawler import crawl_web
-from llmflow.tasks.ingest.web_pages import PageState
+from llmflow.tasks.ingest.web_scope import host_partition, normalize_url
+from llmflow.tasks.ingest.web_unit import (
+    checkpoint_dir,
+    crawl_web_unit,
+    respell,
+    state_parts,
+)
 
 STAGE = StageSpec(
     name="crawl", version="1", libraries=("httpx", "warcio", "resiliparse", "trafilatura")
 )
 WEB_UNIT = "web"
 INSTALLED_UNIT = "installed"
-WARC_DIR = "warc"
-STATE_DIR = "_state"
 WITHDRAWN_DIR = "_withdrawn"
-# Failures that say nothing about the page (it may be back tomorrow): its document stays.
-TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx"})
-STATE_SCHEMA = pa.schema(
-    [
-        pa.field("url", pa.string(), nullable=False),
-        pa.field("etag", pa.string()),
-        pa.field("last_modified", pa.string()),
-        pa.field("doc_id", pa.string()),
-        pa.field("links", pa.list_(pa.string())),
-    ]
-)
 
 __all__ = [
     "STAGE",
@@ -125,6 +118,17 @@ def _file_unit_name(path: str) -> str:
     return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
+def _seed_partition(seed: str, count: int) -> int:
+    """The partition that owns a web seed's host, as the crawler decides it for a link
+    (``pydoc:`` pages are kept as ``pydoc:<path>``); an invalid seed's failure is unit 0's."""
+    if seed.startswith(PYDOC_SEED):
+        return host_partition(seed, count)
+    try:
+        return host_partition(normalize_url(redact_url(seed)), count)
+    except ValueError:
+        return 0
+
+
 def plan_crawl_units(config: CrawlConfig, previous: PreviousCrawl | None = None) -> list[WorkUnit]:
     """The crawl's units of work, keyed by what they read; in a refresh, only what may be new.
 
@@ -150,28 +154,35 @@ def plan_crawl_units(config: CrawlConfig, previous: PreviousCrawl | None = None)
 def _all_units(config: CrawlConfig, previous: PreviousCrawl | None) -> list[WorkUnit]:
     units: list[WorkUnit] = []
     web_seeds = [s for s in config.seeds if _is_web_seed(s)]
-    if web_seeds:
-        state = None
-        if previous is not None and WEB_UNIT in previous.sources:
-            state_dir = shards.join(previous.crawl_dir(previous.version), STATE_DIR)
-            state = shards.join(state_dir, f"{WEB_UNIT}.parquet")
+    count = config.web_partitions
+    owners = [_seed_partition(seed, count) for seed in web_seeds]
+    for index in sorted(set(owners)):
+        name = WEB_UNIT if count == 1 else f"{WEB_UNIT}-{index}"
+        states: list[str] = []
+        if previous is not None and name in previous.sources:
+            states = state_parts(previous.crawl_dir(previous.version), name)
         # Credentials change the key (a hash), but the unit carries the seeds without them: a
         # unit is passed around (task parameters, logs), and crawl_documents takes them back
-        # from the config.
-        material = {"seeds": web_seeds, "python": sys.version}
-        if state is not None and shards.exists(state):
-            material["state"] = hashlib.sha256(shards.read_bytes(state)).hexdigest()
-        else:
-            state = None
+        # from the config. Every unit has every seed (the scope is theirs together) and crawls
+        # from those it owns.
+        material: dict[str, Any] = {"seeds": web_seeds, "python": sys.version}
+        if count > 1:
+            material["partition"] = [index, count]
+        if states:
+            # One file's hash as it always was; the parts' hashes joined for a longer crawl.
+            material["state"] = "+".join(
+                hashlib.sha256(shards.read_bytes(path)).hexdigest() for path in states
+            )
         digest = json.dumps(material, sort_keys=True)
         units.append(
             WorkUnit(
-                name=WEB_UNIT,
+                name=name,
                 key=unit_key(STAGE, config, hashlib.sha256(digest.encode()).hexdigest()),
                 source={
                     "kind": "web",
                     "seeds": [redact_url(s) for s in web_seeds],
-                    "previous_state": state,
+                    "partition": [index, count],
+                    "previous_states": states,
                 },
             )
         )
@@ -250,77 +261,6 @@ def _no_longer_in(previous_parts: list[str], kept_ids: set[str]) -> list[dict[st
     return gone
 
 
-def _read_states(path: str | None) -> dict[str, PageState]:
-    if path is None:
-        return {}
-    table = shards.read_parquet(path)
-    return {
-        r["url"]: PageState(r["url"], r["etag"], r["last_modified"], r["doc_id"], tuple(r["links"]))
-        for r in table.to_pylist()
-    }
-
-
-def _account_refresh(
-    previous: dict[str, PageState],
-    states: dict[str, PageState],
-    outcomes: list[Document | FetchFailure | Unchanged],
-) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Which earlier documents leave the dataset, and the states the next refresh starts from.
-
-    A page whose text changed withdraws its old document; a page that now fails for good (404,
-    robots.txt, out of scope...) withdraws it as gone; a page not reached, or failing for a
-    while (timeout, 5xx), keeps its document and its old state.
-    """
-    failed = {o.url: o.reason for o in outcomes if isinstance(o, FetchFailure)}
-    withdrawn: list[dict[str, Any]] = []
-    stats: Counter[str] = Counter()
-    for url, before in sorted(previous.items()):
-        now = states.get(url)
-        if now is not None:
-            if before.doc_id and now.doc_id != before.doc_id:
-                withdrawn.append({"id": before.doc_id, "url": url, "reason": "changed"})
-            continue
-        reason = failed.get(url)
-        if reason is not None and reason not in TRANSIENT_FAILURES:
-            if before.doc_id:
-                withdrawn.append({"id": before.doc_id, "url": url, "reason": f"gone_{reason}"})
-            continue
-        stats["kept_after_fetch_failure" if reason else "not_revisited"] += 1
-        states[url] = before
-    return withdrawn, stats
-
-
-def _respell(url: str, old: str, new: str) -> str:
-    return new + url.removeprefix(old) if url.startswith(old) else url
-
-
-def _respell_states(states: dict[str, PageState], old: str, new: str) -> dict[str, PageState]:
-    """Page states with URLs under ``old`` moved under ``new`` (pydoc's port, and back)."""
-    return {
-        _respell(url, old, new): replace(
-            state,
-            url=_respell(state.url, old, new),
-            links=tuple(_respell(link, old, new) for link in state.links),
-        )
-        for url, state in states.items()
-    }
-
-
-def _write_states(stage_dir: str, unit: WorkUnit, states: dict[str, PageState]) -> None:
-    rows = [
-        {
-            "url": s.url,
-            "etag": s.etag,
-            "last_modified": s.last_modified,
-            "doc_id": s.doc_id,
-            "links": list(s.links),
-        }
-        for _, s in sorted(states.items())
-    ]
-    table = pa.Table.from_pylist(rows, schema=STATE_SCHEMA)
-    shards.write_shard(stage_dir, f"{STATE_DIR}/{unit.name}.parquet", table)
-
-
 def crawl_documents(
     unit: WorkUnit,
     config: CrawlConfig,
@@ -369,35 +309,11 @@ def crawl_documents(
                 config = config.model_copy(
                     update={"politeness_delay_s": 0.0, "allow_private_addresses": True}
                 )
-            seeds = [_respell(s, PYDOC_SEED, site) for s in seeds]
-        warc = None
-        if config.write_warc:
-            warc_path = shards.join(stage_dir, WARC_DIR, f"{unit.name}.warc.gz")
-            warc = stack.enter_context(WarcRecorder(warc_path))
-        previous = _read_states(unit.source.get("previous_state"))
-        states: dict[str, PageState] = {}
-        outcomes_list = crawl_web(
-            seeds,
-            config,
-            extractor,
-            warc=warc,
-            on_page=on_document,
-            previous=_respell_states(previous, PYDOC_SEED, site) if site else previous,
-            states=states,
-            kept_as=lambda url: _respell(url, site, PYDOC_SEED) if site else url,
+            seeds = [respell(s, PYDOC_SEED, site) for s in seeds]
+        result, withdrawn = crawl_web_unit(
+            unit, config, stage_dir, extractor, on_document, output, seeds, site, PYDOC_SEED
         )
-        if site:
-            # pydoc's server listens on a new port every run: its pages are kept as pydoc:<path>,
-            # so their ids and the next refresh's page states do not depend on the port.
-            for outcome in outcomes_list:
-                if outcome.url:
-                    outcome.url = _respell(outcome.url, site, PYDOC_SEED)
-            states = _respell_states(states, site, PYDOC_SEED)
-        withdrawn, stats = _account_refresh(previous, states, outcomes_list)
-        _write_states(stage_dir, unit, states)
         _write_withdrawn(stage_dir, unit, withdrawn)
-        result = documents_result(outcomes_list, output)
-        result.stats.update(stats)
         result.stats.update(f"withdrawn_{w['reason']}" for w in withdrawn)
         return result
 
@@ -428,6 +344,8 @@ def finish(
     # redacted config's: a description, never compared with the unit keys).
     shown = config.model_copy(update={"seeds": [redact_url(s) for s in config.seeds]})
     manifest = finalize_stage(stage_dir, STAGE, shown, records, input_digest)
+    for record in records:  # complete: their checkpoints are spent
+        remove_checkpoint(checkpoint_dir(stage_dir, record.name))
     previous = previous_crawl(stage_dir)
     located = document_versions.stage_version(stage_dir)
     number = located[1] if located is not None else 1

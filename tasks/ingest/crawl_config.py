@@ -66,8 +66,15 @@ class CrawlConfig(StageConfig):
 
     # How fast and how many at once changes no page's text: such changes redo no finished crawl.
     # The wall-clock backstop is here too: it trips only on a starved machine, never by design.
+    # checkpoint_pages moves where a long crawl's parts are cut, never which documents it keeps.
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"concurrency", "politeness_delay_s", "extract_workers", "extract_wall_s"}
+        {
+            "concurrency",
+            "politeness_delay_s",
+            "extract_workers",
+            "extract_wall_s",
+            "checkpoint_pages",
+        }
     )
 
     seeds: list[str] = Field(
@@ -177,6 +184,24 @@ class CrawlConfig(StageConfig):
         128 * 1024 * 1024,
         ge=1024 * 1024,
         description="Bytes (in memory) per output shard, at most: what bounds a unit's memory.",
+    )
+    checkpoint_pages: int = Field(
+        1_000,
+        ge=1,
+        description="A web crawl writes its documents, page states and WARC file, then a"
+        " checkpoint, every this many pages: a crawl killed or stopped (Ctrl-C) resumes from its"
+        " last checkpoint, and memory holds one batch of pages. 1,000 keeps the embedded"
+        " default's crawl (845 pages) one batch, written as before; a kill loses at most this"
+        " many pages (about 17 minutes of one host at a 1 s politeness delay).",
+    )
+    web_partitions: int = Field(
+        1,
+        ge=1,
+        description="Crawl the web seeds as this many units, each owning the hosts whose stable"
+        " hash falls in it (politeness stays per host: no two units ever ask one host), so"
+        " workers can share a crawl. A link to another unit's host is counted"
+        " (links_to_other_partition) and left to that unit, which reaches it from its own"
+        " seeds; max_pages and max_depth apply per unit. Keep it fixed across refreshes.",
     )
 
     @field_validator("seeds")

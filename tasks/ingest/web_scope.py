@@ -7,11 +7,19 @@ in a URL. :func:`parse_scope_entry` is also the check ``CrawlConfig.allowed_pref
 
 from __future__ import annotations
 
+import hashlib
 import string
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["Scope", "ScopeEntry", "normalize_url", "origin_of", "parse_scope_entry"]
+__all__ = [
+    "Scope",
+    "ScopeEntry",
+    "host_partition",
+    "normalize_url",
+    "origin_of",
+    "parse_scope_entry",
+]
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _SUB_DELIMS = "!$&'()*+,;="
@@ -106,6 +114,16 @@ def _host_port(url: str) -> tuple[str, int]:
 def origin_of(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL: what credentials and robots.txt belong to."""
     return (urlsplit(url).scheme.lower(), *_host_port(normalize_url(url)))
+
+
+def host_partition(url: str, partitions: int) -> int:
+    """Which of ``partitions`` crawl units owns the URL's host (``crawl.web_partitions``).
+
+    A stable hash of the host name, the key politeness is kept by (:mod:`web_fetcher`): every
+    port and scheme of a host falls in one unit, so two workers never send one host requests.
+    """
+    host = urlsplit(url).hostname or ""
+    return int.from_bytes(hashlib.sha256(host.encode()).digest()[:8], "big") % partitions
 
 
 @dataclass(frozen=True, slots=True)
