@@ -750,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
             }
     results["goals"] = goals(results)
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    text = render(results)
+    from language_prefix import with_section  # its figures live in the same results file
+
+    text = with_section(render(results), args.md)
     args.md.write_text(text)
     print(text)
     print(f"written: {args.md} and {work / 'results.json'}")

@@ -71,6 +71,15 @@ class PipelineConfig(BaseModel):
     max_workers: int = Field(
         2, ge=1, description="Units of work (shards, files) a stage processes at once."
     )
+    units_per_task: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Units of work (shards, files) per Prefect task run. None: chosen per stage, one"
+            " unit per task run up to 256 units, then batches that keep a stage at most"
+            " max(256, 4 x max_workers) task runs (flows/unit_batches.py). Changes no output."
+        ),
+    )
     runner: Literal["threads", "processes", "dask"] = Field(
         "threads",
         description=(

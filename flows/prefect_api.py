@@ -8,6 +8,10 @@ same ``prefect server start`` that ``llmflow ui`` runs, on the workdir's databas
 auth string and CORS limit, without the UI:
 it gets a start-up timeout we choose, its log in ``<workdir>/logs``, and it is told by the kernel
 to stop when the process that started it dies (Linux), so it never outlives its run.
+
+Its clients are also more patient than Prefect's default (:func:`client_environment`): the server
+is SQLite-backed, and under thousands of task-run writes it answers 503 ("database is locked",
+which Prefect's server reports as retryable) for longer than Prefect's client waits by default.
 """
 
 from __future__ import annotations
@@ -36,6 +40,23 @@ DEFAULT_STARTUP_TIMEOUT_S = 600.0
 TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
+# Prefect's client (prefect/client/base.py, 3.8) retries 408, 429, 502 and 503 and dropped
+# connections PREFECT_CLIENT_MAX_RETRIES times, 5 by default, waiting 2**n s (n = 1, 2, ...,
+# with jitter) or the server's Retry-After: about a minute in all, then the call fails and with
+# it the task or the flow. Eight retries wait 2 + 4 + ... + 256 = 510 s before giving up.
+RETRIES_VARIABLE = "PREFECT_CLIENT_MAX_RETRIES"
+CLIENT_MAX_RETRIES = 8
+
+
+def client_environment() -> dict[str, str]:
+    """What our temporary server's clients (this process, and the process pool's or local Dask
+    cluster's workers, which inherit it) get in their environment: more retries on 503, unless
+    the user set $PREFECT_CLIENT_MAX_RETRIES."""
+    if RETRIES_VARIABLE in os.environ:
+        return {}
+    return {RETRIES_VARIABLE: str(CLIENT_MAX_RETRIES)}
+
+
 def startup_timeout() -> float:
     """Seconds to wait for the server: $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or 600."""
     raw = os.environ.get(TIMEOUT_VARIABLE)
@@ -59,7 +80,9 @@ def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator
     started = time.monotonic()
     start(server, die_with_parent=True)
     assert server.process is not None
-    previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", CLIENT_AUTH_ENV)}
+    clients = {"PREFECT_API_URL": f"{server.url}/api", CLIENT_AUTH_ENV: auth_string}
+    clients |= client_environment()
+    previous = {name: os.environ.get(name) for name in clients}
     try:
         say(
             f"Starting Prefect's API server for this run (pid {server.process.pid},"
@@ -67,8 +90,7 @@ def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator
         )
         wait_healthy([server], timeout_s, threading.Event())
         say(f"Prefect API ready after {time.monotonic() - started:.0f} s")
-        os.environ["PREFECT_API_URL"] = f"{server.url}/api"
-        os.environ[CLIENT_AUTH_ENV] = auth_string
+        os.environ.update(clients)
         refresh_global_settings_context()
         yield os.environ["PREFECT_API_URL"]
     finally:

@@ -1,10 +1,11 @@
 """How the flow runs any stage of the graph: one code path per shape, none per stage.
 
 A stage that maps over units is planned, its task mapped over the units on the flow's task
-runner (with progress, and live counts in MLflow and Prefect while units finish), its manifest
-written; a one-step stage is handed a :class:`~llmflow.tasks.core.graph.StageContext` and runs
-itself. Both open their MLflow child run the same way (:meth:`PipelineTracker.stage_run`, with
-the datasets they read logged as its inputs) and report through :mod:`llmflow.flows.reporting`.
+runner (grouped into batches when there are many: :mod:`llmflow.flows.unit_batches`; with
+progress, and live counts in MLflow and Prefect while units finish), its manifest written; a
+one-step stage is handed a :class:`~llmflow.tasks.core.graph.StageContext` and runs itself. Both
+open their MLflow child run the same way (:meth:`PipelineTracker.stage_run`, with the datasets
+they read logged as its inputs) and report through :mod:`llmflow.flows.reporting`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefect import Task
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import unmapped
 
 from llmflow.flows import reporting
 from llmflow.flows.config import DataLayout, PipelineConfig
 from llmflow.flows.tracking import PipelineTracker, StageRun
+from llmflow.flows.unit_batches import map_units, units_per_batch
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import Stage, StageContext
@@ -119,7 +119,8 @@ def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> re
 
 
 def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.StageReport:
-    """Plan the units, map the task over them, write the manifest; live counts as units end."""
+    """Plan the units, map the task over them (in batches when there are many: the prepare
+    hooks' mapped steps too), write the manifest; live counts as units end."""
     assert stage.plan is not None
     name, settings, stage_dir = stage.name, ctx.settings, ctx.dir
     units, input_digest = stage.plan(ctx)
@@ -130,12 +131,12 @@ def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.St
         label: str,
         on_result: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
-        futures = task.map(items, unmapped(settings), unmapped(stage_dir))
+        size = ctx.config.units_per_task or units_per_batch(len(items), ctx.config.max_workers)
         results: list[Any] = []
         with StepProgress(artifact_key(label), label, len(items)) as progress:
-            for future in as_completed(futures):
-                results.append(future.result())
-                progress.advance()
+            for done in map_units(task, items, settings, stage_dir, size):
+                results.extend(done)
+                progress.advance(len(done))
                 if on_result is not None:
                     on_result(results)
         return results

@@ -391,6 +391,38 @@ def test_language_rule_keeps_the_allowed_languages() -> None:
     assert decide_one(french, QualityConfig(languages=[]))[0] == "gopher_min_words"
 
 
+def test_language_is_identified_on_the_prefix_and_the_prefix_keys_the_signals(
+    shared_data: Path,
+) -> None:
+    """A page that starts in English for more than the prefix and goes on, longer, in French."""
+    text = (shared_data / "text/gutenberg/1342/1342-0.txt").read_text(encoding="utf-8-sig")
+    start = text.index("Between him and Darcy there was a very steady friendship")
+    english = " ".join(text[start : start + 3000].split())[:2200]
+    french = (
+        " Longtemps, je me suis couché de bonne heure. Parfois, à peine ma bougie éteinte, mes"
+        " yeux se fermaient si vite que je n'avais pas le temps de me dire : je m'endors. Et, une"
+        " demi-heure après, la pensée qu'il était temps de chercher le sommeil m'éveillait ; je"
+        " voulais poser le volume que je croyais avoir encore dans les mains et souffler ma"
+        " lumière. Je n'avais pas cessé en dormant de faire des réflexions sur ce que je venais"
+        " de lire, mais ces réflexions avaient pris un tour un peu particulier ; il me semblait"
+        " que j'étais moi-même ce dont parlait l'ouvrage : une église, un quatuor, la rivalité de"
+        " François Ier et de Charles Quint."
+    ) * 6
+    page = english + french
+    assert len(english) > QualityConfig().language_id_chars == 2000 < len(french)
+    outcome, row = decide_one(page)
+    assert row["lang"] == "en" and outcome != "lang"
+    outcome, row = decide_one(page, QualityConfig(language_id_chars=0))  # the whole text
+    assert row["lang"] == "fr" and outcome == "lang"
+    # what is measured changed, so the stored signals' key (and the unit's) changes with it
+    unit = WorkUnit(name="u", key="k", source={"shard": {"sha256": "s"}})
+    whole = QualityConfig(language_id_chars=0)
+    assert quality.signal_key(unit, table_of(page), whole) != quality.signal_key(
+        unit, table_of(page), QualityConfig()
+    )
+    assert whole.output_hash() != QualityConfig().output_hash()
+
+
 def test_bad_input_is_routed_with_a_reason_never_raised() -> None:
     tifinagh = "ⵜⴰⵎⴰⵣⵉⵖⵜ ⵜⴰⵏⴰⵡⴰⵢⵜ ⵏ ⵍⵎⵖⵔⵉⴱ ⴷ ⵜⵓⵜⵍⴰⵢⵜ ⵏ ⵉⵎⴰⵣⵉⵖⵏ " * 20
     cherokee = "ᏣᎳᎩ ᎦᏬᏂᎯᏍᏗ ᎠᏂᏴᏫᏯ ᏧᏂᎸᏫᏍᏓᏁᏗ " * 20

@@ -4,11 +4,13 @@ A :class:`Stage` is a name, a phase, the datasets it reads (other stages, or the
 ``documents``), its config model and its code identity (a
 :class:`~llmflow.tasks.core.stage.StageSpec`), plus how it runs. A stage that maps over units
 (shards, files, a crawl) gives ``plan`` and a per-unit ``task`` that calls
-:func:`~llmflow.tasks.core.stage.run_unit`, and optionally ``prepare`` (a step over the whole
-input first, dedup's resolve) and ``finish`` (a manifest with more than the units' counts). A
-stage that is one step over its whole input (the tokenizer, pretraining, SFT, evaluation) gives
-``step``. The registry (:mod:`llmflow.tasks.registry`) lists the stages in order; planning,
-MLflow lineage, the CLI's checks, the deployments and the documents version all read it there.
+:func:`~llmflow.tasks.core.stage.run_unit` (the flow maps it, or calls its function unit by unit
+inside one task run per batch of units, so all a unit needs is in that function), and optionally
+``prepare`` (a step over the whole input first, dedup's resolve) and ``finish`` (a manifest with
+more than the units' counts). A stage that is one step over its whole input (the tokenizer,
+pretraining, SFT, evaluation) gives ``step``. The registry (:mod:`llmflow.tasks.registry`) lists
+the stages in order; planning, MLflow lineage, the CLI's checks, the deployments and the
+documents version all read it there.
 
 The flow hands a stage a :class:`StageContext`: where each dataset lives, each stage's config as
 the run uses it, and a way to open the stage's MLflow run (:class:`RunRecorder`), so no stage

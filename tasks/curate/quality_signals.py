@@ -131,7 +131,9 @@ class Measured:
 
     @cached_property
     def language(self) -> tuple[str, float]:
-        return identify_language(self.text)
+        """Language ID on the first ``language_id_chars`` characters (0: the whole text)."""
+        limit = self.config.language_id_chars
+        return identify_language(self.text[:limit] if limit else self.text)
 
     @cached_property
     def paragraphs(self) -> list[str]:
