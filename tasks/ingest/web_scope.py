@@ -7,7 +7,9 @@ in a URL. :func:`parse_scope_entry` is also the check ``CrawlConfig.allowed_pref
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import string
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -29,6 +31,7 @@ _HEX = frozenset(string.hexdigits)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def normalize_url(url: str) -> str:
     """The one spelling of a URL used for deduplication, scope checks and output (RFC 3986 §6).
 
@@ -42,6 +45,9 @@ def normalize_url(url: str) -> str:
     upper-cases percent-escapes, decodes escaped unreserved characters, escapes characters a URL
     may not hold, and keeps the query's parameters in their order. Raises ValueError for a
     relative URL or a bad port.
+
+    Cached (a pure function of the string): a site's pages repeat the same navigation links, and
+    normalizing every link of every page was most of a crawl's CPU in the crawling process.
     """
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
@@ -70,6 +76,8 @@ def normalize_url(url: str) -> str:
 
 
 def _normalize_escapes(part: str, safe: frozenset[str]) -> str:
+    if _plain(part, safe):
+        return part  # no escape, nothing to escape: every character is copied as it is
     out: list[str] = []
     i = 0
     while i < len(part):
@@ -85,6 +93,17 @@ def _normalize_escapes(part: str, safe: frozenset[str]) -> str:
             out.append(quote(char.encode("utf-8", "surrogatepass"), safe=""))
         i += 1
     return "".join(out)
+
+
+_PLAIN = {
+    safe: re.compile("[" + re.escape("".join(sorted(_UNRESERVED | safe))) + "]*")
+    for safe in (_PATH_SAFE, _QUERY_SAFE)
+}
+
+
+def _plain(part: str, safe: frozenset[str]) -> bool:
+    """Whether every character of ``part`` is unreserved or in ``safe`` (no ``%`` among them)."""
+    return _PLAIN[safe].fullmatch(part) is not None
 
 
 def _remove_dot_segments(path: str) -> str:
@@ -105,6 +124,7 @@ def _remove_dot_segments(path: str) -> str:
     return joined
 
 
+@functools.lru_cache(maxsize=1 << 14)  # asked for every link of every page: see normalize_url
 def _host_port(url: str) -> tuple[str, int]:
     """(host, port) of a normalized URL, the port made explicit (80/443 when the URL has none)."""
     parts = urlsplit(url)
