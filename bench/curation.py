@@ -109,7 +109,7 @@ def stub_language_id() -> None:
     """
     from llmflow.tasks.curate import quality_signals
 
-    quality_signals.identify_language = lambda text: ("en", 1.0)
+    quality_signals.identify_languages = lambda texts: [("en", 1.0)] * len(texts)
 
 
 def worker_quality(corpus: str, out: Path) -> int:

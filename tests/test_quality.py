@@ -23,6 +23,7 @@ from llmflow.tasks.core.stage import (
 )
 from llmflow.tasks.core.unit_output import documents_result
 from llmflow.tasks.curate import quality, quality_signals
+from llmflow.tasks.curate.language_id import identify_languages
 from llmflow.tasks.curate.quality import STAGE, QualityConfig, quality_documents
 from llmflow.tasks.curate.quality_signals import EDIT_COLUMNS, Rule, signal_table
 
@@ -375,7 +376,7 @@ def test_c4_line_edits_reach_the_kept_text_and_the_stats() -> None:
     ],
 )
 def test_language_id_on_short_real_sentences(text: str, lang: str) -> None:
-    found, score = quality_signals.identify_language(text)
+    [(found, score)] = identify_languages([text])
     assert found == lang and score > 0.65
 
 

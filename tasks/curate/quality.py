@@ -281,7 +281,7 @@ class QualityConfig(StageConfig):
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, value: list[str]) -> list[str]:
-        from llmflow.tasks.curate.quality_signals import language_labels
+        from llmflow.tasks.curate.language_id import language_labels
 
         unknown = sorted(set(value) - set(language_labels()))
         if unknown:

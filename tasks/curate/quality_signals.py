@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from llmflow.tasks.core.stage import Rejection
 from llmflow.tasks.curate.english_words import split_words
+from llmflow.tasks.curate.language_id import identify_languages
 from llmflow.tasks.curate.quality_measures import (
     HAS_LETTER,
     IS_WORD,
@@ -47,28 +48,6 @@ if TYPE_CHECKING:
 
 # Bump when a signal's definition changes: stored signals made by another version are recomputed.
 SIGNAL_VERSION = "1"
-
-# ---------------------------------------------------------------------------------------------
-# Language identification: py3langid, its model from the wheel.
-
-
-@cache
-def _language_identifier() -> Any:
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
-def language_labels() -> list[str]:
-    """The language codes py3langid can answer."""
-    return list(_language_identifier().labels)
-
-
-def identify_language(text: str) -> tuple[str, float]:
-    """The most likely language and its probability (py3langid, probabilities normalized)."""
-    lang, score = _language_identifier().classify(text)
-    return str(lang), float(score)
-
 
 # ---------------------------------------------------------------------------------------------
 # The declared signals: one entry per stored column.
@@ -124,16 +103,12 @@ class Measured:
     """What one document's signals are measured from, each part computed on first use: the
     signals that read the same words or lines split them once."""
 
-    def __init__(self, text: str, config: QualityConfig) -> None:
+    def __init__(self, text: str, config: QualityConfig, language: tuple[str, float]) -> None:
         self.text = text
         self.config = config
         self.chars = len(text)
-
-    @cached_property
-    def language(self) -> tuple[str, float]:
-        """Language ID on the first ``language_id_chars`` characters (0: the whole text)."""
-        limit = self.config.language_id_chars
-        return identify_language(self.text[:limit] if limit else self.text)
+        # Identified for the whole shard at once (language_id.py), as it is fastest in batches.
+        self.language = language
 
     @cached_property
     def paragraphs(self) -> list[str]:
@@ -406,13 +381,20 @@ def compute_signals(texts: Sequence[str | None], config: QualityConfig) -> pa.Ta
     is the one thing that could take minutes.
     """
     columns = (*signal_table(config), *EDIT_COLUMNS)
+    measured_rows = [
+        i for i, text in enumerate(texts) if text and text.strip() and len(text) <= config.max_chars
+    ]
+    limit = config.language_id_chars or None  # 0: the whole text
+    prefixes = [str(texts[i])[:limit] for i in measured_rows]
+    languages = dict(zip(measured_rows, identify_languages(prefixes), strict=True))
     blank: list[Any] = [[] if pa.types.is_list(column.type) else None for column in columns]
     values: list[list[Any]] = [[] for _ in columns]
-    for text in texts:
-        if not text or not text.strip() or len(text) > config.max_chars:
+    for i, text in enumerate(texts):
+        language = languages.get(i)
+        if text is None or language is None:
             row = blank
         else:
-            measured = Measured(text, config)
+            measured = Measured(text, config, language)
             row = [column.measure(measured) for column in columns]
         for out, value in zip(values, row, strict=True):
             out.append(value)
