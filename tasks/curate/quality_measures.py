@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from operator import sub
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from llmflow.tasks.curate.english_words import (
     SPACE,
@@ -83,9 +84,13 @@ def top_ngram_chars(words: list[str], n: int) -> int:
     return (sum(map(len, top)) + n - 1) * count
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters in repeated n-grams, scanning greedily (datatrove's find_all_duplicate)."""
-    grams = list(map("".join, zip(*(words[i:] for i in range(n)), strict=False)))
+def _duplicated_ngram_chars(joined: str, offsets: list[int], n: int) -> int:
+    """Characters in repeated n-grams, scanning greedily (datatrove's find_all_duplicate).
+
+    An n-gram is its words joined without spaces, as datatrove joins them: here the slice of
+    ``joined`` (all words, no spaces) between word offsets ``i`` and ``i + n``.
+    """
+    grams = list(map(joined.__getitem__, map(slice, offsets, offsets[n:])))
     if len(set(grams)) == len(grams):
         return 0
     unique: set[str] = set()
@@ -103,27 +108,58 @@ def _duplicated_ngram_chars(words: list[str], n: int) -> int:
 
 
 def duplicated_ngrams(words: list[str], sizes: Sequence[int]) -> dict[int, int]:
-    """``_duplicated_ngram_chars`` for every size, skipping sizes that cannot repeat.
+    """``_duplicated_ngram_chars`` for every size, skipping sizes where no n-gram repeats.
 
-    datatrove joins an n-gram's words without spaces, so two n-grams are equal when their
-    concatenations are. Every n-gram (n >= smallest size) is at least as long as the shortest
-    smallest-size n-gram, ``m`` characters; two equal ones therefore start, at word starts, with
-    the same ``m`` characters. When no two word starts (with n words after them) share their
-    next ``m`` characters, nothing repeats, for any size: one cheap check instead of six.
+    Building every n-gram string of six sizes is most of the cost, and in most documents no
+    n-gram repeats. So each n-gram is first reduced to a polynomial hash of its characters
+    (numpy, no strings built): equal n-grams have equal hashes, so a size whose hashes are all
+    distinct has no repeat and scores 0 exactly. Only a size with equal hashes (a repeat, or a
+    rare collision) is scanned with the strings. A crafted text can force the scan, never a
+    wrong count.
     """
     if not sizes:
         return {}
-    smallest = min(sizes)
-    windows = len(words) - smallest + 1
-    if windows >= 2:
-        offsets = list(accumulate(map(len, words), initial=0))
-        joined = "".join(words)
-        shortest = min(map(sub, offsets[smallest:], offsets))
-        starts = offsets[:windows]
-        heads = [joined[o : o + shortest] for o in starts]
-        if len(set(heads)) < len(heads):
-            return {n: _duplicated_ngram_chars(words, n) for n in sizes}
-    return dict.fromkeys(sizes, 0)
+    offsets = list(accumulate(map(len, words), initial=0))
+    joined = "".join(words)
+    found = dict.fromkeys(sizes, 0)
+    if len(words) - min(sizes) + 1 >= 2:
+        keys = _NgramKeys(joined, offsets)
+        for n in sizes:
+            if keys.may_repeat(n):
+                found[n] = _duplicated_ngram_chars(joined, offsets, n)
+    return found
+
+
+# Odd, so powers of it never reach 0 modulo 2**64 (numpy's uint64 arithmetic wraps).
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+_base_powers = np.ones(1, dtype=np.uint64)
+
+
+class _NgramKeys:
+    """Hashes of a text's substrings between word offsets: ``key(a, b)`` is the sum of
+    ``char[j] * BASE**(j - a + N)`` over ``a <= j < b`` (N: the text's length), mod 2**64, so it
+    depends only on the substring's characters and not on where it sits."""
+
+    def __init__(self, joined: str, offsets: list[int]) -> None:
+        global _base_powers
+        codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        length = len(codes)
+        powers = _base_powers
+        if len(powers) < 2 * length + 1:
+            grown = np.full(2 * length + 1, _HASH_BASE, dtype=np.uint64)
+            grown[0] = 1
+            powers = _base_powers = np.cumprod(grown)  # (replaced whole: safe between threads)
+        self.prefix = np.zeros(length + 1, dtype=np.uint64)
+        np.cumsum(codes.astype(np.uint64) * powers[:length], out=self.prefix[1:])
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.shift = powers[length - self.offsets]
+
+    def may_repeat(self, n: int) -> bool:
+        """Whether two n-grams (n words each) could be equal: False means they are all distinct."""
+        starts, ends = self.offsets[:-n], self.offsets[n:]
+        keys = (self.prefix[ends] - self.prefix[starts]) * self.shift[:-n]
+        keys.sort()
+        return bool((keys[1:] == keys[:-1]).any())
 
 
 def ratio(numerator: float, denominator: float) -> float | None:
