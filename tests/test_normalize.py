@@ -6,6 +6,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import ftfy
 import pyarrow as pa
 import pytest
 
@@ -13,6 +14,8 @@ from llmflow.tasks.core.documents import DOCUMENT_SCHEMA
 from llmflow.tasks.core.stage import Rejection
 from llmflow.tasks.curate.normalize import (
     NormalizeConfig,
+    fix_text,
+    ftfy_config,
     normalize_documents,
     normalize_text,
     too_short,
@@ -56,6 +59,48 @@ def test_leaves_text_that_only_looks_like_mojibake(shared_data: Path) -> None:
     for case in _cases(shared_data, "negative.json"):
         got, _ = normalize_text(case["original"], straight)
         assert got == _canonical(case["fixed"]), case["label"]
+
+
+# Lines ftfy changes (mojibake, entities, C1 controls, curly quotes, escapes, a lone surrogate)
+# among lines it cannot; the "<" line turns entity unescaping off for every later line.
+CRAFTED_LINES = [
+    "Plain ASCII line, nothing to fix.",
+    "The caf\u00c3\u00a9 served cr\u00c3\u00a8me br\u00c3\u00bbl\u00c3\u00a9e.",
+    "Fish &amp; chips &lt;3, &eacute;t&eacute;",
+    "\u201cCurly\u201d quotes and an apostrophe\u2019s tail",
+    "C1 controls: \x93quoted\x94 in Windows-1252",
+    "Terminal \x1b[31mred\x1b[0m text",
+    "A lone surrogate \ud83d here",
+    "if (a < b) { x = 1; }",
+    "After the bracket: Fish &amp; chips stays escaped",
+    "tabs\tand\rcarriage returns and \x0b vertical tabs",
+    "",
+]
+
+
+@pytest.mark.parametrize("uncurl", [False, True])
+def test_fix_text_equals_ftfy_on_every_line(uncurl: bool) -> None:
+    fixer = ftfy_config(NormalizeConfig(uncurl_quotes=uncurl))
+    texts = ["\n".join(CRAFTED_LINES), "\n".join(reversed(CRAFTED_LINES)), "ASCII & no entity"]
+    texts += ["\n".join(CRAFTED_LINES[i:] + CRAFTED_LINES[:i]) for i in range(len(CRAFTED_LINES))]
+    for text in texts:
+        assert fix_text(text, fixer) == ftfy.fix_text(text, fixer), text
+    assert fix_text(texts[0], fixer) != texts[0]  # (the crafted lines do need fixing)
+    # Segments cut inside long lines, and options under which ASCII lines change too.
+    short = fixer._replace(max_decode_length=7)
+    assert fix_text(texts[0], short) == ftfy.fix_text(texts[0], short)
+    breaks = fixer._replace(fix_line_breaks=True, remove_control_chars=True)
+    assert (
+        fix_text(texts[0], breaks) == ftfy.fix_text(texts[0], breaks) != fix_text(texts[0], fixer)
+    )
+
+
+def test_fix_text_equals_ftfy_on_real_mojibake(shared_data: Path) -> None:
+    fixer = ftfy_config(DEFAULT)
+    cases = _cases(shared_data, "in-the-wild.json") + _cases(shared_data, "negative.json")
+    originals = [case["original"] for case in cases]
+    for text in [*originals, "\n".join(originals), "\n\n".join(reversed(originals))]:
+        assert fix_text(text, fixer) == ftfy.fix_text(text, fixer), text
 
 
 def test_keeps_curly_quotes_unless_asked() -> None:
