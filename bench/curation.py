@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
         stage, corpus, out = argv[1:4]
-        importlib.import_module(f"llmflow.tasks.{stage}")  # imports are not the stage's work
+        importlib.import_module(f"llmflow.tasks.curate.{stage}")  # imports are not the stage's work
         if "--no-lid" in argv[4:]:
             stub_language_id()
         worker = worker_quality if stage == "quality" else worker_dedup
