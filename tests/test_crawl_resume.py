@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from llmflow.tasks.ingest.web_unit import STATE_SCHEMA, account_refresh
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_web_crawler as web  # noqa: E402
+from crawl_child import crawl_child, wait_for_pages  # noqa: E402
 from test_web_crawler import Site, config, paths  # noqa: E402
 
 site = web.site
@@ -134,46 +134,14 @@ def test_a_stopped_crawl_resumes_where_it_stopped(site: Site, tmp_path: Path) ->
     ]
 
 
-KILLED_CRAWL = """
-import sys
-from llmflow.tasks.core.stage import run_unit
-from llmflow.tasks.ingest import crawl
-from llmflow.tasks.ingest.crawl_checkpoint import SeenSet
-from llmflow.tasks.ingest.crawl_config import CrawlConfig
-
-cfg = CrawlConfig.model_validate_json(sys.argv[1])
-out = sys.argv[2]
-
-def tick():
-    print("page", flush=True)
-
-for u in crawl.plan_crawl_units(cfg):
-    run_unit(out, u, lambda o, u=u: crawl.crawl_documents(u, cfg, out, tick, o))
-print("finished", flush=True)
-"""
-
-
 def test_a_killed_crawl_resumes_from_its_last_checkpoint(site: Site, tmp_path: Path) -> None:
     seeds = [site.url("/many/0")]
     cfg = config("resume-kill", seeds=seeds, exclude_patterns=[], **TREE)
     stage = tmp_path / "crawl"
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CRAWL, cfg.model_dump_json(), str(stage)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None
-        for _ in range(19):  # past two checkpoints (16 pages), in the middle of the third batch
-            assert process.stdout.readline().strip() == "page"
+    with crawl_child(cfg, stage) as process:
+        wait_for_pages(process, 19)  # past two checkpoints (16 pages), inside the third batch
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     body, done = checkpointed(stage)
     assert body["position"]["pages"] == 16 and len(done) == 16
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from llmflow.tasks.ingest.web_scope import Scope
 sys.path.insert(0, str(Path(__file__).parent))
 import http_test_site  # noqa: E402
 import test_web_crawler as web  # noqa: E402
+from crawl_child import crawl_child, wait_for_pages  # noqa: E402
 from test_web_crawler import Site, config, paths  # noqa: E402
 
 # The same site program and extractor as the crawler's own tests, started for this module.
@@ -274,52 +274,24 @@ def test_link_parsing_is_bounded_by_the_extraction_budget(
 
 # --------------------------------------------------------------------------- 6: Ctrl-C
 
-# The crawl stage as the pipeline runs it: planned in the main thread, the unit run in a worker
-# thread of a pool (Prefect's thread task runner), the main thread waiting on the result.
-INTERRUPTED_CRAWL = """
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
-from llmflow.tasks.ingest import crawl
-from llmflow.tasks.ingest.crawl_config import CrawlConfig
-from llmflow.tasks.core.stage import run_unit
-
-seed, stage_dir = sys.argv[1], sys.argv[2]
-cfg = CrawlConfig(
-    seeds=[seed], max_pages=500, max_depth=10, politeness_delay_s=0.0, concurrency=2,
-    user_agent="llmflow-test/interrupt", read_timeout_s=5.0, exclude_patterns=[],
-)
-units = crawl.plan_crawl_units(cfg)
-
-def tick():
-    print("page", flush=True)
-
-with ThreadPoolExecutor(max_workers=2) as pool:
-    futures = [
-        pool.submit(
-            run_unit, stage_dir, u, lambda o, u=u: crawl.crawl_documents(u, cfg, stage_dir, tick, o)
-        )
-        for u in units
-    ]
-    for future in futures:
-        future.result()
-print("finished", flush=True)
-"""
+# The crawl stage as the pipeline runs it (tests/crawl_child.py): planned in the main thread, the
+# unit run in a worker thread of a pool (Prefect's thread task runner), the main waiting on it.
 
 
 def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> None:
     stage_dir = tmp_path / "crawl"
-    process = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_CRAWL, site.url("/many/0"), str(stage_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    cfg = CrawlConfig(
+        seeds=[site.url("/many/0")],
+        max_pages=500,
+        max_depth=10,
+        politeness_delay_s=0.0,
+        concurrency=2,
+        user_agent="llmflow-test/interrupt",
+        read_timeout_s=5.0,
+        exclude_patterns=[],
     )
-    try:
-        assert process.stdout is not None
-        for _ in range(3):  # three pages fetched: the crawl is well under way
-            assert process.stdout.readline().strip() == "page"
+    with crawl_child(cfg, stage_dir) as process:
+        wait_for_pages(process, 3)  # three pages fetched: the crawl is well under way
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         try:
@@ -327,10 +299,6 @@ def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> 
         except subprocess.TimeoutExpired:
             pytest.fail("the crawl ran on after Ctrl-C")
         seconds = time.monotonic() - interrupted
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     assert seconds < 10.0, seconds  # "within seconds", with room for a loaded CI machine
     assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
     assert "KeyboardInterrupt" in err or "CrawlInterrupted" in err, err[-2000:]
