@@ -195,6 +195,12 @@ def paths(entries: list[dict]) -> list[str]:
         ("http://example.com/a b", "http://example.com/a%20b"),
         ("http://example.com/caf\u00e9", "http://example.com/caf%C3%A9"),
         ("http://example.com/100%", "http://example.com/100%25"),
+        ("http://example.com/%4g%4", "http://example.com/%254g%254"),
+        ("http://example.com/\U0001f600", "http://example.com/%F0%9F%98%80"),
+        (
+            "https://play.example/?code=%23!%5b%0Afn%20main()%7B%7d&edition=2021",
+            "https://play.example/?code=%23!%5B%0Afn%20main()%7B%7D&edition=2021",
+        ),
         ("http://example.com/?b=2&a=1&b=1", "http://example.com/?b=2&a=1&b=1"),
         ("http://example.com/p?q=%2f", "http://example.com/p?q=%2F"),
         ("http://example.com/p?", "http://example.com/p"),

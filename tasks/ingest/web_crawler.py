@@ -33,6 +33,7 @@ with the frontier left, then :class:`CrawlInterrupted` is raised.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -61,6 +62,10 @@ __all__ = ["Batch", "BatchSink", "crawl_web"]
 
 # How often a running crawl looks for an interrupt (Ctrl-C, stop_crawls()).
 INTERRUPT_POLL_S = 0.1
+# URLs whose refusal (scope, exclusions, partition) is remembered: a site's pages repeat the same
+# navigation links, and checking every link of every page was a third of the crawling process's
+# CPU on rust-doc. Bounded, so memory does not grow with the crawl.
+REFUSAL_CACHE = 1 << 14
 OTHER_PARTITION = "other_partition"
 
 
@@ -117,6 +122,8 @@ class _Crawler:
         self.states: dict[str, PageState] = {}
         # Redirect targets a visit put in the seen set: taken back when the visit is.
         self.claimed: dict[str, list[str]] = {}
+        # A pure function of the URL once start() has set the scope.
+        self._refusal = functools.lru_cache(maxsize=REFUSAL_CACHE)(self._refusal_of)
         self.fetcher = Fetcher(config, sink.warc, self._refusal)
         self.page_outcomes = PageOutcomes(
             config, extractor, previous, self.states, kept_as, self._wanted
@@ -259,7 +266,7 @@ class _Crawler:
         index, count = self.partition
         return count == 1 or host_partition(self.kept_as(url), count) == index
 
-    def _refusal(self, url: str) -> str | None:
+    def _refusal_of(self, url: str) -> str | None:
         if not self.scope.allows(url):
             return "out_of_scope"
         if any(pattern.search(url) for pattern in self.exclude):
