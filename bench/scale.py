@@ -16,7 +16,10 @@ and ProcessPool/Dask workers included; memory by sampling /proc every 0.25 s).
 Each invocation pays a fixed cost (interpreter and imports, Prefect's API server, MLflow) that
 no document causes. ``--baseline-docs`` (100) runs the same stages on a corpus that small first;
 its CPU time is subtracted, so *net CPU-s per 1,000 documents* is the marginal cost the
-linearity goal is about. Every measurement accumulates in ``--results`` (JSON, one row per
+linearity goal is about. Its corpus has one file per worker, so it starts every worker (a
+one-file baseline started one, and the processes runner's second worker's imports counted as
+marginal cost). ``--docs`` may be given no sizes, to re-run
+the baseline alone. Every measurement accumulates in ``--results`` (JSON, one row per
 size x runner x layout x stage, a re-run replacing its rows), and ``--out`` is rendered from
 all of them, so sizes run on different days share one table.
 """
@@ -98,7 +101,11 @@ def run_stages(
 ) -> list[dict[str, Any]]:
     """One corpus through the stages on one runner, each stage its own measured command."""
     corpus_dir = args.work / "corpus" / str(docs)
-    corpus = ensure_corpus(corpus_dir, docs, layout, args.seed)
+    # The baseline is split into one file per worker, so it starts the same worker processes
+    # (and pays their imports) that a measured size does: else the processes runner's second
+    # worker counts as marginal cost.
+    per_file = -(-docs // args.max_workers) if baseline and layout == "files" else 5_000
+    corpus = ensure_corpus(corpus_dir, docs, layout, args.seed, per_file)
     workdir = args.work / f"run-{layout}-{runner}-{docs}"
     shutil.rmtree(workdir, ignore_errors=True)  # fresh: no unit may be skipped as done
     (workdir / "logs").mkdir(parents=True)
@@ -400,7 +407,7 @@ def render(results: dict[str, Any], note: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, nargs="+", default=[10_000])
+    parser.add_argument("--docs", type=int, nargs="*", default=[10_000])
     parser.add_argument(
         "--runners", nargs="+", default=["threads"], choices=["threads", "processes", "dask"]
     )
