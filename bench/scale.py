@@ -47,10 +47,10 @@ sys.path.insert(0, str(BENCH))
 from process_tree import MeasuredProcess, load_average, machine_facts  # noqa: E402
 from scale_corpus import ensure_corpus  # noqa: E402
 
-STAGES = ("crawl", "normalize", "quality", "dedup", "toxicity", "pii")
+STAGES = ("crawl", "normalize", "quality", "dedup", "quality_model", "toxicity", "pii")
 # Stages whose units are one shard each: their memory should not grow with the documents.
-PER_SHARD = ("crawl", "normalize", "quality", "toxicity", "pii")
-CURATION = ("normalize", "quality", "dedup", "toxicity", "pii")
+PER_SHARD = ("crawl", "normalize", "quality", "quality_model", "toxicity", "pii")
+CURATION = ("normalize", "quality", "dedup", "quality_model", "toxicity", "pii")
 LINEAR_TOLERANCE = 0.15
 WALL_GOAL_S = 45 * 60  # normalize -> pii at 1M documents on 2 cores
 DEDUP_GOAL_BYTES = 300

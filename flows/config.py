@@ -21,6 +21,7 @@ from llmflow.tasks.curate.dedup import DedupConfig
 from llmflow.tasks.curate.normalize import NormalizeConfig
 from llmflow.tasks.curate.pii import PiiConfig
 from llmflow.tasks.curate.quality import QualityConfig
+from llmflow.tasks.curate.quality_model import QualityModelConfig
 from llmflow.tasks.curate.toxicity import ToxicityConfig
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
@@ -95,6 +96,7 @@ class PipelineConfig(BaseModel):
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    quality_model: QualityModelConfig = Field(default_factory=QualityModelConfig)
     toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

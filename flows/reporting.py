@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.graph import StepReport
+from llmflow.tasks.core.progress import artifact_key
 from llmflow.tasks.core.stage import UnitRecord
 from llmflow.tasks.curate import pii
 
@@ -96,7 +97,7 @@ def counts_table(name: str, metrics: dict[str, float], run_id: str, total_units:
         ("MLflow run", run_id),
     ]
     create_table_artifact(
-        key=f"{name}-counts",
+        key=artifact_key(f"{name}-counts"),
         table=[{"count": k, "value": int(v) if isinstance(v, float) else v} for k, v in rows],
         description=f"{name}: documents in, kept and removed, updated as units finish",
     )
@@ -147,7 +148,7 @@ def step_table(name: str, rows: dict[str, Any], run_id: str) -> None:
     """A one-step stage's outcome as a Prefect table artifact, like the shard stages' counts."""
     table = [{"item": k, "value": v} for k, v in rows.items() if v is not None]
     create_table_artifact(
-        key=f"{name}-summary",
+        key=artifact_key(f"{name}-summary"),
         table=[*table, {"item": "MLflow run", "value": run_id}],
         description=f"{name}: the outcome of the step and the MLflow run that records it",
     )
@@ -183,7 +184,7 @@ def shard_stage_report(
     """A mapped stage's report, and its funnel as a Prefect markdown artifact."""
     counts = manifest["counts"]
     create_markdown_artifact(
-        key=f"{name}-funnel",
+        key=artifact_key(f"{name}-funnel"),
         markdown=funnel_markdown(name, counts, run_id),
         description=f"{name}: documents in, kept, and removed per reason",
     )
@@ -214,7 +215,9 @@ def step_stage_report(name: str, stage_dir: str, step: StepReport, seconds: floa
         step_table(name, step.table, step.run_id)
     if step.markdown is not None:
         create_markdown_artifact(
-            key=f"{name}-results", markdown=step.markdown, description=step.markdown_description
+            key=artifact_key(f"{name}-results"),
+            markdown=step.markdown,
+            description=step.markdown_description,
         )
     return StageReport(
         stage=name,

@@ -168,6 +168,8 @@ def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.St
             step=len(records),
         )
         run.log_dict(manifest, "manifest.json")
+        if stage.report is not None:
+            stage.report(run, units, settings, stage_dir)
         run.log_dict(reporting.rejected_sample(stage_dir, manifest), "rejected_sample.json")
     reporting.counts_table(name, metrics, run.run_id, len(units))
     return reporting.shard_stage_report(name, stage_dir, manifest, records, seconds, run.run_id)

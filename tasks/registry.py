@@ -10,7 +10,7 @@ from __future__ import annotations
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.graph import DOCUMENTS, Stage, StageContext, StageGraph, TaskMapper
 from llmflow.tasks.core.stage import WorkUnit, plan_shard_units
-from llmflow.tasks.curate import dedup, normalize, pii, quality, toxicity
+from llmflow.tasks.curate import dedup, normalize, pii, quality, quality_model, toxicity
 from llmflow.tasks.evaluate import evaluate_stage
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.ingest import crawl
@@ -59,6 +59,14 @@ def _prepare_dedup(
     dedup.resolve_task(units, config, stage_dir, sum(bool(r) for r in reused))
 
 
+def _plan_quality_model(ctx: StageContext) -> Planned:
+    """Keyed by the model it trains: its negatives are sampled from the normalized crawl (all of
+    it, before any rule removed a document, as DCLM sampled raw web text)."""
+    return quality_model.plan_units(
+        ctx.settings, ctx.stage_dir("dedup"), ctx.stage_dir("normalize"), ctx.dir
+    )
+
+
 def _plan_toxicity(ctx: StageContext) -> Planned:
     """A detoxify checkpoint that is not on disk is an error before any work is fanned out."""
     if ctx.settings.backend == "detoxify":
@@ -84,7 +92,11 @@ GRAPH = StageGraph(
         Stage("dedup", "data", ("quality",), dedup.DedupConfig, dedup.STAGE, _plan_dedup,
               dedup.dedup_shard, prepare=_prepare_dedup, finish=dedup.finish,
               configure=_dedup_index, side_inputs=("crawl",)),
-        Stage("toxicity", "data", ("dedup",), toxicity.ToxicityConfig, toxicity.STAGE,
+        Stage("quality_model", "data", ("dedup",), quality_model.QualityModelConfig,
+              quality_model.STAGE, _plan_quality_model, quality_model.quality_model_shard,
+              prepare=quality_model.prepare, report=quality_model.report,
+              side_inputs=("normalize",)),
+        Stage("toxicity", "data", ("quality_model",), toxicity.ToxicityConfig, toxicity.STAGE,
               _plan_toxicity, toxicity.toxicity_shard),
         Stage("pii", "data", ("toxicity",), pii.PiiConfig, pii.STAGE, plan_shards,
               pii.pii_shard),

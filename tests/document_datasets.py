@@ -4,6 +4,8 @@ same stage mechanism as the pipeline's, so a stage under test reads what it read
 from __future__ import annotations
 
 import pydoc_data.topics
+import random
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def write_documents(directory: str, shards: dict[str, list[Document]]) -> list[s
 
 
 def write_texts(
-    directory: str, texts: list[str | Document], shards: int = 2, first: int = 0
+    directory: str, texts: Sequence[str | Document], shards: int = 2, first: int = 0
 ) -> list[str]:
     """Texts (or documents) dealt round-robin into ``shards`` shards; text i gets the url
     ``http://t/<first + i>``. Returns the ids in shard order."""
@@ -77,3 +79,17 @@ def build_token_dirs(root: Path, vocab_size: int = 512) -> tuple[str, str]:
     done = [tokenize.tokenize_shard.fn(u, tok_config, tokens_dir) for u in units]
     tokenize.finish(units, tok_config, tokens_dir, done, digest)
     return tokens_dir, tokenizer_dir
+
+
+NAV = ["Home", "About", "Contact", "Login", "Register", "Privacy", "Cookies", "Share", "Menu"]
+SPAM = ["cheap", "best", "free", "buy", "deal", "casino", "bonus", "win", "sale", "offer"]
+
+
+def junk_texts(count: int, seed: int) -> list[str]:
+    """Navigation and keyword spam, the crawl's commonest junk (a quality classifier's
+    negatives)."""
+    rng = random.Random(seed)
+    return [
+        " | ".join(rng.sample(NAV, 5)) + " " + " ".join(rng.choices(SPAM, k=rng.randint(8, 30)))
+        for _ in range(count)
+    ]

@@ -17,7 +17,7 @@ from conftest import LLMFLOW, llmflow_env
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
-STAGES = "crawl,normalize,quality,dedup,toxicity,pii,tokenizer,tokenize,pretrain"
+STAGES = "crawl,normalize,quality,dedup,quality_model,toxicity,pii,tokenizer,tokenize,pretrain"
 DATA_FILES = ("*.parquet", "*.bin", "tokenizer.json")
 
 

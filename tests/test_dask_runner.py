@@ -14,7 +14,7 @@ from test_crash_resume import QUALITY_OFF, data_files, write_inputs
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
-DATA_STAGES = "crawl,normalize,quality,dedup,toxicity,pii"
+DATA_STAGES = "crawl,normalize,quality,dedup,quality_model,toxicity,pii"
 
 
 def run(

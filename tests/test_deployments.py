@@ -40,7 +40,15 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
         parameters = deployment.parameters
         assert PipelineConfig.model_validate(parameters["config"]) == served
     assert deployments["data-refresh"].parameters["refresh"] is True
-    assert DATA_STAGES == ("crawl", "normalize", "quality", "dedup", "toxicity", "pii")
+    assert DATA_STAGES == (
+        "crawl",
+        "normalize",
+        "quality",
+        "dedup",
+        "quality_model",
+        "toxicity",
+        "pii",
+    )
     assert PRESETS["train"].stages == ("tokenizer", "tokenize", "pretrain", "sft")
     # the UI's form: every field with its description, from the pydantic config
     schema = json.dumps(deployments["pipeline"]._parameter_openapi_schema.model_dump())

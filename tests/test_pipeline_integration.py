@@ -19,6 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES, DataLayout, PipelineConfig
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.progress import artifact_key
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.registry import GRAPH
 
@@ -151,6 +152,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert {r["id"] for r in near} & {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
     toxic = {r["id"]: r["reason"] for r in rejected("toxicity")}
     assert toxic.get(by_name["rant.txt"]) == "toxic_profanity"
+    # The quality model, trained on the shipped conversations against the crawl, scored every
+    # document it saw and removed none (keep: all, the default).
+    scored = list(shards.iter_documents(layout.stage_dir("quality_model")))
+    assert scored and all(0 <= d["quality_model_score"] <= 1 for d in scored)
+    assert not rejected("quality_model")
     pii_docs = list(shards.iter_documents(layout.stage_dir("pii")))
     # the first version of the documents is the pii stage's output
     assert {d["id"] for d in shards.iter_documents(layout.stage_dir("documents"))} == {
@@ -190,6 +196,14 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"manifest.json", "rejected_sample.json"} <= artifacts
     assert children["crawl"].data.params["max_pages"] == str(MAX_PAGES)
+    model_run = children["quality_model"]
+    assert model_run.data.metrics["model.labelled_positives"] == 307  # the shipped set
+    negatives = model_run.data.metrics["model.labelled_negatives"]
+    assert 5 <= negatives <= normalize_manifest["counts"]["kept"]
+    model_files = {a.path for a in client.list_artifacts(model_run.info.run_id, "quality_model")}
+    assert {f"quality_model/{n}" for n in ("model.json", "weights.npy", "metrics.json")} <= (
+        model_files
+    )
 
     # The tokenizer, the token shards and a checkpoint with its curves, export and artifacts.
     tokens = shards.read_manifest(stage_dirs["tokenize"])
@@ -293,7 +307,7 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     keys = {a["key"] for a in found}
     assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
     assert {"sft-summary", "sft-steps", "evaluate-results"} <= keys
-    assert {f"{stage}-funnel" for stage in STAGES if GRAPH[stage].step is None} <= keys
+    assert {artifact_key(f"{s}-funnel") for s in STAGES if GRAPH[s].step is None} <= keys
     funnel = next(a for a in found if a["key"] == "toxicity-funnel")["data"]
     assert "| removed: toxic_profanity | 1 |" in funnel
 

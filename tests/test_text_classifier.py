@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from document_datasets import junk_texts
 
 from llmflow.tasks.curate.text_classifier import (
     MODEL_JSON,
@@ -27,8 +27,6 @@ INSTRUCTIONS = (
     Path(__file__).resolve().parents[1]
     / "tasks/ingest/embedded/instructions/llmflow_instructions.jsonl"
 )
-NAV = ["Home", "About", "Contact", "Login", "Register", "Privacy", "Cookies", "Share", "Menu"]
-SPAM = ["cheap", "best", "free", "buy", "deal", "casino", "bonus", "win", "sale", "offer"]
 SETTINGS = ClassifierSettings(n_features=2**16, seed=0)
 Trained = tuple[TextClassifier, HeldOutMetrics]
 
@@ -42,18 +40,11 @@ def answers() -> list[str]:
     return texts
 
 
-def junk(count: int, seed: int) -> list[str]:
-    """Navigation and keyword spam, the crawl's commonest junk: the negatives."""
-    rng = random.Random(seed)
-    return [
-        " | ".join(rng.sample(NAV, 5)) + " " + " ".join(rng.choices(SPAM, k=rng.randint(8, 30)))
-        for _ in range(count)
-    ]
-
-
 @pytest.fixture(scope="module")
 def trained() -> Trained:
-    return train_classifier(answers(), junk(600, 1), SETTINGS)
+    classifier, metrics = train_classifier(answers(), junk_texts(600, 1), SETTINGS)
+    assert metrics is not None
+    return classifier, metrics
 
 
 def test_it_learns_the_labels(trained: Trained) -> None:
@@ -68,7 +59,7 @@ def test_it_learns_the_labels(trained: Trained) -> None:
 
 
 def test_same_seed_same_model_other_seed_other_model() -> None:
-    pos, neg = answers(), junk(300, 2)
+    pos, neg = answers(), junk_texts(300, 2)
     first, m1 = train_classifier(pos, neg, SETTINGS)
     again, m2 = train_classifier(pos, neg, SETTINGS)
     other, _ = train_classifier(pos, neg, SETTINGS.model_copy(update={"seed": 1}))
@@ -81,7 +72,7 @@ def test_saved_model_scores_the_same(tmp_path: Path, trained: Trained) -> None:
     classifier = trained[0]
     classifier.save(str(tmp_path), {"positives": 1, "negatives": 2})
     loaded = load_model(str(tmp_path))
-    texts = answers()[:50] + junk(50, 3)
+    texts = answers()[:50] + junk_texts(50, 3)
     np.testing.assert_array_equal(loaded.score(texts), classifier.score(texts))
     assert loaded.digest() == classifier.digest()
     assert json.loads((tmp_path / MODEL_JSON).read_text())["trained_on"]["negatives"] == 2
@@ -141,10 +132,13 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
         load_model(str(tmp_path))
 
 
-def test_too_few_texts_names_the_side() -> None:
-    few = [t for t in answers() if not held_out(t)][:5]  # none held out: nothing to measure on
-    with pytest.raises(ValueError, match="too few positive texts: 5 to train on and 0 held out"):
-        train_classifier(few, junk(300, 4), SETTINGS)
+def test_no_text_to_train_on_names_the_side_and_no_held_out_gives_no_metrics() -> None:
+    held = [t for t in answers() if held_out(t)][:5]
+    with pytest.raises(ValueError, match="no positive text to train on .5 given"):
+        train_classifier(held, junk_texts(300, 4), SETTINGS)
+    trained = [t for t in answers() if not held_out(t)][:5]  # none held out: nothing to measure
+    classifier, metrics = train_classifier(trained, junk_texts(300, 4), SETTINGS)
+    assert metrics is None and classifier.score(trained).shape == (5,)
 
 
 def test_held_out_share_is_about_a_fifth() -> None:

@@ -6,11 +6,11 @@ A :class:`Stage` is a name, a phase, the datasets it reads (other stages, or the
 (shards, files, a crawl) gives ``plan`` and a per-unit ``task`` that calls
 :func:`~llmflow.tasks.core.stage.run_unit` (the flow maps it, or calls its function unit by unit
 inside one task run per batch of units, so all a unit needs is in that function), and optionally
-``prepare`` (a step over the whole input first, dedup's resolve) and ``finish`` (a manifest with
-more than the units' counts). A stage that is one step over its whole input (the tokenizer,
-pretraining, SFT, evaluation) gives ``step``. The registry (:mod:`llmflow.tasks.registry`) lists
-the stages in order; planning, MLflow lineage, the CLI's checks, the deployments and the
-documents version all read it there.
+``prepare`` (a step over the whole input first, dedup's resolve), ``finish`` (a manifest with
+more than the units' counts) and ``report`` (more for its MLflow run). A stage that is one step
+over its whole input (the tokenizer, pretraining, SFT, evaluation) gives ``step``. The registry
+(:mod:`llmflow.tasks.registry`) lists the stages in order; planning, MLflow lineage, the CLI's
+checks, the deployments and the documents version all read it there.
 
 The flow hands a stage a :class:`StageContext`: where each dataset lives, each stage's config as
 the run uses it, and a way to open the stage's MLflow run (:class:`RunRecorder`), so no stage
@@ -124,6 +124,9 @@ TaskMapper = Callable[..., list[Any]]
 Prepare = Callable[[list[WorkUnit], Any, str, TaskMapper], None]
 # finish gets the input manifest's digest; None for a source stage (crawl reads no manifest)
 Finish = Callable[[list[WorkUnit], Any, str, list[UnitRecord], str | None], dict]
+# report gets the stage's MLflow run after the manifest: what a mapped stage records beyond its
+# counts (the quality model's held-out metrics and files)
+Report = Callable[[RunRecorder, list[WorkUnit], Any, str], None]
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Stage:
     step: Callable[[StageContext], StepReport] | None = None
     configure: Callable[[StageContext, Any], Any] | None = None
     side_inputs: tuple[str, ...] = ()
+    report: Report | None = None
 
     def __post_init__(self) -> None:
         if (self.step is None) == (self.task is None or self.plan is None):

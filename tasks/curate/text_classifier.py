@@ -67,7 +67,9 @@ class ClassifierSettings(BaseModel):
 
 @dataclass(frozen=True)
 class HeldOutMetrics:
-    """How the model did on the texts held out of training, at ``threshold``."""
+    """How the model did on the texts held out of training, at ``threshold``; ``labels`` and
+    ``scores`` are kept so that another threshold can be measured without the texts
+    (:func:`held_out_metrics`)."""
 
     positives: int
     negatives: int
@@ -75,6 +77,8 @@ class HeldOutMetrics:
     recall: float
     roc_auc: float
     threshold: float
+    labels: tuple[int, ...] = ()
+    scores: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -163,12 +167,13 @@ def train_classifier(
     negatives: Sequence[str],
     settings: ClassifierSettings,
     threshold: float = 0.5,
-) -> tuple[TextClassifier, HeldOutMetrics]:
-    """Train on the texts not held out; measure on those held out (at ``threshold``).
+) -> tuple[TextClassifier, HeldOutMetrics | None]:
+    """Train on the texts not held out; measure on those held out (at ``threshold``), or give
+    no metrics when a class has no held-out text (a few dozen texts of each are enough).
 
     Classes are weighted by their inverse frequency (a few hundred reference texts against
     thousands of crawled ones is the usual case). Raises ValueError, naming the side, when a
-    class has too few texts to train on or to measure with.
+    class has no text to train on.
     """
     from sklearn.linear_model import SGDClassifier
 
@@ -176,12 +181,11 @@ def train_classifier(
     labels = np.array([1] * len(positives) + [0] * len(negatives), np.int8)
     held = np.array([held_out(t) for t in texts], bool)
     for name, label in (("positive", 1), ("negative", 0)):
-        train_count = int(((labels == label) & ~held).sum())
-        test_count = int(((labels == label) & held).sum())
-        if train_count < 2 or test_count < 1:
+        if not ((labels == label) & ~held).any():
+            count = int((labels == label).sum())
             raise ValueError(
-                f"too few {name} texts: {train_count} to train on and {test_count} held out"
-                f" ({HELD_OUT_PERCENT}% are held out by a hash of the text); give more"
+                f"no {name} text to train on ({count} given, {HELD_OUT_PERCENT}% are held out"
+                " by a hash of the text)"
             )
     vectorizer = _vectorizer(settings)
     limit = settings.max_chars
@@ -198,6 +202,8 @@ def train_classifier(
     classifier = TextClassifier(
         settings, model.coef_[0].astype(np.float32), float(model.intercept_[0])
     )
+    if len(set(labels[held].tolist())) < 2:
+        return classifier, None
     scores = classifier.score([t for t, h in zip(texts, held, strict=True) if h])
     return classifier, held_out_metrics(labels[held], scores, threshold)
 
@@ -213,6 +219,8 @@ def held_out_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -
         recall=float(recall_score(labels, predicted, zero_division=0.0)),
         roc_auc=float(roc_auc_score(labels, scores)),
         threshold=threshold,
+        labels=tuple(int(v) for v in labels),
+        scores=tuple(float(v) for v in scores),
     )
 
 
