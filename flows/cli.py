@@ -40,7 +40,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+# Piped into a file or a CI log, rich would lay tables out in 80 columns and cut the stage
+# names ("quality…" reads as two stages at once); a log has room for the whole table.
+out = Console() if sys.stdout.isatty() else Console(width=120)
 
 
 @app.callback()
@@ -367,7 +369,9 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     table = Table(title="llmflow pipeline")
     columns = ("stage", "in", "kept", "rejected", "fetch failures", "size", "time", "units run")
     for column in columns:
-        table.add_column(column, justify="left" if column == "stage" else "right")
+        # a narrow terminal wraps the headers, never a stage's name
+        left = column == "stage"
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
     for s in result["stages"]:
         table.add_row(
             s["stage"],
