@@ -17,8 +17,12 @@ from pathlib import Path
 from llmflow.tasks.ingest.crawl_config import CrawlConfig
 
 CHILD = """
+import faulthandler
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks where
 
 from llmflow.tasks.core.stage import run_unit
 from llmflow.tasks.ingest import crawl

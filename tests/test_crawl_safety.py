@@ -297,7 +297,13 @@ def test_ctrl_c_stops_a_crawl_in_a_worker_thread(site: Site, tmp_path: Path) -> 
         try:
             out, err = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("the crawl ran on after Ctrl-C")
+            # Where it hung: the child's threads, dumped by faulthandler on SIGUSR1 (CHILD
+            # registers it), then what it printed.
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"the crawl ran on after Ctrl-C; its stderr ends: {err[-6000:]}")
         seconds = time.monotonic() - interrupted
     assert seconds < 10.0, seconds  # "within seconds", with room for a loaded CI machine
     assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
