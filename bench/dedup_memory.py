@@ -53,7 +53,7 @@ def write_source(root: str, shards_docs: dict[str, list[tuple[str, str]]]) -> No
             schema=DOCUMENT_SCHEMA,
         )
         shard = shards.write_shard(root, f"{name}.parquet", table)
-        records.append(UnitRecord(name, name, len(docs), shard, None, {}, {}, [], 0.0))
+        records.append(UnitRecord(name, name, len(docs), [shard], [], {}, {}, [], 0.0))
     finalize_stage(root, StageSpec("source", "1"), StageConfig(), records, None)
 
 

@@ -10,7 +10,9 @@ phase's own runs, parameters and task runs:
   another run fails at once, saying which (:mod:`llmflow.tasks.core.dataset_lock`);
 - ``train`` (the train flow): the tokenizer, token shards, pretraining and SFT on the documents;
 - ``evaluate`` (the evaluate flow): the evaluation of the SFT model (or of
-  ``config.evaluate.model``).
+  ``config.evaluate.model``);
+- ``curation-ablation`` (:mod:`llmflow.flows.ablation`): every curation variant's documents,
+  a proxy model per variant and seed, the variants ranked with 95% intervals.
 
 Each deployment's parameters are the typed :class:`~llmflow.flows.config.PipelineConfig` (so the
 Prefect UI shows a form with every field's default and description, and Prefect refuses a run
@@ -40,9 +42,12 @@ class Preset:
     description: str
     scheduled: bool = False
     refresh: bool = False
+    module: str = "pipeline"  # the flows/ module that defines the flow
 
     @property
     def stages(self) -> tuple[str, ...]:
+        if self.module != "pipeline":
+            return ()
         return GRAPH.names if self.flow == "pipeline" else GRAPH.phase(self.flow)  # type: ignore[arg-type]
 
 
@@ -56,6 +61,11 @@ PRESETS: dict[str, Preset] = {
     ),
     "train": Preset("train", "Tokenizer, token shards, pretraining and SFT on the documents."),
     "evaluate": Preset("evaluate", "Benchmarks, held-out bits per byte and chat samples."),
+    "curation-ablation": Preset(
+        "curation_ablation",
+        "Does curation help? A proxy model per variant and seed, ranked with 95% intervals.",
+        module="ablation",
+    ),
 }
 
 
@@ -75,13 +85,17 @@ def preset_parameters(name: str, config: PipelineConfig) -> dict[str, Any]:
         parameters["stages"] = None  # all of the flow's stages; the UI's form can pick fewer
     if preset.flow in ("pipeline", "data"):
         parameters["refresh"] = preset.refresh
+    if preset.flow == "curation_ablation":
+        from llmflow.flows.ablation_config import AblationConfig
+
+        parameters["ablation"] = AblationConfig().model_dump(mode="json")
     return parameters
 
 
 def build_deployments(
     config: PipelineConfig | None = None, refresh_cron: str = DEFAULT_REFRESH_CRON
 ) -> list[Any]:
-    """The four deployments as Prefect ``RunnerDeployment`` objects, ready for ``prefect.serve``.
+    """The deployments as Prefect ``RunnerDeployment`` objects, ready for ``prefect.serve``.
 
     Each flow is referenced by module path (``llmflow.flows.pipeline.data``, ...), so the
     runner's flow-run processes import it from the installed package wherever they start.

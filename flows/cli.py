@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmflow.flows.ablation_cli import ablate
 from llmflow.flows.config import (
     STAGES,
     ConfigError,
@@ -135,11 +137,21 @@ def run(
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
+    def start() -> dict[str, Any]:
+        from llmflow.flows.pipeline import run_pipeline
+
+        return run_pipeline(config, selected, refresh)
+
+    _print_summary(run_flow(config, start), Path(config.workdir).absolute())
+
+
+def run_flow(config: PipelineConfig, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``start()`` a flow with Prefect's state in the workdir and, unless PREFECT_API_URL names
+    a server, a temporary Prefect API for the run; a busy dataset exits with code 3."""
     workdir_path = Path(config.workdir).absolute()
     os.environ.update(_prefect_environment(workdir_path))
     workdir_path.mkdir(parents=True, exist_ok=True)
 
-    from llmflow.flows.pipeline import run_pipeline
     from llmflow.flows.prefect_api import temporary_api
     from llmflow.flows.ui_servers import UIServerError
     from llmflow.tasks.core.dataset_lock import DatasetBusyError
@@ -147,14 +159,13 @@ def run(
     own_api = not os.environ.get("PREFECT_API_URL")
     try:
         with temporary_api(workdir_path, _note) if own_api else contextlib.nullcontext():
-            result = run_pipeline(config, selected, refresh)
+            return start()
     except DatasetBusyError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=3) from None
     except UIServerError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
-    _print_summary(result, workdir_path)
 
 
 def _note(message: str) -> None:
@@ -413,6 +424,7 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
 
 
 app.command()(ui)
+app.command()(ablate)
 
 if __name__ == "__main__":
     app()

@@ -11,7 +11,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -109,6 +109,19 @@ class PipelineConfig(BaseModel):
         return self.data_root or str(Path(self.workdir).absolute() / "data")
 
 
+class StageLayout(Protocol):
+    """Where each dataset of a run lives, as the stage runner asks: the pipeline's
+    :class:`DataLayout`, or a curation ablation's variant (:mod:`llmflow.flows.ablation_layout`),
+    whose stages live outside the documents versions."""
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the document stages write into a documents version."""
+        ...
+
+    def stage_dir(self, stage: str) -> str: ...
+
+
 @dataclass(frozen=True)
 class DataLayout:
     """Where each dataset of a run lives: the data root and the documents version the data
@@ -117,6 +130,7 @@ class DataLayout:
 
     root: str
     version: int
+    versioned: bool = True
 
     @classmethod
     def of(cls, config: PipelineConfig) -> DataLayout:
@@ -200,6 +214,22 @@ def describe_validation_error(error: ValidationError) -> str:
         else:
             lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
     return "invalid config: " + "; ".join(lines)
+
+
+def with_overrides(config: PipelineConfig, overrides: list[str], what: str) -> PipelineConfig:
+    """``config`` with ``KEY=VALUE`` overrides applied (as ``--set`` applies them); ``what``
+    names where they come from in an error (an ablation's variant)."""
+    tree = config.model_dump(mode="json")
+    try:
+        for item in overrides:
+            path, value = parse_override(item)
+            _check_key(path)
+            _set(tree, path, value)
+        return PipelineConfig.model_validate(tree)
+    except ConfigError as error:
+        raise ConfigError(f"{what}: {error}") from error
+    except ValidationError as error:
+        raise ConfigError(f"{what}: {describe_validation_error(error)}") from error
 
 
 def load_config(

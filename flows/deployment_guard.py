@@ -174,8 +174,10 @@ def violations(
     roots: list[str],
     dask_addresses: list[str],
     private_allowed: bool = False,
+    extra: list[tuple[str, str]] | None = None,
 ) -> list[str]:
-    """One line per parameter that breaks the allow-lists (empty: the run may go ahead)."""
+    """One line per parameter that breaks the allow-lists (empty: the run may go ahead);
+    ``extra`` are (parameter, path) pairs of the run's other parameters (an ablation's)."""
     problems = []
     web_seeds = [s for s in config.crawl.seeds if urlsplit(s).scheme in _WEB_SCHEMES]
     if config.crawl.allow_private_addresses and web_seeds and not private_allowed:
@@ -184,7 +186,7 @@ def violations(
             " private and link-local addresses (the cloud metadata service among them); set"
             f" {PRIVATE_ENV}=1 or serve with --set crawl.allow_private_addresses=true to allow it"
         )
-    for parameter, value in config_locations(config):
+    for parameter, value in config_locations(config) + (extra or []):
         if not any(_under(value, root) for root in roots):
             problems.append(f"{parameter}={value!r} is outside the allowed roots")
     if config.dask_address and config.dask_address not in dask_addresses:
@@ -196,7 +198,9 @@ def violations(
     return problems
 
 
-def check_deployment_run(config: PipelineConfig) -> None:
+def check_deployment_run(
+    config: PipelineConfig, extra: list[tuple[str, str]] | None = None
+) -> None:
     """Refuse a deployment run whose parameters break the allow-lists; a no-op outside one.
 
     Called first thing in the flow, before the dataset lock or the MLflow run touch any file.
@@ -206,7 +210,9 @@ def check_deployment_run(config: PipelineConfig) -> None:
     if not deployment.id:
         return
     roots = allowed_roots()
-    problems = violations(config, roots, allowed_dask_addresses(), private_addresses_allowed())
+    problems = violations(
+        config, roots, allowed_dask_addresses(), private_addresses_allowed(), extra
+    )
     if problems:
         raise DeploymentParameterError(
             f"deployment run refused: {'; '.join(problems)}. Allowed roots: {', '.join(roots)}"

@@ -22,6 +22,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from llmflow.flows import reporting
+from llmflow.flows.ablation import curation_ablation
 from llmflow.flows.config import DataLayout, PipelineConfig, resolve_stages
 from llmflow.flows.deployment_guard import check_deployment_run
 from llmflow.flows.stage_runner import run_stage, task_runner
@@ -246,6 +247,7 @@ FLOWS: dict[str, Flow[..., dict[str, Any]]] = {
     "data": data,
     "train": train,
     "evaluate": evaluate,
+    "curation_ablation": curation_ablation,
 }
 
 

@@ -19,7 +19,7 @@ from prefect import Task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from llmflow.flows import reporting
-from llmflow.flows.config import DataLayout, PipelineConfig
+from llmflow.flows.config import DataLayout, PipelineConfig, StageLayout
 from llmflow.flows.tracking import PipelineTracker, StageRun
 from llmflow.flows.unit_batches import map_units, units_per_batch
 from llmflow.tasks.core import document_versions, shards
@@ -36,7 +36,7 @@ _LIVE_INTERVAL_S = 3.0
 _TRAINING_CONTEXT = ("pretrain", "sft")
 
 
-def record_inputs(name: str, layout: DataLayout, run: StageRun) -> None:
+def record_inputs(name: str, layout: StageLayout, run: StageRun) -> None:
     """The datasets a stage reads, as the MLflow run's inputs (digest: the manifest's sha256),
     and the version of the documents its output comes from (tag ``llmflow.documents_version``;
     for a model, also an input: the version's manifest, with that version's digest)."""
@@ -45,6 +45,8 @@ def record_inputs(name: str, layout: DataLayout, run: StageRun) -> None:
     for source in (*stage.inputs, *stage.side_inputs):
         source_dir = layout.stage_dir(source)
         run.log_input(source, source_dir, manifest_sha256(source_dir), context)
+    if not layout.versioned:
+        return
     documents_dir = layout.stage_dir(DOCUMENTS)
     version: int | None
     if name in GRAPH.document_stages:
@@ -59,7 +61,7 @@ def record_inputs(name: str, layout: DataLayout, run: StageRun) -> None:
         run.log(tags={"llmflow.documents_version": document_versions.version_name(version)})
 
 
-def _documents_digest(layout: DataLayout, stage: Stage) -> str | None:
+def _documents_digest(layout: StageLayout, stage: Stage) -> str | None:
     """The digest of the documents a later stage works from: the newest version for the stages
     that read the documents; for those after them, the one the token shards were cut from (a
     model trained before a refresh names the older version)."""
@@ -74,7 +76,7 @@ def _documents_digest(layout: DataLayout, stage: Stage) -> str | None:
     return None
 
 
-def stage_config(config: PipelineConfig, layout: DataLayout, name: str) -> Any:
+def stage_config(config: PipelineConfig, layout: StageLayout, name: str) -> Any:
     """A stage's config as this run uses it: the pipeline's field of that name (the stage's
     defaults when the pipeline config has none), adjusted by the stage's ``configure``."""
     stage = GRAPH[name]
@@ -85,7 +87,7 @@ def stage_config(config: PipelineConfig, layout: DataLayout, name: str) -> Any:
 
 
 def _context(
-    name: str, config: PipelineConfig, layout: DataLayout, tracker: PipelineTracker | None
+    name: str, config: PipelineConfig, layout: StageLayout, tracker: PipelineTracker | None
 ) -> StageContext:
     @contextmanager
     def start_run(
@@ -107,10 +109,16 @@ def _context(
     )
 
 
-def run_stage(name: str, config: PipelineConfig, tracker: PipelineTracker) -> reporting.StageReport:
-    """Run one stage of the graph, whatever its shape, and report it."""
+def run_stage(
+    name: str,
+    config: PipelineConfig,
+    tracker: PipelineTracker,
+    layout: StageLayout | None = None,
+) -> reporting.StageReport:
+    """Run one stage of the graph, whatever its shape, and report it; its datasets live where
+    ``layout`` says (default: the config's data root and documents version)."""
     stage = GRAPH[name]
-    ctx = _context(name, config, DataLayout.of(config), tracker)
+    ctx = _context(name, config, layout or DataLayout.of(config), tracker)
     started = time.perf_counter()
     if stage.step is not None:
         step = stage.step(ctx)

@@ -32,11 +32,13 @@ def run_llmflow(
     cwd: Path | None = None,
     returncode: int = 0,
     timeout: float = 600,
+    command: str = "run",
 ) -> subprocess.CompletedProcess:
-    """``llmflow run ARGS`` to the end, output captured; fails the test unless it exits with
-    ``returncode`` (wide COLUMNS, so Rich does not wrap the lines tests search)."""
+    """``llmflow COMMAND ARGS`` (``run`` by default) to the end, output captured; fails the
+    test unless it exits with ``returncode`` (wide COLUMNS, so Rich does not wrap the lines
+    tests search)."""
     result = subprocess.run(
-        [LLMFLOW, "run", *args],
+        [LLMFLOW, command, *args],
         env=llmflow_env(prefect_api, COLUMNS="200"),
         cwd=cwd,
         capture_output=True,

@@ -93,3 +93,76 @@ def junk_texts(count: int, seed: int) -> list[str]:
         " | ".join(rng.sample(NAV, 5)) + " " + " ".join(rng.choices(SPAM, k=rng.randint(8, 30)))
         for _ in range(count)
     ]
+
+
+_SUBJECTS = [
+    "The farmer",
+    "A teacher",
+    "My neighbour",
+    "The old captain",
+    "Her brother",
+    "A young doctor",
+    "The baker",
+    "Our guide",
+    "The mayor",
+    "A painter",
+    "The children",
+    "His mother",
+]
+_VERBS = [
+    "walked to",
+    "wrote about",
+    "remembered",
+    "looked after",
+    "talked about",
+    "visited",
+    "painted",
+    "cleaned",
+    "repaired",
+    "described",
+    "photographed",
+    "planned",
+]
+_OBJECTS = [
+    "the harbour",
+    "a small garden",
+    "the river bank",
+    "an empty house",
+    "the market",
+    "the school on the hill",
+    "a quiet village",
+    "the railway station",
+    "the museum",
+    "the forest",
+    "a narrow bridge",
+    "the library",
+]
+_TAILS = [
+    "before the rain came",
+    "in the early morning",
+    "with great care",
+    "after a long day",
+    "during the summer holidays",
+    "while the town was asleep",
+    "for the first time",
+    "on a cold evening",
+    "because it was needed",
+    "and then went home",
+    "with a few friends",
+    "as the sun set",
+]
+
+
+def prose_texts(count: int, seed: int, sentences: int = 12) -> list[str]:
+    """Plain English paragraphs of varied sentences that pass the quality rules (the crawl's
+    good documents in tests that run every curation stage)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        parts = [
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+            f" {rng.choice(_TAILS)}."
+            for _ in range(sentences)
+        ]
+        texts.append(" ".join(parts))
+    return texts

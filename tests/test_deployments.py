@@ -27,7 +27,13 @@ from llmflow.flows.config import PipelineConfig
 def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
     config = PipelineConfig(workdir="/data/llmflow")
     deployments = {d.name: d for d in build_deployments(config, refresh_cron="30 2 * * 1")}
-    assert set(deployments) == {"pipeline", "data-refresh", "train", "evaluate"}
+    assert set(deployments) == {
+        "pipeline",
+        "data-refresh",
+        "train",
+        "evaluate",
+        "curation-ablation",
+    }
     refresh = deployments["data-refresh"]
     assert [s.schedule.cron for s in refresh.schedules] == ["30 2 * * 1"]
     assert not deployments["pipeline"].schedules
@@ -36,7 +42,8 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
     served = config.model_copy(update={"crawl": crawl})
     for name, deployment in deployments.items():
         # each deployment runs its own flow: the pipeline, or one phase
-        assert deployment.entrypoint == f"llmflow.flows.pipeline.{PRESETS[name].flow}"
+        preset = PRESETS[name]
+        assert deployment.entrypoint == f"llmflow.flows.{preset.module}.{preset.flow}"
         parameters = deployment.parameters
         assert PipelineConfig.model_validate(parameters["config"]) == served
     assert deployments["data-refresh"].parameters["refresh"] is True
@@ -190,11 +197,12 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
     for name, preset in PRESETS.items():
         deployment = by_name[name]
         assert deployment["description"] == preset.description
-        assert deployment["entrypoint"] == f"flows/pipeline.py:{preset.flow}"
+        assert deployment["entrypoint"] == f"flows/{preset.module}.py:{preset.flow}"
         parameters = preset_parameters(name, PipelineConfig())
         assert deployment["parameters"] == {k: v for k, v in parameters.items() if k != "config"}
         assert bool(deployment.get("schedules")) == preset.scheduled
     assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
+    assert by_name["curation-ablation"]["work_pool"]["name"] == "llmflow-gpu"
     assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
 
 

@@ -1,0 +1,96 @@
+"""``llmflow ablate``: the curation ablation flow from the command line, with its ranking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from llmflow.flows.ablation_config import load_ablation
+from llmflow.flows.config import ConfigError, load_config
+
+
+def ablate(
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML file of the base pipeline config."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one field of the base config: KEY=VALUE."),
+    ] = None,
+    ablation_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ablation",
+            help="YAML file of the ablation: variants (name, stages, set), seeds, proxy,"
+            " heldout, heldout_fraction (docs/ablation.md). Default: raw, heuristics,"
+            " heuristics+dedup, full, full+classifier over 3 seeds.",
+        ),
+    ] = None,
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated variant names: compare only these.")
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2 (two at least).")
+    ] = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(help="Holds the datasets and the MLflow store. [default: ./llmflow-work]"),
+    ] = None,
+) -> None:
+    """Compare curation variants: build each one's documents, train the same proxy model on
+    each for several seeds, rank them by held-out bits per byte with 95% intervals."""
+    from llmflow.flows.cli import err, run_flow
+
+    try:
+        config = load_config(config_file, overrides, workdir)
+        ablation = load_ablation(ablation_file, seeds, variants)
+    except ConfigError as error:
+        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+    def start() -> dict[str, Any]:
+        from llmflow.flows.ablation import curation_ablation
+
+        try:
+            return curation_ablation(config=config, ablation=ablation)
+        except ValueError as error:  # what the data cannot give (no held-out documents)
+            err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from None
+
+    _print_ranking(run_flow(config, start))
+
+
+def _print_ranking(result: dict[str, Any]) -> None:
+    from llmflow.flows.ablation_report import HELDOUT
+    from llmflow.flows.cli import out
+
+    rows = {(r["variant"], r["metric"]): r for r in result["rows"]}
+    facts = result["facts"]
+    table = Table(title="llmflow curation ablation (lower bits per byte is better)")
+    for column in ("rank", "variant", "held-out bits/byte", "± 95%", "documents", "epochs"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for rank, variant in enumerate(result["ranking"], 1):
+        row = rows[(variant, HELDOUT)]
+        data = facts["variants"][variant]
+        table.add_row(
+            str(rank),
+            variant,
+            f"{row['mean']:.4f}",
+            f"{row['ci95']:.4f}",
+            f"{data['documents']:,}",
+            f"{data['epochs']:.2f}",
+        )
+    out.print(table)
+    for a, b in result["ties"]:
+        out.print(f"{a} and {b}: within each other's interval (not told apart)", highlight=False)
+    if not result["ties"]:
+        out.print("No two variants' intervals overlap.")
+    out.print(
+        f"MLflow run: {result['mlflow_run_id']} ({result['mlflow_tracking_uri']})",
+        highlight=False,
+        soft_wrap=True,
+    )
