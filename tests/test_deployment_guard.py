@@ -32,6 +32,7 @@ def test_location_fields_are_read_from_the_models() -> None:
         "quality_model.reference",
         "quality_model.labels_file",
         "quality_model.model",
+        "quality_model.rater",
         "toxicity.detoxify_checkpoint",
         "toxicity.detoxify_model_dir",
         "sft.data",

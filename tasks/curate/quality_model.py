@@ -4,7 +4,8 @@ The guides llmflow follows filter with a classifier trained on a small high-qual
 instruction data against random web text; FineWeb-Edu: a model's ratings). This stage trains
 :mod:`~llmflow.tasks.curate.text_classifier` on labelled texts
 (:mod:`~llmflow.tasks.curate.quality_model_labels`: by default the conversations shipped with
-llmflow against a sample of the crawl being curated, as normalized), scores every document
+llmflow against a sample of the crawl being curated, as normalized; or a model's ratings of that
+sample, :mod:`~llmflow.tasks.curate.quality_model_rater`), scores every document
 (``quality_model_score``, the probability of the positive class) and then decides, apart from
 the score, as quality's rules do: keep ``all`` (the default: score only), keep documents at or
 above a ``threshold``, or keep the ``top_fraction`` of the input by score.
@@ -55,6 +56,12 @@ from llmflow.tasks.curate.quality_model_labels import (
     reference_texts,
     user_labels,
 )
+from llmflow.tasks.curate.quality_model_rater import (
+    RATINGS_VERSION,
+    RatedLabels,
+    prompt_of,
+    rater_labels,
+)
 from llmflow.tasks.curate.text_classifier import (
     ClassifierSettings,
     TextClassifier,
@@ -78,11 +85,13 @@ class QualityModelConfig(StageConfig):
     """Where the labels come from, how the classifier learns, and which documents are kept."""
 
     DECISION_FIELDS: ClassVar[frozenset[str]] = frozenset({"keep", "threshold", "top_fraction"})
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"rater_device"})
 
-    labels: Literal["reference", "user"] = Field(
+    labels: Literal["reference", "user", "model"] = Field(
         "reference",
         description="reference: `reference` texts against a sample of the crawl (DCLM's recipe);"
-        " user: a `labels_file` of text and label.",
+        " user: a `labels_file` of text and label; model: a `rater` model's ratings of a sample"
+        " of the crawl (FineWeb-Edu's recipe).",
     )
     reference: str | None = Field(
         None,
@@ -96,6 +105,20 @@ class QualityModelConfig(StageConfig):
     labels_file: str | None = Field(
         None, description="labels=user: a file (JSONL, CSV or Parquet) of `text` and `label` (1/0)."
     )
+    rater: str | None = Field(
+        None,
+        description="labels=model: the rating causal LM (a Hugging Face folder, a .gguf file or"
+        " an llmflow run folder).",
+    )
+    rater_prompt: str | None = Field(
+        None,
+        description="The rater's prompt, with {text} for the document. None: educational"
+        " value on an additive 0-5 scale (FineWeb-Edu's).",
+    )
+    rater_cut: float = Field(3.0, ge=0, le=5, description="Ratings >= this are positives.")
+    rater_documents: int = Field(2_000, ge=10, description="Crawl documents the rater rates.")
+    rater_max_chars: int = Field(2_000, ge=100, description="Characters of each the rater reads.")
+    rater_device: str = Field("cpu", description="torch device for the rater (cpu, cuda, ...).")
     model: str | None = Field(
         None, description="A model folder saved by this stage, applied instead of training one."
     )
@@ -118,6 +141,10 @@ class QualityModelConfig(StageConfig):
     def _labels_given(self) -> QualityModelConfig:
         if self.labels == "user" and self.labels_file is None and self.model is None:
             raise ValueError("quality_model.labels is 'user': set quality_model.labels_file")
+        if self.labels == "model" and self.rater is None and self.model is None:
+            raise ValueError("quality_model.labels is 'model': set quality_model.rater")
+        if self.rater_prompt is not None and "{text}" not in self.rater_prompt:
+            raise ValueError("quality_model.rater_prompt: no {text}, where the document goes")
         return self
 
 
@@ -147,6 +174,17 @@ def model_key(config: QualityModelConfig, negatives_dir: str) -> str:
     elif config.labels == "user":
         assert config.labels_file is not None
         sources = {"labels_file": _source_digest(config.labels_file)}
+    elif config.labels == "model":
+        assert config.rater is not None
+        sources = {
+            "rater": _source_digest(config.rater),
+            "rating": RATINGS_VERSION,
+            "prompt": prompt_of(config),
+            "cut": str(config.rater_cut),
+            "negatives": shards.manifest_sha256(negatives_dir),
+            "count": str(config.rater_documents),
+            "rater_max_chars": str(config.rater_max_chars),
+        }
     else:
         reference = config.reference or str(INSTRUCTIONS_FILE)
         sources = {
@@ -162,8 +200,11 @@ def model_dir(stage_dir: str, key: str) -> str:
     return shards.join(stage_dir, MODEL_DIR, key[:16])
 
 
-def labelled_texts(config: QualityModelConfig, negatives_dir: str) -> Labelled:
+def labelled_texts(config: QualityModelConfig, negatives_dir: str, stage_dir: str) -> Labelled:
     limit = config.classifier.max_chars
+    if config.labels == "model":
+        assert config.rater is not None
+        return rater_labels(config, negatives_dir, stage_dir, _source_digest(config.rater))
     if config.labels == "user":
         assert config.labels_file is not None
         return user_labels(config.labels_file, limit)
@@ -190,12 +231,14 @@ def ensure_model(
         classifier = load_model(config.model)
         metrics: dict[str, Any] = {"given": config.model}
     else:
-        labelled = labelled_texts(config, unit.source["negatives_dir"])
+        labelled = labelled_texts(config, unit.source["negatives_dir"], stage_dir)
         metrics = {
             "labelled_positives": len(labelled.positives),
             "labelled_negatives": len(labelled.negatives),
             "skipped": dict(labelled.skipped),
         }
+        if isinstance(labelled, RatedLabels):
+            metrics |= labelled.details
         try:
             classifier, held_out = train_classifier(
                 labelled.positives, labelled.negatives, config.classifier, config.threshold
@@ -349,7 +392,13 @@ def report(run: Any, units: list[WorkUnit], config: QualityModelConfig, stage_di
     numbers = {f"model.{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     counts: Counter[str] = Counter(metrics.get("skipped", {}))
     numbers |= {f"model.skipped.{k}": float(v) for k, v in counts.items()}
+    histogram = metrics.get("rater_histogram", {})
+    numbers |= {f"model.rater_histogram.{k}": float(v) for k, v in histogram.items()}
     tags = {"llmflow.quality_model": folder}
+    if "rater" in metrics:
+        tags["llmflow.quality_model.rater"] = str(metrics["rater"])
+        rater = {k: metrics[k] for k in ("rater", "rater_prompt", "rater_cut", "rater_histogram")}
+        run.log_dict(rater, "quality_model/rater.json")
     if "untrained" in metrics:
         tags["llmflow.quality_model.untrained"] = str(metrics["untrained"])[:500]
     run.log(metrics=numbers, tags=tags)
