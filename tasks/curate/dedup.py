@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
@@ -58,6 +59,8 @@ from llmflow.tasks.curate.dedup_minhash import (
 from llmflow.tasks.curate.dedup_resolve import read_decisions, resolve_duplicates, resolve_stats
 
 STAGE = StageSpec(name="dedup", version="1", libraries=("datasketch",))
+# Rows of a shard per index file: an index update holds one such slice (~7 MB of signatures).
+INDEX_PART_ROWS = 10_000
 
 DEDUP_COLUMNS = [
     pa.field("duplicates_removed", pa.int32()),
@@ -235,26 +238,36 @@ def dedup_shard(unit: WorkUnit, config: DedupConfig, stage_dir: str) -> UnitReco
 def update_index(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str) -> int:
     """Append this run's kept documents to the persistent index (as its input's batch).
 
-    One index file per shard, each built from that shard's signatures, decisions and ids alone:
-    memory is one shard's, whatever the run's or the index's size. Returns the rows appended.
+    Index files of at most ``INDEX_PART_ROWS`` of a shard's rows, each built from that slice of
+    the shard's signatures, decisions and ids alone: memory is a slice's, whatever the shard's,
+    the run's or the index's size. Returns the rows appended.
     """
     if not config.incremental or not units:
         return 0
     columns = ["order", "exact", *(band_column(b) for b in range(config.bands)), "minhash"]
 
-    def kept_rows(unit: WorkUnit) -> tuple[str, pa.Table]:
+    def kept_rows(unit: WorkUnit) -> Iterator[tuple[str, pa.Table]]:
         kept = pc.invert(pc.is_valid(read_decisions(unit, config, stage_dir).column("reason")))
-        signatures = shards.read_parquet(signatures_path(stage_dir, unit.name), columns)
         ids = read_unit_input(unit, ["id"]).column("id")
-        rows = signatures.add_column(0, "id", ids).filter(kept)
-        return unit.name, rows.replace_schema_metadata(None)
+        path = signatures_path(stage_dir, unit.name)
+        fs, local = shards.filesystem(path)
+        start = 0
+        with fs.open(local, "rb") as f:
+            signatures = pq.ParquetFile(f).iter_batches(INDEX_PART_ROWS, columns=columns)
+            for part, batch in enumerate(signatures):
+                stop = start + batch.num_rows
+                rows = pa.Table.from_batches([batch]).add_column(
+                    0, "id", ids.slice(start, stop - start)
+                )
+                yield f"{unit.name}.{part:04d}", rows.filter(kept.slice(start, stop - start))
+                start = stop
 
     source = units[0].source
     return index_for(config, stage_dir).append(
         config,
         batch_name(source["input_digest"]),
         source["context"][:16],
-        (kept_rows(unit) for unit in units),
+        (part for unit in units for part in kept_rows(unit)),
     )
 
 

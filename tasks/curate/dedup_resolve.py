@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.progress import StepProgress
@@ -264,6 +265,24 @@ def resolve_stats(units: Sequence[WorkUnit], config: DedupConfig, stage_dir: str
     return {f"resolve_{k}": v for k, v in done["stats"].items()}
 
 
+def _rows_of(path: str, column: str, rows: np.ndarray) -> pa.Array:
+    """``column`` at ``rows`` of a signatures file, read a record batch at a time: the MinHash
+    column of a whole shard (50,000 x 128 values) is never in memory at once, only the rows
+    asked for (the documents in a candidate pair, a few percent)."""
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    parts, start = [], 0
+    fs, local = shards.filesystem(path)
+    with fs.open(local, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=[column]):
+            stop = start + batch.num_rows
+            lo, hi = np.searchsorted(wanted, [start, stop])
+            if hi > lo:
+                parts.append(batch.column(0).take(pa.array(wanted[lo:hi] - start)))
+            start = stop
+    return pa.concat_arrays(parts).take(pa.array(np.argsort(order, kind="stable")))
+
+
 def _select(values: list[str], mask: np.ndarray) -> list[str]:
     return [v for v, m in zip(values, mask.tolist(), strict=True) if m]
 
@@ -289,11 +308,12 @@ class _NodeStore:
         parts, positions = [], []
         for u in np.unique(unit_of).tolist():
             mine = np.flatnonzero(unit_of == u)
+            rows = nodes[mine] - self.offsets[u]
             if column == "id":
                 table = read_unit_input(self.units[u], ["id"])
+                parts.append(table.column(column).take(pa.array(rows)))
             else:
-                table = shards.read_parquet(self.sig_paths[u], [column])
-            parts.append(table.column(column).take(pa.array(nodes[mine] - self.offsets[u])))
+                parts.append(_rows_of(self.sig_paths[u], column, rows))
             positions.append(mine)
         taken = pa.chunked_array(parts).combine_chunks()
         return taken.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
