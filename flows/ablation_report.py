@@ -39,6 +39,8 @@ class Interval:
         return self.low <= other.high and other.low <= self.high
 
     def __str__(self) -> str:
+        if abs(self.mean) >= 1000:  # a perplexity: its size, not its decimals
+            return f"{self.mean:.3g} ± {self.half_width:.2g}"
         return f"{self.mean:.4f} ± {self.half_width:.4f}"
 
 
