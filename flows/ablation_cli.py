@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llmflow.flows.ablation_config import load_ablation
+from llmflow.flows.ablation_config import load_ablation, variant_config
 from llmflow.flows.config import ConfigError, load_config
 
 
@@ -48,6 +48,8 @@ def ablate(
     try:
         config = load_config(config_file, overrides, workdir)
         ablation = load_ablation(ablation_file, seeds, variants)
+        for variant in ablation.variants:  # a bad override stops here, before any work
+            variant_config(config, ablation, variant)
     except ConfigError as error:
         err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None

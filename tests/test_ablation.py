@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_llmflow
+from conftest import LLMFLOW, run_llmflow
 from document_datasets import junk_texts, prose_texts
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -212,3 +213,27 @@ def test_llmflow_ablate_ranks_variants_over_seeds_in_mlflow_and_prefect(
         ).read_text()
     )
     assert report["markdown"].startswith("# Curation ablation")
+
+
+def test_llmflow_ablate_refuses_a_bad_variant_before_any_work(tmp_path: Path) -> None:
+    bad = tmp_path / "ablation.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "variants": [
+                    {"name": "a", "stages": ["crawl", "normalize"]},
+                    {"name": "b", "stages": ["crawl"], "set": ["quality.nope=1"]},
+                ]
+            }
+        )
+    )
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [LLMFLOW, "ablate", "--ablation", str(bad), "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "ablation variant 'b'" in result.stderr and "quality.nope" in result.stderr
+    assert not workdir.exists()
