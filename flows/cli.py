@@ -207,8 +207,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve the deployments (pipeline, data-refresh, train, evaluate) to the Prefect server in
-    $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving.
+    """Serve the deployments (pipeline, data-refresh, train, evaluate, curation-ablation) to the
+    Prefect server in $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving.
 
     A run's parameters come from whoever creates it: runs are refused when they name a path
     outside the workdir, this config's own locations and --allow-root, or a dask_address not

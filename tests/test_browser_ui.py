@@ -2,13 +2,13 @@
 starts one, and what a person then sees in the Prefect and MLflow UIs.
 
 ``llmflow ui`` starts a Prefect server and an MLflow server over one workdir; ``llmflow serve``
-serves the four deployments to that Prefect server. Then Debian's Chromium, headless, does what
+serves the five deployments to that Prefect server. Then Debian's Chromium, headless, does what
 the walk-through tells a user to do, the test asserting on what each page renders and saving a
 screenshot of it (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary folder):
 
 - Prefect's login page: ``llmflow ui`` puts the API behind an auth string, so the UI asks for
   it; the test types the one from the file ``llmflow ui`` names and presses Login;
-- Prefect's deployments page: the four deployments, the refresh with its schedule;
+- Prefect's deployments page: the five deployments, the refresh with its schedule;
 - Prefect's flows page: the data, train and evaluate flows and the pipeline that runs them;
 - the ``data-refresh`` deployment's page (the data flow's), reached by its link there, just
   before Run is clicked;
