@@ -203,7 +203,7 @@ def _run(
     texts, heldout_what = _heldout_texts(ablation, variants, neutral)
     heldout = _heldout_shard(texts, neutral.layout.stage_dir("tokenizer"), root)
 
-    budget = config.pretrain  # replaced by the proxy's below
+    budget = neutral.config.pretrain  # the proxy: the base config with ablation.proxy applied
     per_seed: dict[str, list[dict[str, float]]] = {}
     facts: dict[str, Any] = {"seeds": ablation.seeds, "heldout": heldout_what, "variants": {}}
     for v in variants:
@@ -214,8 +214,7 @@ def _run(
                 f"ablation variant {v.spec.name!r}: no training tokens (every document it kept"
                 " is held out, or it kept none); crawl more or lower ablation.heldout_fraction"
             )
-        budget = v.config.pretrain
-        tokens = budget.max_steps * budget.batch_tokens
+        tokens = v.config.pretrain.max_steps * v.config.pretrain.batch_tokens
         facts["variants"][v.spec.name] = {
             "documents": _kept(v.layout.stage_dir(DOCUMENTS)),
             "train_tokens": train_tokens,
