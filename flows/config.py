@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmflow.tasks.core.document_versions import DOCUMENTS, version_name, working_version
+from llmflow.tasks.curate.decontaminate import DecontaminateConfig
 from llmflow.tasks.curate.dedup import DedupConfig
 from llmflow.tasks.curate.normalize import NormalizeConfig
 from llmflow.tasks.curate.pii import PiiConfig
@@ -99,6 +100,7 @@ class PipelineConfig(BaseModel):
     quality_model: QualityModelConfig = Field(default_factory=QualityModelConfig)
     toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -201,10 +201,9 @@ def shard_stage_report(
         rejected_by_reason=counts["rejected_by_reason"],
         path=stage_dir,
         mlflow_run_id=run_id,
-        # tokenize's manifest counts tokens per split too
-        summary=", ".join(
-            f"{n:,} {split} tokens" for split, n in manifest.get("tokens", {}).items()
-        ),
+        # a stage's own line (decontaminate's), or tokenize's tokens per split
+        summary=manifest.get("summary")
+        or ", ".join(f"{n:,} {split} tokens" for split, n in manifest.get("tokens", {}).items()),
     )
 
 

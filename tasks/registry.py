@@ -10,7 +10,15 @@ from __future__ import annotations
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.graph import DOCUMENTS, Stage, StageContext, StageGraph, TaskMapper
 from llmflow.tasks.core.stage import WorkUnit, plan_shard_units
-from llmflow.tasks.curate import dedup, normalize, pii, quality, quality_model, toxicity
+from llmflow.tasks.curate import (
+    decontaminate,
+    dedup,
+    normalize,
+    pii,
+    quality,
+    quality_model,
+    toxicity,
+)
 from llmflow.tasks.evaluate import evaluate_stage
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
 from llmflow.tasks.ingest import crawl
@@ -74,6 +82,19 @@ def _plan_toxicity(ctx: StageContext) -> Planned:
     return plan_shards(ctx)
 
 
+def _evaluated_benchmarks(
+    ctx: StageContext, config: decontaminate.DecontaminateConfig
+) -> decontaminate.DecontaminateConfig:
+    """decontaminate looks for the items the evaluate stage will score, and keeps its indexes
+    in the data root, shared by every run and documents version there."""
+    index_dir = shards.join(ctx.config.dataset_root(), decontaminate.INDEX_DIR)
+    return decontaminate.with_evaluated_tasks(config, ctx.stage_config("evaluate"), index_dir)
+
+
+def _plan_decontaminate(ctx: StageContext) -> Planned:
+    return decontaminate.plan_units(ctx.settings, ctx.stage_dir("pii"))
+
+
 def _plan_tokenize(ctx: StageContext) -> Planned:
     """Token shards are cut from the documents' newest version with the tokenizer trained on it."""
     return tokenize.plan_tokenize_units(
@@ -100,6 +121,10 @@ GRAPH = StageGraph(
               _plan_toxicity, toxicity.toxicity_shard),
         Stage("pii", "data", ("toxicity",), pii.PiiConfig, pii.STAGE, plan_shards,
               pii.pii_shard),
+        Stage("decontaminate", "data", ("pii",), decontaminate.DecontaminateConfig,
+              decontaminate.STAGE, _plan_decontaminate, decontaminate.decontaminate_shard,
+              finish=decontaminate.finish, report=decontaminate.report,
+              configure=_evaluated_benchmarks),
         Stage("tokenizer", "train", (DOCUMENTS,), bpe_tokenizer.TokenizerConfig,
               bpe_tokenizer.STAGE, step=bpe_tokenizer.tokenizer_step),
         Stage("tokenize", "train", (DOCUMENTS, "tokenizer"), tokenize.TokenizeConfig,

@@ -70,7 +70,7 @@ def test_variants_share_the_folders_of_their_common_prefix(tmp_path: Path) -> No
     # a stage a variant leaves out hands its input on
     assert raw.stage_dir("quality") == raw.stage_dir("pii") == raw.stage_dir("normalize")
     assert raw.stage_dir(DOCUMENTS) == raw.stage_dir("normalize")
-    assert full.stage_dir(DOCUMENTS) == full.stage_dir("pii")
+    assert full.stage_dir(DOCUMENTS) == full.stage_dir("decontaminate")
     assert raw.stage_dir("tokenize") != full.stage_dir("tokenize")
     assert raw.stage_dir("tokenizer") == full.stage_dir("tokenizer")
     assert raw.with_seed(0).stage_dir("pretrain") != raw.with_seed(1).stage_dir("pretrain")

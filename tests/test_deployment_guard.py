@@ -34,6 +34,8 @@ def test_location_fields_are_read_from_the_models() -> None:
         "quality_model.model",
         "quality_model.rater",
         "toxicity.detoxify_checkpoint",
+        "decontaminate.data_dir",
+        "decontaminate.index_dir",
         "toxicity.detoxify_model_dir",
         "sft.data",
         "evaluate.model",

@@ -55,6 +55,7 @@ def test_presets_are_typed_parameters_with_a_schedule_for_the_refresh() -> None:
         "quality_model",
         "toxicity",
         "pii",
+        "decontaminate",
     )
     assert PRESETS["train"].stages == ("tokenizer", "tokenize", "pretrain", "sft")
     # the UI's form: every field with its description, from the pydantic config

@@ -97,8 +97,8 @@ def words_shard(unit: WorkUnit, config: WordsConfig, stage_dir: str) -> UnitReco
 
 @pytest.fixture
 def words_stage() -> Iterator[Stage]:
-    stage = Stage("words", "data", ("pii",), WordsConfig, WORDS, plan_shards, words_shard)
-    GRAPH.insert(stage, after="pii")
+    stage = Stage("words", "data", ("decontaminate",), WordsConfig, WORDS, plan_shards, words_shard)
+    GRAPH.insert(stage, after="decontaminate")
     try:
         yield stage
     finally:
@@ -122,7 +122,7 @@ def test_a_new_stage_is_a_module_and_a_line_in_the_registry(
 
     reports = {r["stage"]: r for r in result["stages"]}
     assert list(reports) == [*DATA_STAGES, "words"]
-    assert reports["words"]["docs_in"] == reports["pii"]["kept"] == 4
+    assert reports["words"]["docs_in"] == reports["decontaminate"]["kept"] == 4
     assert reports["words"]["kept"] == 4
     # the data phase's last stage is now "words": the documents version is its output
     documents = list(shards.iter_documents(DataLayout.of(config).stage_dir("documents")))
@@ -133,5 +133,5 @@ def test_a_new_stage_is_a_module_and_a_line_in_the_registry(
     run = client.get_run(reports["words"]["mlflow_run_id"])
     assert run.data.tags["llmflow.stage"] == "words"
     assert run.data.metrics["docs_kept"] == 4
-    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["pii"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["decontaminate"]
     assert run.data.params["min_words"] == "3"

@@ -19,7 +19,7 @@ benchmark set.
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llmflow.tasks.core import shards
+
 DEFAULT_N = 13
 INDEX_FORMAT = 1
+ITEMS_JSON = "items.json"
 _WORD = re.compile(r"[^\W_]+")
 _PRIME = np.uint64(0x100000001B3)  # FNV-64's prime: odd, so the polynomial mixes every word
 
@@ -42,11 +45,12 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
 
 
-def ngram_hashes(words: list[str], n: int) -> np.ndarray:
-    """The 64-bit hash of every run of ``n`` consecutive words (none when fewer words)."""
+def ngram_hashes(words: list[str], n: int, cache: dict[str, int] | None = None) -> np.ndarray:
+    """The 64-bit hash of every run of ``n`` consecutive words (none when fewer words);
+    ``cache`` keeps word hashes across calls (the documents of a shard share most words)."""
     if len(words) < n:
         return np.zeros(0, dtype=np.uint64)
-    cache: dict[str, int] = {}
+    cache = {} if cache is None else cache
     values = np.array([cache.setdefault(w, _word_hash(w)) for w in words], dtype=np.uint64)
     count = len(words) - n + 1
     acc = np.zeros(count, dtype=np.uint64)
@@ -87,16 +91,16 @@ class BenchmarkIndex:
         hit = self.hashes[at] == grams
         return sorted({int(i) for i in self.owners[at[hit]]})
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the index into ``folder/<digest>/`` (arrays, then the item list last)."""
-        path = Path(folder) / self.digest[:16]
-        path.mkdir(parents=True, exist_ok=True)
-        np.save(path / "hashes.npy", self.hashes, allow_pickle=False)
-        np.save(path / "owners.npy", self.owners, allow_pickle=False)
+    def save(self, folder: str) -> str:
+        """Write the index into ``folder/<digest>/`` (any fsspec root): arrays, then the item
+        list last, each atomically, so a folder with ``items.json`` is a whole index."""
+        path = shards.join(folder, self.digest[:16])
+        for name, array in (("hashes.npy", self.hashes), ("owners.npy", self.owners)):
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            shards.write_bytes_atomic(shards.join(path, name), buffer.getvalue())
         meta = {"format": INDEX_FORMAT, "n": self.n, "digest": self.digest, "items": self.items}
-        tmp = path / "items.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(path / "items.json")
+        shards.write_json_atomic(shards.join(path, ITEMS_JSON), meta)
         return path
 
 
@@ -130,23 +134,26 @@ def build_index(items: Iterable[Item], n: int = DEFAULT_N) -> BenchmarkIndex:
     )
 
 
-def load_index(path: str | Path) -> BenchmarkIndex:
+def load_index(path: str) -> BenchmarkIndex:
     """An index saved by :meth:`BenchmarkIndex.save`; a file that is not one is an error."""
-    folder = Path(path)
     try:
-        meta = json.loads((folder / "items.json").read_text())
-        hashes = np.load(folder / "hashes.npy", allow_pickle=False)
-        owners = np.load(folder / "owners.npy", allow_pickle=False)
+        meta = shards.read_json(shards.join(path, ITEMS_JSON))
+        hashes, owners = (
+            np.load(io.BytesIO(shards.read_bytes(shards.join(path, name))), allow_pickle=False)
+            for name in ("hashes.npy", "owners.npy")
+        )
     except (OSError, ValueError) as error:
-        raise ValueError(f"benchmark index {folder}: unreadable ({error})") from error
+        raise ValueError(f"benchmark index {path}: unreadable ({error})") from error
     if (
-        meta.get("format") != INDEX_FORMAT
+        not isinstance(meta, dict)
+        or meta.get("format") != INDEX_FORMAT
         or hashes.dtype != np.uint64
         or owners.dtype != np.int64
         or hashes.shape != owners.shape
+        or hashes.ndim != 1
         or (len(owners) and not 0 <= int(owners.min()) <= int(owners.max()) < len(meta["items"]))
     ):
-        raise ValueError(f"benchmark index {folder}: not an index this version wrote")
+        raise ValueError(f"benchmark index {path}: not an index this version wrote")
     items = [(str(t), str(i)) for t, i in meta["items"]]
     return BenchmarkIndex(int(meta["n"]), hashes, owners, items, str(meta["digest"]))
 

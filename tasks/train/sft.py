@@ -9,9 +9,14 @@ Training is the pretraining loop (:mod:`llmflow.tasks.train.trainer`) on those r
 pretrained weights, with SFT's own schedule; checkpoints, resume, the MLflow curves and the
 Hugging Face export are pretraining's too (:mod:`llmflow.tasks.train.pretrain`).
 
+Before packing, the conversations get the decontaminate stage's check
+(:func:`~llmflow.tasks.curate.decontaminate.screen_texts`): in reject mode a conversation sharing an
+n-gram with a benchmark item is skipped (reason ``benchmark_overlap``); in flag mode it is kept and
+its items are listed in the run's manifest, where the evaluate stage finds them.
+
 A run's folder is named by the hash of the code version, the result-changing config, the
-pretraining run it starts from, the tokenizer and the conversations themselves: the same inputs
-resume or skip, changed ones start a new run.
+pretraining run it starts from, the tokenizer and the conversations themselves (with the benchmark
+index they were checked against): the same inputs resume or skip, changed ones start a new run.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from llmflow.tasks.core.heldout_split import is_validation
 from llmflow.tasks.core.progress import StepProgress
 from llmflow.tasks.core.stage import StageSpec
 from llmflow.tasks.core.steps import step_key
+from llmflow.tasks.curate.decontaminate import REASON, DecontaminateConfig, screen_texts
 from llmflow.tasks.ingest.embedded_data import INSTRUCTIONS_FILE
 from llmflow.tasks.train import checkpoints, pretrain
 from llmflow.tasks.train.bpe_tokenizer import load_tokenizer
@@ -64,6 +70,7 @@ class SftData:
     truncated: int = 0
     dropped: int = 0
     padding_fraction: float = 0.0
+    benchmark_items: list[str] = field(default_factory=list)  # flagged, in kept conversations
 
 
 def data_source(config: SftConfig) -> str:
@@ -74,20 +81,36 @@ def _conversation_id(conversation: Conversation) -> str:
     return hashlib.sha256(json.dumps(conversation, sort_keys=True).encode()).hexdigest()
 
 
-def read_data(config: SftConfig) -> tuple[list[Conversation], list[bool], SftData]:
+def conversation_text(conversation: Conversation) -> str:
+    """What the benchmark check reads of a conversation: every message's content."""
+    return "\n".join(message.get("content", "") for message in conversation)
+
+
+def read_data(
+    config: SftConfig, decontaminate: DecontaminateConfig | None = None
+) -> tuple[list[Conversation], list[bool], SftData]:
     """The conversations, whether each is held out, and the counts so far.
 
     The split hashes each conversation's content (as tokenize hashes document ids), so adding
-    conversations to a file never moves old ones between the splits.
+    conversations to a file never moves old ones between the splits. With ``decontaminate``
+    (its ``check_sft`` on), conversations are checked against the benchmark index first.
     """
     source = data_source(config)
     conversations, skipped = read_conversations(source)
+    flagged: list[str] = []
+    checked = ""
+    if decontaminate is not None and decontaminate.check_sft and conversations:
+        screened = screen_texts([conversation_text(c) for c in conversations], decontaminate)
+        conversations = [c for c, k in zip(conversations, screened.keep, strict=True) if k]
+        if screened.removed:
+            skipped[REASON] += screened.removed
+        flagged, checked = screened.flagged, f"{decontaminate.mode}:{screened.index_digest}"
     if not conversations:
         reasons = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "the file is empty"
         raise ValueError(f"sft.data {source}: no usable conversation ({reasons})")
     ids = [_conversation_id(c) for c in conversations]
     held_out = is_validation(ids, config.val_fraction)
-    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    digest = hashlib.sha256("\n".join([*ids, checked]).encode()).hexdigest()
     stats = SftData(
         source=source,
         sha256=digest,
@@ -95,6 +118,7 @@ def read_data(config: SftConfig) -> tuple[list[Conversation], list[bool], SftDat
         skipped=dict(Counter(skipped)),
         train_conversations=held_out.count(False),
         val_conversations=held_out.count(True),
+        benchmark_items=flagged,
     )
     return conversations, held_out, stats
 
@@ -138,7 +162,11 @@ def pack_data(
 
 
 def plan_job(
-    config: SftConfig, pretrain_dir: str, tokenizer_dir: str, stage_dir: str
+    config: SftConfig,
+    pretrain_dir: str,
+    tokenizer_dir: str,
+    stage_dir: str,
+    decontaminate: DecontaminateConfig | None = None,
 ) -> tuple[TrainJob, str, SftData]:
     """The run's job, key and data counts; packs the conversations into the run folder."""
     base = shards.read_json(shards.join(pretrain_dir, shards.MANIFEST_NAME))
@@ -148,7 +176,7 @@ def plan_job(
         raise ValueError(f"pretrain run {base_run}: no checkpoint to fine-tune")
     decoder = DecoderConfig.model_validate(base["decoder"])
     tokenizer_manifest = shards.read_json(shards.join(tokenizer_dir, "manifest.json"))
-    conversations, held_out, stats = read_data(config)
+    conversations, held_out, stats = read_data(config, decontaminate)
     key = run_key(config, stats.sha256, base["key"], tokenizer_manifest["tokenizer_sha256"])
     run_dir = pretrain.local_dir(stage_dir) / "runs" / key[:16]
     seq_len = config.seq_len or decoder.max_seq_len
@@ -194,7 +222,11 @@ def sft_step(ctx: StageContext) -> StepReport:
     """The SFT stage: fine-tune the pretrained model on the conversations, assistant tokens only."""
     config: SftConfig = ctx.settings
     job, key, data = plan_job(
-        config, ctx.stage_dir("pretrain"), ctx.stage_dir("tokenizer"), ctx.dir
+        config,
+        ctx.stage_dir("pretrain"),
+        ctx.stage_dir("tokenizer"),
+        ctx.dir,
+        ctx.stage_config("decontaminate"),
     )
     training = pretrain.TrainingRun(
         job,
