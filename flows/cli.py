@@ -308,6 +308,7 @@ def evaluate(
     from llmflow.tasks.core.progress import progress_per_task
     from llmflow.tasks.evaluate.evaluation import evaluate_model, find_benchmark, results_rows
     from llmflow.tasks.evaluate.model_loading import load_causal_lm
+    from llmflow.tasks.evaluate.summary_scores import core_score
     from llmflow.tasks.ingest.embedded_data import BENCHMARKS_DIR
 
     data_dir = data_dir or BENCHMARKS_DIR
@@ -339,6 +340,12 @@ def evaluate(
             f"{results['results'][row['task']]['seconds']:.1f} s",
         )
     out.print(table)
+    core, centred = core_score(results["results"])
+    out.print(
+        f"CORE {core:.4f} (accuracy centred on chance, mean over {', '.join(centred)})",
+        highlight=False,
+        soft_wrap=True,
+    )
     out.print(f"results: {output}", highlight=False, soft_wrap=True)
 
 

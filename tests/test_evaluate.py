@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from llmflow.flows.cli import app
 from llmflow.tasks.evaluate.benchmarks import load_task
 from llmflow.tasks.evaluate.evaluation import evaluate_task, find_benchmark
 from llmflow.tasks.evaluate.loglikelihood import LoglikelihoodScorer
+from llmflow.tasks.evaluate.summary_scores import clean_result, core_score
 from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -95,6 +97,43 @@ def test_a_model_with_known_likelihoods_scores_as_computed_by_hand(
     assert result.items == 2
 
 
+def test_clean_subset_and_core_equal_a_computation_by_hand(
+    uniform_model: Path, tmp_path: Path
+) -> None:
+    """The clean score is the metric over the items left when the contaminated ones are taken
+    out; CORE centres each task's accuracy on its chance (mean 1/options) and averages."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(uniform_model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(uniform_model)
+    records = [
+        arc_record(0, "Where did the cat sit?", ["mat", "the old stone bridge at noon"], 0),
+        arc_record(1, "Who ran?", ["seven dogs ran across the old stone", "a"], 0),
+        arc_record(2, "When?", ["noon", "at the old stone bridge", "a mat"], 2),
+    ]
+    path = tmp_path / "arc_easy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = asdict(
+        evaluate_task(LoglikelihoodScorer(model, tokenizer), load_task("arc_easy", path))
+    )
+    per_item = result["item_values"]["acc_norm"]
+    assert result["item_ids"] == ["0", "1", "2"] and len(per_item) == 3
+
+    clean = clean_result(result, {"1"})
+    assert (clean["items"], clean["contaminated"]) == (2, 1)
+    assert clean["metrics"]["acc_norm"] == pytest.approx((per_item[0] + per_item[2]) / 2)
+    assert clean["metrics"]["acc"] == pytest.approx(
+        (result["item_values"]["acc"][0] + result["item_values"]["acc"][2]) / 2
+    )
+    assert clean_result(result, set())["metrics"] == pytest.approx(result["metrics"])
+
+    chance = (1 / 2 + 1 / 2 + 1 / 3) / 3
+    assert result["chance"] == pytest.approx(chance)
+    acc_norm = sum(per_item) / 3
+    lambada = {"metrics": {"acc": 0.4, "perplexity": 9.0}, "chance": 0.0}
+    core, centred = core_score({"arc_easy": result, "lambada": lambada})
+    assert centred["arc_easy"] == pytest.approx((acc_norm - chance) / (1 - chance))
+    assert core == pytest.approx(((acc_norm - chance) / (1 - chance) + 0.4) / 2)
+
+
 def test_lambada_perplexity_of_a_uniform_model_is_its_vocabulary(
     uniform_model: Path, tmp_path: Path
 ) -> None:
@@ -124,6 +163,8 @@ def test_evaluate_command_prints_and_writes_the_scores(uniform_model: Path, tmp_
     assert scores["arc_easy"]["items"] == 4
     assert 0.0 <= scores["arc_easy"]["metrics"]["acc"] <= 1.0
     assert scores["arc_easy"]["stderr"]["acc"] >= 0.0
+    core, _ = core_score(scores)
+    assert f"CORE {core:.4f}" in result.output and "arc_easy, lambada" in result.output
 
     bad = CliRunner().invoke(app, [*args[:4], "arc_easy,hellaswagg", *args[5:]])
     assert bad.exit_code == 2 and "hellaswagg" in bad.output

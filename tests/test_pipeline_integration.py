@@ -37,6 +37,19 @@ PROSE = (
     " about the weather, the price of fish and the new road that the council has promised for"
     " many years. When the lamps are lit the town grows quiet again, and only the sea is heard."
 )
+# A page quoting the first HellaSwag item of the shipped subset (its context and gold ending).
+HELLASWAG_0 = (
+    "Roof shingle removal: A man is sitting on a roof. He starts pulling up roofing on a roof."
+)
+QUIZ = (
+    "Every spring the volunteers at the community centre repair one house for a family in need."
+    " This year they began with the roof, and the video they filmed of the work starts like this. "
+    + HELLASWAG_0
+    + " After that the crew laid new felt, nailed down fresh shingles in neat rows and cleared the"
+    " gutters. By the evening the family could sleep dry again, and the volunteers shared a pot"
+    " of soup in the kitchen before they went home. Next month they plan to paint the fence and"
+    " mend the broken steps at the front door."
+)
 NEAR_COPY = PROSE.replace("autumn", "spring").replace("apples", "pears").replace("old", "young")
 RANT = (
     "This is a fucking disgrace and every one of those idiots should be ashamed of themselves."
@@ -57,7 +70,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     (tmp_path / "harbour.txt").write_text(PROSE + " Write to jane.doe@example.org.\n")
     (tmp_path / "harbour-copy.txt").write_text(NEAR_COPY + " Write to jane.doe@example.org.\n")
     (tmp_path / "rant.txt").write_text(RANT + "\n")
-    files = [str(tmp_path / n) for n in ("harbour.txt", "harbour-copy.txt", "rant.txt")]
+    (tmp_path / "quiz.txt").write_text(QUIZ + "\n")
+    names = ("harbour.txt", "harbour-copy.txt", "rant.txt", "quiz.txt")
+    files = [str(tmp_path / n) for n in names]
     seeds = json.dumps(["pydoc:", str(notes), *files])
     args = [
         "--workdir",
@@ -96,6 +111,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         "sft.checkpoint_interval=2",
         "--set",
         "sft.eval_interval=2",
+        # the page quoting a benchmark item is kept and flagged, so evaluation has a clean subset
+        "--set",
+        "decontaminate.mode=flag",
         "--set",
         "evaluate.limit=3",
         "--set",
@@ -111,12 +129,13 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     crawl_counts = crawl_manifest["counts"]
     # Every page fetched is either kept, rejected or a fetch failure; the note is one more doc.
     assert crawl_counts["kept"] + crawl_counts["rejected"] == crawl_counts["docs_in"]
-    assert 5 <= crawl_counts["kept"] <= MAX_PAGES + 4  # pages and the four files
+    assert 6 <= crawl_counts["kept"] <= MAX_PAGES + 5  # pages and the five files
     assert {s["path"].split("-")[0] for s in crawl_manifest["shards"]} == {
         "web.parquet",
         "notes",
         "harbour",
         "rant",
+        "quiz",
     }
     docs = list(shards.iter_documents(crawl_dir))
     web_urls = [d["url"] for d in docs if d["source"] == "http"]
@@ -158,9 +177,16 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     assert scored and all(0 <= d["quality_model_score"] <= 1 for d in scored)
     assert not rejected("quality_model")
     pii_docs = list(shards.iter_documents(layout.stage_dir("pii")))
-    # the first version of the documents is the pii stage's output
+    # decontaminate flagged the page quoting a HellaSwag item and kept it (mode: flag)
+    decontaminated = list(shards.iter_documents(layout.stage_dir("decontaminate")))
+    assert {d["id"] for d in decontaminated} == {d["id"] for d in pii_docs}
+    flagged = {d["id"]: d["benchmark_items"] for d in decontaminated if d["benchmark_items"]}
+    assert flagged == {by_name["quiz.txt"]: ["hellaswag/0"]}
+    decontaminate_manifest = shards.read_manifest(layout.stage_dir("decontaminate"))
+    assert decontaminate_manifest["stats"]["overlap_documents.hellaswag"] == 1
+    # the first version of the documents is the decontaminate stage's output
     assert {d["id"] for d in shards.iter_documents(layout.stage_dir("documents"))} == {
-        d["id"] for d in pii_docs
+        d["id"] for d in decontaminated
     }
     harbour = {by_name["harbour.txt"], by_name["harbour-copy.txt"]}
     (kept,) = [d for d in pii_docs if d["id"] in harbour]  # dedup kept one of the two
@@ -280,6 +306,28 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     piqa = evaluation["results"]["piqa"]["metrics"]["acc_norm"]
     assert float(version.tags["eval/piqa/acc_norm"]) == pytest.approx(piqa, abs=1e-5)
     assert eval_run.data.tags["llmflow.registered_model"] == f"llmflow-sft/{version.version}"
+    # The model trained on the flagged page: HellaSwag item 0 is contaminated, the clean score
+    # is the mean over items 1 and 2; every other task has no contaminated item.
+    metrics = eval_run.data.metrics
+    assert metrics["eval/hellaswag/contaminated_items"] == 1
+    assert metrics["eval/hellaswag/clean_items"] == 2
+    per_item = evaluation["results"]["hellaswag"]["item_values"]["acc_norm"]
+    assert evaluation["results"]["hellaswag"]["item_ids"] == ["0", "1", "2"]
+    assert metrics["eval/hellaswag/clean/acc_norm"] == pytest.approx(sum(per_item[1:]) / 2)
+    for task in evaluation["results"]:
+        if task != "hellaswag":
+            assert metrics[f"eval/{task}/contaminated_items"] == 0
+            acc = evaluation["results"][task]["metrics"]["acc"]
+            assert metrics[f"eval/{task}/clean/acc"] == pytest.approx(acc)
+    # CORE: accuracy centred on chance, averaged over the tasks; logged, tagged, printed
+    centred = []
+    for result in evaluation["results"].values():
+        accuracy = result["metrics"].get("acc_norm", result["metrics"]["acc"])
+        centred.append((accuracy - result["chance"]) / (1 - result["chance"]))
+    assert metrics["eval/core"] == pytest.approx(sum(centred) / len(centred))
+    assert float(version.tags["eval/core"]) == pytest.approx(metrics["eval/core"], abs=1e-5)
+    assert set(version.tags["llmflow.core_tasks"].split(",")) == set(evaluation["results"])
+    assert "CORE" in first.stdout and "contaminated items: hellaswag 1" in first.stdout
 
     # Prefect knows the flow run MLflow points at, and it completed.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from llmflow.tasks.core import shards
+from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
 from llmflow.tasks.core.progress import progress_per_task
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.steps import run_step, step_key
+from llmflow.tasks.curate.decontaminate import Contamination, training_contamination
 from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
+from llmflow.tasks.evaluate.summary_scores import clean_result, core_score
 from llmflow.tasks.train import pretrain, tokenize
 
 STAGE = evaluation.STAGE
@@ -43,6 +46,39 @@ def evaluation_inputs(ctx: StageContext) -> tuple[str, str | None, list[str], st
     return model_path, ctx.stage_dir("tokenizer"), val_shards, digest
 
 
+def model_contamination(ctx: StageContext) -> Contamination | None:
+    """The benchmark items the pipeline's model saw: those its documents version still holds
+    (flagged, not removed) and those its SFT conversations held. None for a model from
+    elsewhere, or documents that were never checked."""
+    if ctx.settings.model is not None:
+        return None
+    found = training_contamination(ctx.stage_dir(DOCUMENTS))
+    if found is not None:
+        trained = shards.read_json(shards.join(ctx.stage_dir("sft"), shards.MANIFEST_NAME))
+        found.add(trained.get("data", {}).get("benchmark_items", []))
+    return found
+
+
+def contamination_metrics(
+    outcome: dict[str, Any], found: Contamination | None
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """``eval/<task>/clean/<metric>`` and ``eval/<task>/contaminated_items`` for every task the
+    decontaminate stage checked, and the clean results themselves."""
+    metrics: dict[str, float] = {}
+    clean: dict[str, dict[str, Any]] = {}
+    if found is None:
+        return metrics, clean
+    for task, result in outcome["results"].items():
+        if task not in found.checked_tasks:
+            continue
+        clean[task] = clean_result(result, found.items.get(task, set()))
+        metrics[f"eval/{task}/contaminated_items"] = clean[task]["contaminated"]
+        metrics[f"eval/{task}/clean_items"] = clean[task]["items"]
+        for metric, value in clean[task]["metrics"].items():
+            metrics[f"eval/{task}/clean/{metric}"] = value
+    return metrics, clean
+
+
 def _register_sft_model(
     ctx: StageContext, run: RunRecorder, outcome: dict[str, Any], metrics: dict[str, float]
 ) -> str | None:
@@ -55,6 +91,7 @@ def _register_sft_model(
         return None
     tags = {k: f"{v:.6g}" for k, v in metrics.items() if not k.endswith("_stderr")}
     tags |= {"llmflow.sft_key": trained["key"], "llmflow.eval_tasks": ",".join(outcome["results"])}
+    tags["llmflow.core_tasks"] = ",".join(outcome.get("core", {}).get("tasks", {}))
     version = run.register_model(name, source_run, "hf_model", tags, outcome["key"])
     return f"{name}/{version}"
 
@@ -79,8 +116,13 @@ def evaluate_step(ctx: StageContext) -> StepReport:
     tags = {"llmflow.code_version": STAGE.code_version(), "llmflow.model": model_path}
     with ctx.start_run(params, tags, log_inputs=settings.model is None) as run:
         outcome, skipped = _score(ctx, key, (model_path, tokenizer_dir, val_shards))
+        core, centred = core_score(outcome["results"])
+        outcome["core"] = {"value": core, "tasks": centred}
+        contamination_found, outcome["clean"] = contamination_metrics(
+            outcome, model_contamination(ctx)
+        )
         rows = evaluation.results_rows(outcome)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"eval/core": core, **contamination_found}
         for row in rows:
             metric_name = f"eval/{row['task']}/{row['metric']}"
             metrics[metric_name] = row["value"]
@@ -89,7 +131,10 @@ def evaluate_step(ctx: StageContext) -> StepReport:
         heldout = outcome.get("heldout")
         if heldout:
             metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}
-        run.log(metrics=metrics | {"units": 1, "units_skipped": int(skipped)})
+        run.log(
+            metrics=metrics | {"units": 1, "units_skipped": int(skipped)},
+            tags={"llmflow.core_tasks": ",".join(centred)},
+        )
         run.log_table(rows, "eval_results.json")
         run.log_dict(outcome, "eval_outcome.json")
         if settings.registered_model and settings.model is None:
@@ -100,7 +145,12 @@ def evaluate_step(ctx: StageContext) -> StepReport:
     for task, result in outcome["results"].items():
         metric = "acc_norm" if "acc_norm" in result["metrics"] else "acc"
         headline.append(f"{task} {metric} {result['metrics'][metric]:.3f}")
-    summary = ", ".join(headline)
+    summary = f"CORE {core:.3f}; " + ", ".join(headline)
+    seen = {t: c["contaminated"] for t, c in outcome["clean"].items() if c["contaminated"]}
+    if outcome["clean"]:
+        summary += "; contaminated items: " + (
+            ", ".join(f"{t} {n}" for t, n in seen.items()) or "none"
+        )
     if heldout:
         summary = f"held-out {heldout['bpb']:.3f} bits/byte; {summary}"
     items = sum(r["items"] for r in outcome["results"].values())

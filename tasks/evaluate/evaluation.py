@@ -67,7 +67,13 @@ def find_benchmark(task: str, data_dir: str | Path) -> Path:
 
 @dataclass
 class TaskResult:
-    """One task's scores: each metric's mean and standard error over ``items`` items."""
+    """One task's scores: each metric's mean and standard error over ``items`` items.
+
+    ``item_ids`` and ``item_values`` (each metric per item, in item order) let a subset be
+    scored after the fact (the clean items, :mod:`~llmflow.tasks.evaluate.summary_scores`);
+    ``chance`` is the score of guessing (the mean of 1/options; 0 for LAMBADA), which CORE
+    centres on.
+    """
 
     task: str
     items: int
@@ -77,6 +83,9 @@ class TaskResult:
     metrics: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    chance: float = 0.0
+    item_ids: list[str] = field(default_factory=list)
+    item_values: dict[str, list[float]] = field(default_factory=dict)
 
 
 # Items whose requests go to the scorer together: it sorts them by length and batches contexts.
@@ -127,7 +136,11 @@ def evaluate_task(
         source=data.source,
         seconds=round(time.perf_counter() - started, 2),
         skipped=dict(data.skipped),
+        item_ids=[item.id for item in data.items],
+        item_values=per_item,
     )
+    if data.output_type != "loglikelihood" and data.items:
+        result.chance = sum(1 / item.num_options for item in data.items) / len(data.items)
     for metric, metric_values in per_item.items():
         result.metrics[metric], result.stderr[metric] = mean_and_stderr(metric_values)
     if lambada_ll:
@@ -310,6 +323,22 @@ def results_markdown(outcome: dict[str, Any], run_id: str) -> str:
             f"| {row['task']} | {row['metric']} | {row['value']:.4f} | {stderr} |"
             f" {row['items']} | {row['shots']} |"
         )
+    core = outcome.get("core")
+    if core:
+        lines += [
+            "",
+            f"**CORE {core['value']:.4f}**: accuracy centred on chance, averaged over"
+            f" {', '.join(core['tasks'])}.",
+        ]
+    if outcome.get("clean"):
+        lines += [
+            "",
+            "| task | contaminated items | clean items | metric on clean items |",
+            "|---|---|---|---|",
+        ]
+        for task, clean in outcome["clean"].items():
+            shown = ", ".join(f"{m} {v:.4f}" for m, v in clean["metrics"].items())
+            lines.append(f"| {task} | {clean['contaminated']} | {clean['items']} | {shown} |")
     heldout = outcome.get("heldout")
     if heldout:
         lines += [
