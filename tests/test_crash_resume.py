@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import LLMFLOW, llmflow_env
 
+from llmflow.tasks.registry import GRAPH
+
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
-STAGES = "crawl,normalize,quality,dedup,quality_model,toxicity,pii,tokenizer,tokenize,pretrain"
+STAGES = ",".join([*GRAPH.document_stages, "tokenizer", "tokenize", "pretrain"])
 DATA_FILES = ("*.parquet", "*.bin", "tokenizer.json")
 
 

@@ -12,9 +12,11 @@ import pytest
 from conftest import run_llmflow
 from test_crash_resume import QUALITY_OFF, data_files, write_inputs
 
+from llmflow.tasks.registry import GRAPH
+
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
-DATA_STAGES = "crawl,normalize,quality,dedup,quality_model,toxicity,pii"
+DATA_STAGES = ",".join(GRAPH.document_stages)
 
 
 def run(
