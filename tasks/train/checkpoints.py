@@ -9,6 +9,16 @@ code path. It is written under a temporary name and renamed into place, and ``la
 replaced atomically after it: a run killed mid-write leaves the previous checkpoint as the latest,
 never half of a new one.
 
+A sharded (FSDP) run's checkpoint holds its model and optimizer state as each process has it, in
+the format of ``torch.distributed.checkpoint`` (DCP): ``step-000100/dcp/`` (one ``.distcp`` file
+per process and a ``.metadata`` index), written by every process into the same temporary folder,
+which rank 0 then renames as above. Beside it rank 0 writes ``trainer.pt``, ``decoder.json`` and
+``model.pt``, the full weights gathered from the shards, so export, evaluation and SFT's start
+read an FSDP run's checkpoint exactly as a DDP run's; there is no ``optimizer.pt``. DCP re-shards
+on loading, so such a run resumes on another number of processes (or unsharded, from ``dcp/``),
+and a DDP checkpoint resumes a sharded run (its full weights and optimizer state are sharded on
+loading). With several machines the run folder must be on a filesystem they all share.
+
 Checkpoints live on a local (or mounted) filesystem: ``torch.save`` of multi-GB states to an
 object store belongs to a copy step after training, not inside the loop.
 
@@ -21,11 +31,22 @@ tensor, see :func:`portable_rng_state`). Checkpoints written before that hold th
 ``ndarray``: they still load, through an allow-list of exactly the four NumPy names an array's
 pickle uses (no function of them runs anything but array construction). Paths read back from
 ``latest.json`` are kept inside the checkpoint folder (:func:`resolve_inside`).
+
+DCP's own reader is not that careful: it unpickles ``.metadata`` with plain ``pickle.load`` and
+non-tensor entries (the optimizer's hyperparameters) with ``torch.load(weights_only=False)``.
+:func:`load_sharded` replaces both: ``.metadata`` is read by an unpickler that admits only the
+names of DCP's metadata dataclasses, ``torch.Size``, dtypes and layouts (:data:`DCP_METADATA_NAMES`,
+all of them plain records whose construction runs no code of the file's choosing), and non-tensor
+entries by ``torch.load(weights_only=True)``; tensors DCP already reads weights-only. What is still
+trusted is DCP's own code: the files the index names are kept inside ``dcp/``
+(:func:`resolve_inside`), and the byte offsets and lengths it gives slice them (a tampered index
+can make loading fail or load wrong numbers, not run code or read files elsewhere).
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import pickle
@@ -38,10 +59,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 LATEST = "latest.json"
 # The parts of a checkpoint saved with ``torch.save``, each as ``<part>.pt``, in writing order.
 PT_PARTS = ("model", "optimizer", "trainer")
+# A sharded (FSDP) checkpoint's model and optimizer state: DCP's folder inside the checkpoint.
+SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -78,15 +108,28 @@ def step_name(step: int) -> str:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` (the parts of :data:`PT_PARTS` and ``decoder``, the model's shape) as
-    ``directory/step-NNNNNN`` atomically, point ``latest.json`` at it, keep the newest ``keep``
-    checkpoints (0 keeps all)."""
+    """Write ``state`` (the parts of :data:`PT_PARTS` it has and ``decoder``, the model's shape)
+    as ``directory/step-NNNNNN`` atomically, point ``latest.json`` at it, keep the newest ``keep``
+    checkpoints (0 keeps all).
+
+    Rank 0 alone calls it for an unsharded state. A state with a ``sharded`` part (FSDP: the
+    model's and optimizer's state dicts of DTensor shards) is saved by every rank: each writes its
+    shards with DCP into the same temporary folder, then rank 0 writes the rest and renames it."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_name(step)
-    tmp = directory / f".{step_name(step)}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    name = [f".{step_name(step)}.tmp-{uuid.uuid4().hex}"]
+    sharded = state.get("sharded")
+    if sharded is not None and dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)  # one folder for all ranks' shards
+    tmp = directory / name[0]
+    tmp.mkdir(exist_ok=True)
+    if sharded is not None:
+        dcp.save(sharded, storage_writer=FileSystemWriter(tmp / SHARDED_DIR))
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return final
     for part in PT_PARTS:
-        torch.save(state[part], tmp / f"{part}.pt")
+        if part in state:
+            torch.save(state[part], tmp / f"{part}.pt")
     decoder = json.dumps(state["decoder"], indent=2, sort_keys=True) + "\n"
     (tmp / "decoder.json").write_text(decoder)
     if final.exists():  # the same step saved again (a resumed run's final save): replace it
@@ -234,20 +277,113 @@ def _check_trainer_state(state: Any, file: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state dict :func:`save_checkpoint` wrote to ``path``: its :data:`PT_PARTS` on
-    ``map_location`` (``trainer`` on the CPU), loaded without running any code from the files
-    (see the module's docstring), and ``decoder``."""
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds a sharded (FSDP, DCP) model and optimizer."""
+    return (path / SHARDED_DIR).is_dir()
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", parts: tuple[str, ...] = PT_PARTS
+) -> dict[str, Any]:
+    """The state dict :func:`save_checkpoint` wrote to ``path``: its ``parts`` (of
+    :data:`PT_PARTS`) on ``map_location`` (``trainer`` on the CPU), loaded without running any
+    code from the files (see the module's docstring), and ``decoder``. A sharded checkpoint has no
+    ``optimizer`` part (it is in :data:`SHARDED_DIR`, read by :func:`load_sharded`)."""
     decoder = path / "decoder.json"
     try:
         decoder_config = json.loads(decoder.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"checkpoint {path}: cannot read {decoder.name} ({error})") from error
     state: dict[str, Any] = {}
-    for part in PT_PARTS:
+    for part in parts:
         file = path / f"{part}.pt"
         if part == "trainer":
             state[part] = _check_trainer_state(_load_pt(file, "cpu", True), file)
+        elif part == "optimizer" and not file.exists() and is_sharded(path):
+            continue
         else:
             state[part] = _load_pt(file, map_location)
     return state | {"decoder": decoder_config}
+
+
+# What a DCP ``.metadata`` pickle may name: DCP's metadata records and the torch values in them.
+DCP_METADATA_NAMES = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a layout by its name, from torch's own table
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+    }
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's metadata and nothing else: any other name is refused before it is used."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's index")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, its index read by :class:`_MetadataUnpickler` (not ``pickle.load``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        file = Path(self.path) / ".metadata"
+        try:
+            with file.open("rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as error:
+            raise ValueError(
+                f"checkpoint file {file}: refused, it is not a DCP index written by llmflow"
+                f" (nothing in it was run): {error}"
+            ) from error
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise ValueError(f"checkpoint file {file}: not a DCP index")
+        for info in metadata.storage_data.values():  # the shards' files: inside the folder
+            resolve_inside(Path(self.path), getattr(info, "relative_path", None), file, "path")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's planner, its non-tensor entries read weights-only (plain values and containers)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"checkpoint entry {read_item.dest_index.fqn}: refused, it holds Python objects"
+                f" other than plain values (nothing in it was run). {unpickler_detail(error)}"
+            ) from error
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def load_sharded(path: Path, state: dict[str, Any]) -> None:
+    """Fill ``state`` in place from the sharded part of the checkpoint at ``path``: its tensors
+    (DTensor shards or whole tensors, any split) get the checkpoint's values, its other entries
+    are replaced. Every rank calls it. Reads run no code from the files (module docstring)."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path / SHARDED_DIR), planner=_SafePlanner())
+    except CheckpointException as error:  # a BaseException: one naming each rank's failure
+        reasons = "; ".join(sorted({str(failure) for failure, _ in error.failures.values()}))
+        raise ValueError(f"checkpoint {path}: cannot load its sharded state ({reasons})") from None

@@ -25,6 +25,8 @@ class TrainConfig(StageConfig):
             "device",
             "nproc_per_node",
             "compile",
+            "parallelism",
+            "activation_checkpointing",
             "peak_flops",
             "log_interval",
             "eval_interval",
@@ -72,6 +74,24 @@ class TrainConfig(StageConfig):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (0.95 as GPT-3 and Llama).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0: no clip.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description=(
+            "adamw: AdamW on every parameter. muon: Muon (torch.optim.Muon) on the 2-D weights of"
+            " the transformer blocks, at muon_lr and without weight decay, and AdamW (lr,"
+            " weight_decay, betas) on embeddings, output head and norms, as modded-nanogpt and"
+            " nanochat split them. One schedule scales both."
+        ),
+    )
+    muon_lr: float = Field(
+        0.02,
+        gt=0,
+        description=(
+            "optimizer=muon: Muon's peak learning rate, which torch scales per matrix by"
+            " sqrt(max(1, rows/cols)) (adjust_lr_fn='original'); 0.02 as in nanochat and Keller"
+            " Jordan's Muon, which scale the same way."
+        ),
+    )
     seed: int = Field(1337, description="Model initialisation and data order.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when a GPU is visible, else the CPU."
@@ -88,6 +108,24 @@ class TrainConfig(StageConfig):
         "auto", description="Autocast dtype. auto: bfloat16 on CUDA, float32 on the CPU."
     )
     compile: bool = Field(False, description="torch.compile the model (faster on GPUs).")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=(
+            "ddp: every process holds the whole model and optimizer state, gradients are"
+            " all-reduced (DDP with more than one process). fsdp: FSDP2 (fully_shard on each"
+            " decoder block, then the root) shards parameters, gradients and optimizer state over"
+            " the processes, with bfloat16 parameters and float32 gradient reduction when dtype is"
+            " bfloat16: for models whose optimizer state outgrows one GPU. Checkpoints then hold"
+            " the sharded state (torch.distributed.checkpoint) and the full weights."
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description=(
+            "Recompute each decoder block's activations in the backward pass instead of keeping"
+            " them: much less activation memory for about a third more compute."
+        ),
+    )
     peak_flops: float | None = Field(
         None,
         gt=0,

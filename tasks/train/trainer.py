@@ -23,6 +23,12 @@ loss over the step's trained targets divided by their number over the whole glob
 over tokens, whatever the split into processes and micro-batches (SFT rows hold different numbers
 of assistant tokens, so a mean of per-micro-batch means would weigh them unevenly).
 
+Under ``parallelism="fsdp"`` the model's parameters, gradients and optimizer state are DTensor
+shards (:mod:`llmflow.tasks.train.parallelize`): the loop is the same, the optimizer is built on
+the shards, the gradient norm is the whole model's, and a checkpoint holds the shards (DCP) beside
+the full weights (:mod:`llmflow.tasks.train.checkpoints`); evaluation runs on the shards, samples
+on a full copy of the weights on rank 0.
+
 The loss and gradient norm stay on the device between logged steps, as nanoGPT keeps them: the
 host waits for the device only when it logs, evaluates or saves, and that is where a NaN or
 infinite loss of any step since the last such point stops the run (:class:`NonFiniteLossError`),
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,11 +50,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from llmflow.models.decoder import Decoder
 from llmflow.models.generate import generate
 from llmflow.tasks.train import checkpoints
-from llmflow.tasks.train.parallelize import gradient_sync, init_distributed, parallelize
+from llmflow.tasks.train.parallelize import (
+    Distributed,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+    train_dtype,
+)
 from llmflow.tasks.train.token_shards import TokenStream
 from llmflow.tasks.train.train_config import TrainConfig, TrainJob
 from llmflow.tasks.train.train_data import (
@@ -84,28 +106,16 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 
 def build_optimizer(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW with decoupled decay on matrices (embeddings and projections) only: decaying norm
-    gains pulls them towards zero for no benefit. Fused on CUDA (one kernel for all parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=1e-8,
-        fused=device.type == "cuda",
-    )
+) -> torch.optim.Optimizer:
+    """AdamW, or Muon on the blocks' matrices with AdamW on the rest (``config.optimizer``): one
+    torch Optimizer either way (:mod:`llmflow.tasks.train.optimizers`)."""
+    from llmflow.tasks.train import optimizers
+
+    return optimizers.build_optimizer(model, config, device)
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
+    if train_dtype(config, device) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -166,12 +176,14 @@ class Trainer:
             )
         torch.manual_seed(self.config.seed)
         self.model = Decoder(job.decoder).to(self.device)  # the weights, saved and loaded
+        # what the steps run: the decoder, checkpointed, sharded, compiled and/or wrapped for
+        # DDP as configured; under FSDP self.model's parameters are now the shards, which is
+        # what the optimizer must be built on
+        self.parallel_model = parallelize(self.model, self.config, self.parallel, self.device)
         self.optimizer = build_optimizer(self.model, self.config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, self.config)
         )
-        # what the steps run: the decoder, compiled and/or wrapped for DDP as configured
-        self.parallel_model = parallelize(self.model, self.config, self.parallel, self.device)
         self.step = self.resumed_from = 0
         self.sink: MetricsSink | None = None
         self.entropy = math.nan
@@ -219,15 +231,31 @@ class Trainer:
         """What a checkpoint saves: ``model``, ``optimizer``, ``trainer`` (scheduler, step, data
         position, every rank's RNG states) and ``decoder`` (the model's shape). Under torchrun
         every rank calls it (the RNG states are gathered); only rank 0's is written, so only
-        rank 0 copies the weights to the host."""
+        rank 0 copies the weights to the host.
+
+        Sharded (FSDP), ``sharded`` holds the model's and optimizer's state dicts of shards
+        (every rank's is written, with DCP) instead of ``optimizer``, and ``model`` the full
+        weights, gathered to rank 0's host (empty on the other ranks)."""
         rng: list[dict[str, Any] | None] = [checkpoints.rng_state(self.device)]
         if self.parallel.world > 1:
             rng = [None] * self.parallel.world
             dist.all_gather_object(rng, checkpoints.rng_state(self.device))
-        weights = self.model.state_dict()
-        return {
-            "model": {k: v.detach().cpu() if self.parallel.main else v for k, v in weights.items()},
-            "optimizer": self.optimizer.state_dict(),
+        parts: dict[str, Any]
+        if self.parallel.sharded:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            parts = {
+                "model": self.full_weights(),
+                "sharded": {"model": model_state, "optimizer": optimizer_state},
+            }
+        else:
+            weights = self.model.state_dict()
+            parts = {
+                "model": {
+                    k: v.detach().cpu() if self.parallel.main else v for k, v in weights.items()
+                },
+                "optimizer": self.optimizer.state_dict(),
+            }
+        return parts | {
             "trainer": {
                 "step": self.step,
                 "scheduler": self.scheduler.state_dict(),
@@ -239,39 +267,101 @@ class Trainer:
             "decoder": self.job.decoder.model_dump(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (:meth:`state_dict`'s, as a checkpoint gives it back)."""
+    def full_weights(self) -> dict[str, Any]:
+        """The model's whole weights on rank 0's host (empty on the other ranks; every rank
+        calls it, as the sharded weights are gathered)."""
+        if not self.parallel.sharded:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_weights(self, weights: dict[str, Any]) -> None:
+        """Set the model's weights from a full set (every rank's copy), sharding them if the
+        model is sharded."""
+        if self.parallel.sharded:
+            set_model_state_dict(
+                self.model, weights, options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.model.load_state_dict(weights)
+
+    def load_state_dict(self, state: dict[str, Any], sharded_from: Path | None = None) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s, as a checkpoint gives it back); the
+        model and optimizer from ``sharded_from``'s DCP folder when the checkpoint is sharded
+        (every rank calls it), resharded to this run's processes (or none)."""
         trainer = state["trainer"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded_from is not None:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            sharded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+            checkpoints.load_sharded(sharded_from, sharded)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=sharded["model"],
+                optim_state_dict=sharded["optimizer"],
+            )
+        elif self.parallel.sharded:  # a DDP checkpoint: its full state, sharded here
+            self.load_weights(state["model"])
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizer,
+                self._named_optimizer_state(state["optimizer"]),
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = trainer["step"]
         rng, rank = trainer["rng"], self.parallel.rank
         checkpoints.set_rng_state(rng[rank] if rank < len(rng) else rng[0], self.device)
+
+    def _named_optimizer_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A ``torch.optim`` state dict (parameters numbered in the optimizer's order) with the
+        parameters named instead, as DCP's ``set_optimizer_state_dict`` takes it."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        ours = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        saved = [i for group in state["param_groups"] for i in group["params"]]
+        if len(saved) != len(ours):
+            raise ValueError(
+                f"the checkpoint's optimizer has {len(saved)} parameters, this run's {len(ours)}"
+            )
+        name_of = dict(zip(saved, ours, strict=True))
+        return {
+            "state": {name_of[i]: value for i, value in state["state"].items()},
+            "param_groups": [
+                group | {"params": [name_of[i] for i in group["params"]]}
+                for group in state["param_groups"]
+            ],
+        }
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint, or (a new SFT run) start from the
         pretrained weights; then open the run's metrics where the checkpoint left them."""
         latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
         if latest is not None:
-            state = checkpoints.load_checkpoint(latest, map_location=self.device)
+            sharded = checkpoints.is_sharded(latest)
+            parts = ("trainer",) if sharded else checkpoints.PT_PARTS
+            state = checkpoints.load_checkpoint(latest, map_location=self.device, parts=parts)
             made_with = state["trainer"]["global_sequences"]
             if made_with != self.global_sequences:
                 raise ValueError(
                     f"checkpoint {latest} was made with {made_with} sequences per step, this run"
                     f" has {self.global_sequences}: start a new run folder"
                 )
-            self.load_state_dict(state)
+            self.load_state_dict(state, latest if sharded else None)
         elif self.job.init_checkpoint is not None:
             initial = checkpoints.load_checkpoint(
-                Path(self.job.init_checkpoint), map_location=self.device
+                Path(self.job.init_checkpoint),
+                map_location=self.device,
+                parts=("model", "trainer"),  # not the optimizer's state: a new run's own
             )
             if initial["decoder"] != self.job.decoder.model_dump():
                 raise ValueError(
                     f"checkpoint {self.job.init_checkpoint} is a different model shape than the"
                     " run's"
                 )
-            self.model.load_state_dict(initial["model"])
+            self.load_weights(initial["model"])
         self.resumed_from = self.step
         if self.parallel.main:
             self._open_metrics()
@@ -323,11 +413,14 @@ class Trainer:
         self._stopwatch.steps += 1
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The gradients' total norm, after clipping them to ``grad_clip`` (if set)."""
+        """The gradients' total norm, after clipping them to ``grad_clip`` (if set). Sharded
+        gradients (DTensors) give the whole model's norm: torch reduces it over the ranks."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.config.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        grads = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
-        return torch.stack(grads).norm()
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _host_losses(self) -> list[tuple[float, float]]:
         """(loss, grad norm) of the steps since the host last looked, in one copy from the
@@ -397,18 +490,30 @@ class Trainer:
         model's samples beside the run and to MLflow."""
         metrics: dict[str, float] = {}
         if self.val_batches:
+            # sharded, every rank must run as many forwards as the others (each gathers the
+            # weights with all of them): an uneven split is evaluated whole on every rank
+            split = self.parallel
+            if split.sharded and len(self.val_batches) % split.world:
+                split = Distributed(0, split.local_rank, 1, True)
             loss, bpb = validation_loss(
                 self.parallel_model,
                 self.val_batches,
                 self.token_bytes,
-                self.parallel,
+                split,
                 lambda: _autocast(self.config, self.device),
             )
             metrics = {"val_loss": loss, "val_bpb": bpb}
-        if self.sink is not None:
+        sampler: Decoder | None = self.model
+        if self.parallel.sharded:  # rank 0 samples alone, from a full copy of the weights
+            weights = self.full_weights()
+            sampler = None
+            if self.sink is not None:
+                sampler = Decoder(self.job.decoder).to(self.device)
+                sampler.load_state_dict(weights)
+        if self.sink is not None and sampler is not None:
             name = checkpoints.step_name(self.step)
             prompts, tokens = self.config.sample_prompts, self.config.sample_tokens
-            text = _samples(self.model, self.tokenizer, prompts, tokens, self.chat, self.step)
+            text = _samples(sampler, self.tokenizer, prompts, tokens, self.chat, self.step)
             self.sink.log_text(text, f"samples/{name}.txt")
             (self.run_dir / "samples").mkdir(exist_ok=True)
             (self.run_dir / "samples" / f"{name}.txt").write_text(text)
@@ -434,7 +539,7 @@ class Trainer:
         self._stopwatch.pause()
         self._host_losses()  # a diverged state is never saved
         state = self.state_dict()
-        if self.parallel.main:
+        if self.parallel.main or self.parallel.sharded:  # sharded: every rank writes its shards
             checkpoints.save_checkpoint(
                 self.checkpoint_dir, self.step, state, self.config.keep_checkpoints
             )
@@ -462,7 +567,7 @@ class Trainer:
             self.sink.close()
             text = json.dumps(result, indent=2, sort_keys=True) + "\n"
             (self.run_dir / RESULT_FILE).write_text(text)
-        if self.parallel.world > 1:
+        if self.parallel.has_group:
             dist.barrier()
             dist.destroy_process_group()
         return result
@@ -487,11 +592,29 @@ def _print_progress(step: int, total: int) -> None:
     print(f"{PROGRESS_PREFIX}{step} {total}", flush=True)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies. torchrun's agent starts each
+    worker in a session of its own, so a torchrun killed outright (SIGKILL, an OOM kill, a
+    worker node's Prefect process killed) cannot pass the signal on: without this its workers
+    would train on as orphans, writing into a run folder that a re-run is resuming."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent was gone before the request: stop now
+        raise SystemExit("trainer: torchrun exited before this worker started")
+
+
 def main(argv: Iterator[str] | list[str] | None = None) -> None:
     """torchrun's entry point: ``python -m llmflow.tasks.train.trainer <job.json>``."""
     args = list(argv if argv is not None else sys.argv[1:])
     if len(args) != 1:
         raise SystemExit("usage: python -m llmflow.tasks.train.trainer JOB.json")
+    die_with_parent()
     job = TrainJob.model_validate_json(Path(args[0]).read_text())
     train(job, on_step=_print_progress)
 
