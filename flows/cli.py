@@ -430,6 +430,101 @@ def _print_summary(result: dict[str, Any], workdir: Path) -> None:
     out.print(f"Both UIs:    {_tool('llmflow')} ui --workdir {workdir_arg}", highlight=False)
 
 
+@app.command()
+def plan(
+    tokens: Annotated[
+        str | None,
+        typer.Option(help="Training tokens of the dataset, e.g. 2e9 or 40_925."),
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the training tokens and the vocabulary from this workdir's"
+            " data/tokenize/manifest.json instead of --tokens."
+        ),
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="GPU model: H100, H200, A100, L4, RTX 4090, …")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="How many of them (one machine).")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Plan for this CPU (the default).")] = False,
+    hours: Annotated[float | None, typer.Option(help="Wall-clock budget. [default: 1.0]")] = None,
+    budget_usd: Annotated[
+        float | None, typer.Option(help="Budget in dollars instead of --hours.")
+    ] = None,
+    usd_per_gpu_hour: Annotated[
+        float | None, typer.Option(help="Price of one GPU-hour (with --budget-usd).")
+    ] = None,
+    tokens_per_param: Annotated[
+        float, typer.Option(help="Training tokens per parameter: 10.5 (nanochat), 20 (Chinchilla).")
+    ] = 10.5,
+    max_epochs: Annotated[
+        float, typer.Option(help="Passes over the data before a smaller model is preferred.")
+    ] = 4.0,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option(help="Vocabulary size. [default: the manifest's, else 32768]"),
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option(help="Fix the depth (layers); the planner sizes the rest.")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Fix the sequence length.")] = None,
+    mfu: Annotated[
+        float | None, typer.Option(help="Assumed MFU on the GPU. [default: 0.40]")
+    ] = None,
+    memory_gb: Annotated[
+        float | None, typer.Option(help="Memory per device in GiB (default: the GPU's; CPU 16).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Size the model, batch and steps to the data, the hardware and a budget; print the plan and
+    why (times and MFU are predictions)."""
+    from llmflow.tasks.train.planner import PlanError, hardware, plan_run
+
+    def fail(message: str) -> typer.Exit:
+        err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+        return typer.Exit(code=2)
+
+    if (tokens is None) == (workdir is None):
+        raise fail("give one of --tokens N and --workdir DIR (the tokenized data to plan for)")
+    if gpu is not None and cpu:
+        raise fail("--gpu and --cpu: plan for one of them")
+    vocab = vocab_size
+    if workdir is not None:
+        manifest_path = workdir / "data" / "tokenize" / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            data_tokens = int(manifest["tokens"]["train"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            message = f"--workdir {workdir}: no tokenize manifest at {manifest_path} ({error})"
+            raise fail(message) from None
+        vocab = vocab or int((manifest.get("tokenizer") or {}).get("vocab_size") or 32768)
+    else:
+        try:
+            data_tokens = int(float(str(tokens).replace("_", "").replace(",", "")))
+        except ValueError:
+            raise fail(f"--tokens {tokens!r}: not a number") from None
+    try:
+        planned = plan_run(
+            data_tokens,
+            hardware(gpu or "cpu", gpus, mfu=mfu, memory_gib=memory_gb),
+            hours=hours,
+            budget_usd=budget_usd,
+            usd_per_gpu_hour=usd_per_gpu_hour,
+            tokens_per_param=tokens_per_param,
+            max_epochs=max_epochs,
+            vocab_size=vocab or 32768,
+            seq_len=seq_len,
+            depth=depth,
+        )
+    except PlanError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        out.print_json(data=planned.model_dump(mode="json") | {"text": planned.text()})
+    else:
+        out.print(planned.text(), highlight=False, soft_wrap=True)
+
+
 app.command()(ui)
 app.command()(ablate)
 

@@ -38,6 +38,7 @@ from llmflow.tasks.core.stage import StageSpec
 from llmflow.tasks.core.steps import run_step, step_key
 from llmflow.tasks.train import checkpoints
 from llmflow.tasks.train.bpe_tokenizer import HF_TOKENIZER_FILES
+from llmflow.tasks.train.planner import Plan, plan_from_manifest
 from llmflow.tasks.train.tokenize import token_shard_paths
 from llmflow.tasks.train.train_config import PretrainConfig, TrainConfig, TrainJob
 from llmflow.tasks.train.train_metrics import read_metrics
@@ -56,6 +57,31 @@ def run_key(config: PretrainConfig, tokens_sha256: str, tokenizer_sha256: str) -
     return step_key(STAGE, config, {"tokens": tokens_sha256, "tokenizer": tokenizer_sha256})
 
 
+def auto_plan(config: PretrainConfig, tokens_manifest: dict[str, Any]) -> Plan | None:
+    """``preset: auto``: the run planner's plan for the tokenize manifest's training tokens and
+    vocabulary and ``config.plan`` (None for a named preset). Overrides in ``config.model`` are
+    kept (``num_layers`` fixes the depth), and so is a set ``seq_len``."""
+    if config.preset != "auto":
+        return None
+    return plan_from_manifest(
+        tokens_manifest, config.plan, seq_len=config.seq_len, depth=config.model.get("num_layers")
+    )
+
+
+def apply_plan(config: PretrainConfig, plan: Plan | None) -> PretrainConfig:
+    """The config with the plan's model shape, batch and steps (itself without a plan)."""
+    if plan is None:
+        return config
+    update: dict[str, Any] = plan.pretrain_fields() | {"model": plan.model | config.model}
+    if plan.fsdp:
+        update["parallelism"] = "fsdp"
+    if plan.activation_checkpointing:
+        update["activation_checkpointing"] = True
+    if plan.hardware != "cpu" and config.nproc_per_node is None:
+        update["nproc_per_node"] = plan.processes
+    return PretrainConfig.model_validate(config.model_dump() | update)
+
+
 def plan_job(
     config: PretrainConfig,
     tokenize_dir: str,
@@ -64,8 +90,11 @@ def plan_job(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
 ) -> tuple[TrainJob, str]:
-    """The run's job description and key, from the token dataset and the tokenizer."""
+    """The run's job description and key, from the token dataset and the tokenizer; under
+    ``preset: auto`` the planner's model, batch and steps are applied first (so the key is the
+    planned config's)."""
     tokens_manifest = shards.read_manifest(tokenize_dir)
+    config = apply_plan(config, auto_plan(config, tokens_manifest))
     tokenizer_manifest = shards.read_json(shards.join(tokenizer_dir, "manifest.json"))
     key = run_key(config, manifest_sha256(tokenize_dir), tokenizer_manifest["tokenizer_sha256"])
     run_dir = local_dir(stage_dir) / "runs" / key[:16]
@@ -232,6 +261,7 @@ class TrainingRun:
     extra: dict[str, Any] | None = None
     data_input: tuple[str, str, str] | None = None
     data_record: tuple[dict[str, float], dict[str, str]] = field(default_factory=lambda: ({}, {}))
+    artifacts: dict[str, Any] = field(default_factory=dict)  # JSON artifacts: file name -> data
 
 
 def record_training(ctx: StageContext, run: TrainingRun) -> tuple[dict[str, Any], str, bool]:
@@ -251,6 +281,8 @@ def record_training(ctx: StageContext, run: TrainingRun) -> tuple[dict[str, Any]
             mlflow_run.log_input(*run.data_input, "training")
         if any(run.data_record):
             mlflow_run.log(metrics=run.data_record[0], tags=run.data_record[1])
+        for artifact_file, data in run.artifacts.items():
+            mlflow_run.log_dict(data, artifact_file)
 
         def train_and_export() -> tuple[list[str], dict[str, Any]]:
             trained = job.model_copy(
@@ -300,8 +332,17 @@ def pretrain_step(ctx: StageContext) -> StepReport:
     config: PretrainConfig = ctx.settings
     tokens_dir, tokenizer_dir = ctx.stage_dir("tokenize"), ctx.stage_dir("tokenizer")
     job, key = plan_job(config, tokens_dir, tokenizer_dir, ctx.dir)
+    plan = auto_plan(config, shards.read_manifest(tokens_dir))
+    planned = {} if plan is None else {"plan": plan.model_dump(mode="json") | {"text": plan.text()}}
     training = TrainingRun(
-        job, key, STAGE, pretrain_task, config.model_dump(mode="json"), tokens_dir
+        job,
+        key,
+        STAGE,
+        pretrain_task,
+        job.config.model_dump(mode="json"),  # preset auto: the plan's choices applied
+        tokens_dir,
+        extra=planned or None,
+        artifacts={"plan.json": planned["plan"]} if planned else {},
     )
     manifest, run_id, skipped = record_training(ctx, training)
     result = manifest["result"]

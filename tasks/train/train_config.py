@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llmflow.models.decoder import PRESETS, DecoderConfig, PresetName
 from llmflow.tasks.core.stage import StageConfig
+from llmflow.tasks.train.planner import PlanSettings
 
 
 class TrainConfig(StageConfig):
@@ -27,6 +28,8 @@ class TrainConfig(StageConfig):
             "compile",
             "parallelism",
             "activation_checkpointing",
+            # preset=auto: what the plan decides (model, batch, steps) is in the config it keys
+            "plan",
             "peak_flops",
             "log_interval",
             "eval_interval",
@@ -162,8 +165,17 @@ class PretrainConfig(TrainConfig):
     ``micro_batch_size=32``, ``lr=6e-4``, ``warmup_steps=700`` and many thousands of steps.
     """
 
-    preset: PresetName = Field(
-        "tiny", description="Model size: tiny (CPU), gpt2-small (~124M, one GPU), llama-1b."
+    preset: PresetName | Literal["auto"] = Field(
+        "tiny",
+        description=(
+            "Model size: tiny (CPU), gpt2-small (~124M, one GPU), llama-1b; or auto: the run"
+            " planner (llmflow plan) sizes the model, seq_len, batch_tokens, micro_batch_size"
+            " and max_steps to the tokenized data and `plan` (hardware, hours)."
+        ),
+    )
+    plan: PlanSettings = Field(
+        default_factory=PlanSettings,
+        description="preset=auto only: the hardware, budget and tokens per parameter to plan for.",
     )
     model: dict[str, Any] = Field(
         default_factory=dict,
@@ -187,8 +199,10 @@ class PretrainConfig(TrainConfig):
         return self
 
     def decoder_config(self, vocab_size: int) -> DecoderConfig:
-        """The preset with the overrides and the tokenizer's vocabulary (padded to 64)."""
-        fields = PRESETS[self.preset].model_dump() | self.model
+        """The preset with the overrides and the tokenizer's vocabulary (padded to 64); under
+        ``auto`` the decoder's defaults with the overrides (the planner's shape, once applied)."""
+        base = DecoderConfig() if self.preset == "auto" else PRESETS[self.preset]
+        fields = base.model_dump() | self.model
         if "vocab_size" in self.model:
             raise ValueError("pretrain.model.vocab_size: set the tokenizer's vocab_size instead")
         fields["vocab_size"] = 64 * -(-vocab_size // 64)
