@@ -20,6 +20,12 @@ the same PaLM formula nanoGPT's ``estimate_mfu`` uses for the reference (6 x mat
 12 x layers x width x seq_len). The peak comes from the trainer's table of GPUs (bf16 dense), or
 ``--peak-flops``; on a CPU none is known and MFU reads n/a.
 
+Peak memory (CUDA only; n/a on a CPU) is each model's own: its weights and optimizer state plus
+the most ``torch.cuda.max_memory_allocated`` rose during one of its timed steps (its activations
+and gradients), the peak counter reset with ``torch.cuda.reset_peak_memory_stats`` before each
+step. Both models are resident at once (their steps alternate), so the device-wide peak would
+count the other model's weights too.
+
 Run (from the repository root)::
 
     /tmp/venv/bin/python bench/train_throughput.py --preset tiny
@@ -58,6 +64,17 @@ from llmflow.tasks.train.trainer import build_optimizer
 BENCH_PRESETS = ("tiny", "gpt2-small")
 DEFAULT_BATCH = {"tiny": 8, "gpt2-small": 16}
 LR, WEIGHT_DECAY, BETAS, GRAD_CLIP = 6e-4, 0.1, (0.9, 0.95), 1.0
+GIB = 1024**3
+# The printed table's columns (``format_table``); the GPU check's report shows the same table.
+TABLE_COLUMNS = (
+    "compile",
+    "llmflow tokens/s",
+    "llmflow MFU",
+    "nanoGPT tokens/s",
+    "nanoGPT MFU",
+    "llmflow / nanoGPT",
+    "peak memory llmflow / nanoGPT",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +226,7 @@ class Contender:
     model: nn.Module | None = field(default=None, repr=False)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     step_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None  # CUDA only: see the module's docstring
     warmup_s: float = 0.0
     error: str | None = None
 
@@ -266,6 +284,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resident_bytes(c: Contender) -> int:
+    """The contender's weights and optimizer state (exp_avg, exp_avg_sq, step), in bytes."""
+    assert c.model is not None and c.optimizer is not None
+    tensors = list(c.model.parameters())
+    tensors += [t for s in c.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def short_error(exc: BaseException) -> str:
     """The first line of the exception, for a table cell; the traceback goes to stderr."""
     traceback.print_exception(exc, file=sys.stderr)
@@ -301,10 +327,17 @@ def measure(
                 continue
             try:
                 sync(device)
+                if device.type == "cuda":
+                    own = resident_bytes(c)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
                 start = time.perf_counter()
                 train_step(c.model, c.optimizer, batch, autocast)
                 sync(device)
                 c.step_s.append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    peak = own + torch.cuda.max_memory_allocated(device) - before
+                    c.peak_bytes = max(c.peak_bytes or 0, peak)
             except Exception as exc:
                 c.error = short_error(exc)
 
@@ -374,6 +407,7 @@ def summarise(c: Contender, tokens_per_step: int, peak: float | None) -> dict:
         "tokens_per_s_best": None,
         "model_flops_per_s": None,
         "mfu": None,
+        "peak_memory_gib": None if c.peak_bytes is None else c.peak_bytes / GIB,
     }
     if c.step_s and not c.error:
         median = statistics.median(c.step_s)
@@ -390,18 +424,21 @@ def summarise(c: Contender, tokens_per_step: int, peak: float | None) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per compile mode, the two models side by side, ratio llmflow / nanoGPT."""
-    lines = [
-        "| compile | llmflow tokens/s | llmflow MFU | nanoGPT tokens/s | nanoGPT MFU |"
-        " llmflow / nanoGPT |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    """One line per compile mode, the two models side by side, ratio llmflow / nanoGPT, and each
+    model's peak memory (n/a on a CPU)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1)]
 
     def cell_tps(r: dict) -> str:
         return f"error: {r['error']}" if r["error"] else f"{r['tokens_per_s']:,.0f}"
 
     def cell_mfu(r: dict) -> str:
         return "n/a" if r["error"] or r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+
+    def cell_memory(ours: dict, ref: dict) -> str:
+        gib = (ours["peak_memory_gib"], ref["peak_memory_gib"])
+        if None in gib:
+            return "n/a"
+        return f"{gib[0]:.2f} / {gib[1]:.2f} GiB"
 
     for mode in ("off", "on"):
         ours = next((r for r in rows if r["model"] == "llmflow" and r["compile"] == mode), None)
@@ -413,7 +450,7 @@ def format_table(rows: list[dict]) -> str:
             ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
         lines.append(
             f"| {mode} | {cell_tps(ours)} | {cell_mfu(ours)} | {cell_tps(ref)} | {cell_mfu(ref)}"
-            f" | {ratio} |"
+            f" | {ratio} | {cell_memory(ours, ref)} |"
         )
     return "\n".join(lines)
 
@@ -470,13 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_step = batch_size * seq_len
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
-    print(
+    header = (
         f"preset {args.preset}: {config.num_layers} layers, {config.num_heads} heads, width "
         f"{config.hidden_size}, vocab {config.vocab_size}; batch {batch_size} x seq {seq_len}; "
         f"device {device_name(device)}; torch {torch.__version__}; peak "
-        f"{f'{peak:.3g} FLOP/s' if peak else 'unknown (MFU n/a)'}",
-        flush=True,
+        f"{f'{peak:.3g} FLOP/s' if peak else 'unknown (MFU n/a)'}"
     )
+    print(header, flush=True)
     rows: list[dict] = []
     profiles: dict[str, str] = {}
     for compiled in modes:
@@ -512,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(rows)
     print("\n" + table)
     result = {
+        "header": header,
         "preset": args.preset,
         "model_config": config.model_dump(),
         "batch_size": batch_size,
