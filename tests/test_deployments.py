@@ -189,22 +189,117 @@ def test_a_served_deployment_runs_when_triggered_through_prefect(
     assert not (workdir / "data" / "tokenize").exists()  # token shards: the train flow's work
 
 
-def test_prefect_yaml_declares_the_same_deployments() -> None:
+def _prefect_yaml() -> dict:
     import yaml
 
-    declared = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
-    by_name = {d["name"]: d for d in declared["deployments"]}
-    assert set(by_name) == set(PRESETS)
+    return yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+
+
+def test_prefect_yaml_declares_the_same_deployments_under_their_own_names() -> None:
+    by_name = {d["name"]: d for d in _prefect_yaml()["deployments"]}
+    # `<name>-worker`: deploying this file never replaces what `llmflow serve` registered
+    assert set(by_name) == {f"{name}-worker" for name in PRESETS}
     for name, preset in PRESETS.items():
-        deployment = by_name[name]
+        deployment = by_name[f"{name}-worker"]
         assert deployment["description"] == preset.description
-        assert deployment["entrypoint"] == f"flows/{preset.module}.py:{preset.flow}"
+        assert deployment["entrypoint"] == f"llmflow.flows.{preset.module}:{preset.flow}"
         parameters = preset_parameters(name, PipelineConfig())
-        assert deployment["parameters"] == {k: v for k, v in parameters.items() if k != "config"}
+        declared = deployment["parameters"]
+        # the required config: the defaults, crawling public addresses only, as serve's presets
+        assert PipelineConfig.model_validate(declared["config"]) == PipelineConfig.model_validate(
+            parameters["config"]
+        )
+        assert {k: v for k, v in declared.items() if k != "config"} == {
+            k: v for k, v in parameters.items() if k != "config"
+        }
         assert bool(deployment.get("schedules")) == preset.scheduled
-    assert by_name["train"]["work_pool"]["name"] == "llmflow-gpu"
-    assert by_name["curation-ablation"]["work_pool"]["name"] == "llmflow-gpu"
-    assert by_name["pipeline"]["work_pool"]["name"] == "llmflow-process"
+    assert by_name["train-worker"]["work_pool"]["name"] == "llmflow-gpu"
+    assert by_name["curation-ablation-worker"]["work_pool"]["name"] == "llmflow-gpu"
+    assert by_name["pipeline-worker"]["work_pool"]["name"] == "llmflow-process"
+
+
+@pytest.mark.server
+def test_prefect_yaml_deploys_and_a_worker_runs_its_deployment(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """`prefect deploy --all` from prefect.yaml, as its header says, then runs created as
+    `prefect deployment run` creates them: with no parameters they pass validation; one runs to
+    completion on a process worker, in the folder deployed from."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "prefect.yaml").write_text((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    env = llmflow_env(prefect_api, PWD=str(project))
+    prefect = str(Path(LLMFLOW).parent / "prefect")
+    for pool in ("llmflow-process", "llmflow-gpu"):
+        created = subprocess.run(
+            [prefect, "work-pool", "create", pool, "--type", "process"],
+            env=env,
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+    deployed = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"],
+        env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    api = httpx.Client(base_url=prefect_api, timeout=10)
+    worker = None
+    try:
+        found = post_retrying(api, "/deployments/filter", {}).json()
+        ours = {d["name"]: d for d in found if d["name"].endswith("-worker")}
+        assert set(ours) == {f"{name}-worker" for name in PRESETS}
+        assert ours["pipeline-worker"]["job_variables"]["working_dir"] == str(project)
+        # `prefect deployment run` sends no parameters: the declared config makes that valid
+        for deployment in ours.values():
+            created = post_retrying(api, f"/deployments/{deployment['id']}/create_flow_run", {})
+            assert created.status_code == 201, (deployment["name"], created.text)
+            api.delete(f"/flow_runs/{created.json()['id']}")
+        # one run to the end, on six small documents, by a worker
+        docs = []
+        (tmp_path / "docs").mkdir()
+        for i in range(6):
+            docs.append(str(tmp_path / "docs" / f"doc-{i}.txt"))
+            Path(docs[-1]).write_text(prose(i) + "\n")
+        config = _prefect_yaml()["definitions"]["config"]
+        config = json.loads(json.dumps(config))
+        config["crawl"]["seeds"] = docs
+        config["quality"] = {k.split(".")[1].split("=")[0]: [] for k in QUALITY_OFF[1::2]}
+        refresh = ours["data-refresh-worker"]
+        created = post_retrying(
+            api,
+            f"/deployments/{refresh['id']}/create_flow_run",
+            {"parameters": {"config": config}},
+        )
+        assert created.status_code == 201, created.text
+        log = tmp_path / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [prefect, "worker", "start", "--pool", "llmflow-process"],
+                env=llmflow_env(
+                    prefect_api,
+                    LLMFLOW_ALLOWED_ROOTS=f"{project / 'llmflow-work'},{tmp_path / 'docs'}",
+                ),
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        wait_completed(api, created.json()["id"], log)
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        api.close()
+    # the run wrote where it was deployed from: ./llmflow-work of the project folder
+    assert (project / "llmflow-work" / "data" / "documents" / "manifest.json").exists()
 
 
 @pytest.mark.server
