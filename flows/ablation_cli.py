@@ -8,11 +8,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llmflow.flows.ablation_config import load_ablation, variant_config
-from llmflow.flows.config import ConfigError, load_config
+# Only typer and rich with this module: `llmflow --help` imports it for the `ablate` command, and
+# the configs import every stage (torch, Prefect); the command imports them when it runs.
+from llmflow.flows.ui_servers import WORKDIR_DEFAULT
 
 
 def ablate(
+    ctx: typer.Context,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="YAML file of the base pipeline config."),
@@ -37,22 +39,24 @@ def ablate(
         str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2 (two at least).")
     ] = None,
     workdir: Annotated[
-        str | None,
-        typer.Option(help="Holds the datasets and the MLflow store. [default: ./llmflow-work]"),
-    ] = None,
+        str, typer.Option(help="Holds the datasets and the MLflow store.")
+    ] = WORKDIR_DEFAULT,
 ) -> None:
-    """Compare curation variants: build each one's documents, train the same proxy model on
-    each for several seeds, rank them by held-out bits per byte with 95% intervals."""
-    from llmflow.flows.cli import err, run_flow
+    """Compare curation variants: does each step lower held-out bits per byte?
+
+    Builds each variant's documents, trains the same proxy model on each for several seeds, and
+    ranks the variants by held-out bits per byte with 95% intervals."""
+    from llmflow.flows.ablation_config import load_ablation, variant_config
+    from llmflow.flows.cli import fail, given, run_flow
+    from llmflow.flows.config import ConfigError, load_config
 
     try:
-        config = load_config(config_file, overrides, workdir)
+        config = load_config(config_file, overrides, workdir if given(ctx, "workdir") else None)
         ablation = load_ablation(ablation_file, seeds, variants)
         for variant in ablation.variants:  # a bad override stops here, before any work
             variant_config(config, ablation, variant)
     except ConfigError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
 
     def start() -> dict[str, Any]:
         from llmflow.flows.ablation import curation_ablation
@@ -60,8 +64,7 @@ def ablate(
         try:
             return curation_ablation(config=config, ablation=ablation)
         except ValueError as error:  # what the data cannot give (no held-out documents)
-            err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            raise fail(error, code=1) from None
 
     _print_ranking(run_flow(config, start))
 

@@ -220,8 +220,9 @@ def load_ablation(
     try:
         ablation = AblationConfig.model_validate(tree)
     except ValidationError as error:
-        message = describe_validation_error(error).replace("invalid config", "invalid ablation")
-        raise ConfigError(message) from error
+        where = f"ablation file {path}" if path is not None else "ablation"
+        lines = describe_validation_error(error, AblationConfig, "the ablation").splitlines()
+        raise ConfigError("\n".join(f"{where}: {line}" for line in lines)) from error
     if variants is None:
         return ablation
     wanted = [v.strip() for v in variants.split(",") if v.strip()]

@@ -11,29 +11,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+# Only typer, rich, the standard library and modules that import nothing heavier load with this
+# module: `llmflow --help` imports it, and the config (every stage's module, torch, Prefect,
+# scikit-learn) costs seconds. Each command imports what it needs (tests/test_cli_startup.py).
 from llmflow.flows.ablation_cli import ablate
-from llmflow.flows.config import (
-    STAGES,
-    ConfigError,
-    DataLayout,
-    PipelineConfig,
-    load_config,
-    resolve_stages,
-    stage_inputs,
-)
-from llmflow.flows.ui_servers import ui
-from llmflow.tasks.core.document_versions import DOCUMENTS
-from llmflow.tasks.registry import GRAPH
+from llmflow.flows.evaluate_cli import evaluate
+from llmflow.flows.ui_servers import WORKDIR_DEFAULT, ui
+from llmflow.tasks.stage_names import STAGE_NAMES
+
+if TYPE_CHECKING:
+    from llmflow.flows.config import PipelineConfig
 
 app = typer.Typer(
     help="llmflow: from raw web text to a trained, instruction-tuned, evaluated language model.",
@@ -50,6 +46,21 @@ out = Console() if sys.stdout.isatty() else Console(width=120)
 @app.callback()
 def main() -> None:
     """Prefect flows over Parquet datasets, every run recorded in MLflow."""
+
+
+def fail(error: object, code: int = 2) -> typer.Exit:
+    """Print ``error`` as ``Error: …`` lines (a config error has one per problem) and return
+    the exit to raise; the text is printed as it is, never read as rich markup."""
+    for line in str(error).splitlines() or [""]:
+        err.print(f"[bold red]Error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name``. ``--workdir`` shows its default in the help, but a
+    config file's ``workdir:`` wins over that default: only a given ``--workdir`` overrides it."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _prefect_environment(workdir: Path) -> dict[str, str]:
@@ -70,7 +81,10 @@ def _prefect_environment(workdir: Path) -> dict[str, str]:
 
 def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
     """A stage run without the one before it reads that stage's dataset: it must be there."""
+    from llmflow.flows.config import ConfigError, DataLayout, stage_inputs
     from llmflow.tasks.core import shards
+    from llmflow.tasks.core.document_versions import DOCUMENTS
+    from llmflow.tasks.registry import GRAPH
 
     layout = DataLayout.of(config)
     for stage in stages:
@@ -90,6 +104,7 @@ def _check_inputs(config: PipelineConfig, stages: list[str]) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="YAML file of the pipeline config (see README)."),
@@ -106,17 +121,15 @@ def run(
     stages: Annotated[
         str | None,
         typer.Option(
-            help=f"Comma-separated subset of stages ({','.join(STAGES)}); the others' outputs"
-            " are read from disk."
+            # ", " lets the help wrap between names at 80 columns instead of cutting one
+            help="Comma-separated subset of the stages, in pipeline order:"
+            f" {', '.join(STAGE_NAMES)} (e.g. --stages crawl,normalize); the others' outputs are"
+            " read from disk."
         ),
     ] = None,
     workdir: Annotated[
-        str | None,
-        typer.Option(
-            help="Holds the datasets, the MLflow store and Prefect's database."
-            " [default: ./llmflow-work]"
-        ),
-    ] = None,
+        str, typer.Option(help="Holds the datasets, the MLflow store and Prefect's database.")
+    ] = WORKDIR_DEFAULT,
     refresh: Annotated[
         bool,
         typer.Option(
@@ -127,22 +140,27 @@ def run(
     ] = False,
 ) -> None:
     """Run the pipeline (crawl to an evaluated model) and print what each stage did."""
+    from llmflow.flows.config import ConfigError, load_config, resolve_stages
+
     try:
-        config = load_config(config_file, overrides, workdir)
+        config = load_config(config_file, overrides, workdir if given(ctx, "workdir") else None)
         selected = resolve_stages(stages)
         if refresh and "crawl" not in selected:
             raise ConfigError(f"--refresh starts with a new crawl; --stages {stages} has none")
         _check_inputs(config, selected)
     except ConfigError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
 
     def start() -> dict[str, Any]:
         from llmflow.flows.pipeline import run_pipeline
 
         return run_pipeline(config, selected, refresh)
 
-    _print_summary(run_flow(config, start), Path(config.workdir).absolute())
+    from llmflow.flows.run_summary import print_summary
+
+    # a run whose data came to nothing stopped early: its summary says where and why; exit 1
+    result = run_flow(config, start)
+    raise typer.Exit(code=print_summary(result, Path(config.workdir).absolute(), out))
 
 
 def run_flow(config: PipelineConfig, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -161,11 +179,9 @@ def run_flow(config: PipelineConfig, start: Callable[[], dict[str, Any]]) -> dic
         with temporary_api(workdir_path, _note) if own_api else contextlib.nullcontext():
             return start()
     except DatasetBusyError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=3) from None
+        raise fail(error, code=3) from None
     except UIServerError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from None
+        raise fail(error, code=1) from None
 
 
 def _note(message: str) -> None:
@@ -174,6 +190,7 @@ def _note(message: str) -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="YAML file of the config the deployments start with."),
@@ -183,11 +200,8 @@ def serve(
         typer.Option("--set", "-s", help="Override one field of that config: KEY=VALUE."),
     ] = None,
     workdir: Annotated[
-        str | None,
-        typer.Option(
-            help="The deployments' workdir (datasets, MLflow store). [default: ./llmflow-work]"
-        ),
-    ] = None,
+        str, typer.Option(help="The deployments' workdir (datasets, MLflow store).")
+    ] = WORKDIR_DEFAULT,
     refresh_cron: Annotated[
         str, typer.Option(help="When the data-refresh deployment runs (cron, server time zone).")
     ] = "0 3 * * *",
@@ -207,22 +221,23 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve the deployments (pipeline, data-refresh, train, evaluate, curation-ablation) to the
-    Prefect server in $PREFECT_API_URL; their runs execute here. Ctrl-C stops serving.
+    """Serve the deployments to the Prefect server in $PREFECT_API_URL; Ctrl-C stops.
+
+    The deployments are pipeline, data-refresh, train, evaluate and curation-ablation; their runs
+    execute here.
 
     A run's parameters come from whoever creates it: runs are refused when they name a path
     outside the workdir, this config's own locations and --allow-root, or a dask_address not
     allowed (llmflow.flows.deployment_guard)."""
     if not os.environ.get("PREFECT_API_URL"):
-        err.print(
-            "[bold red]Error:[/] llmflow serve needs a Prefect server: set PREFECT_API_URL"
-            " (e.g. http://127.0.0.1:4200/api, the server `prefect server start` runs)",
-            highlight=False,
-            soft_wrap=True,
+        raise fail(
+            "llmflow serve needs a Prefect server: set PREFECT_API_URL"
+            " (e.g. http://127.0.0.1:4200/api, the server `prefect server start` runs)"
         )
-        raise typer.Exit(code=2)
+    from llmflow.flows.config import ConfigError, load_config
+
     try:
-        config = load_config(config_file, overrides, workdir)
+        config = load_config(config_file, overrides, workdir if given(ctx, "workdir") else None)
         from prefect.client.schemas.schedules import CronSchedule
         from pydantic import ValidationError
 
@@ -233,8 +248,7 @@ def serve(
                 f"--refresh-cron {refresh_cron!r}: not a valid cron expression"
             ) from None
     except ConfigError as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
     config = config.model_copy(update={"workdir": str(Path(config.workdir).absolute())})
     from llmflow.flows.deployment_guard import serve_environment
 
@@ -256,181 +270,6 @@ def serve(
 
 
 @app.command()
-def evaluate(
-    model: Annotated[
-        Path,
-        typer.Option(
-            help="A Hugging Face model directory, a .gguf file, an llmflow run folder"
-            " (data/pretrain/runs/<key>, data/sft/runs/<key>) or one of its checkpoints."
-        ),
-    ],
-    tasks: Annotated[
-        str, typer.Option(help="Comma-separated benchmark tasks, e.g. hellaswag,arc_easy,piqa.")
-    ],
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder holding the benchmark files in their published formats (default: the"
-            " 200-item subsets shipped with llmflow, for a quick offline look)."
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option(help="Score only the first N items of each task.")
-    ] = None,
-    num_fewshot: Annotated[
-        int | None,
-        typer.Option(help="Solved examples before each item (default: the task's, 5 for MMLU)."),
-    ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Rows of up to 256 tokens per forward pass (requests sharing a prefix share it).",
-        ),
-    ] = 8,
-    output: Annotated[
-        Path, typer.Option(help="Where the JSON results (scores and standard errors) go.")
-    ] = Path("eval-results.json"),
-) -> None:
-    """Score a model on benchmarks as lm-evaluation-harness does; print and save the results."""
-    from llmflow.tasks.evaluate.benchmarks import TASKS
-
-    wanted = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in wanted if t not in TASKS]
-    if unknown or not wanted:
-        err.print(
-            f"[bold red]Error:[/] --tasks {tasks!r}: unknown task(s)"
-            f" {', '.join(unknown) or '(none given)'}; known: {', '.join(TASKS)}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(code=2)
-    from llmflow.tasks.core.progress import progress_per_task
-    from llmflow.tasks.evaluate.evaluation import evaluate_model, find_benchmark, results_rows
-    from llmflow.tasks.evaluate.model_loading import load_causal_lm
-    from llmflow.tasks.evaluate.summary_scores import core_score
-    from llmflow.tasks.ingest.embedded_data import BENCHMARKS_DIR
-
-    data_dir = data_dir or BENCHMARKS_DIR
-    try:
-        for task in wanted:
-            find_benchmark(task, data_dir)
-        lm, tokenizer = load_causal_lm(model)
-    except (ValueError, OSError) as error:
-        err.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
-
-    with progress_per_task("evaluate") as on_task:
-        results = evaluate_model(
-            lm, tokenizer, wanted, data_dir, limit, num_fewshot, on_task, batch_size=batch_size
-        )
-    results["config"]["model"] = str(model)
-    output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    table = Table(title=f"llmflow evaluate: {model}")
-    for column in ("task", "metric", "value", "± stderr", "items", "shots", "time"):
-        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
-    for row in results_rows(results):
-        table.add_row(
-            row["task"],
-            row["metric"],
-            f"{row['value']:.4f}",
-            "" if row["stderr"] is None else f"{row['stderr']:.4f}",
-            str(row["items"]),
-            str(row["shots"]),
-            f"{results['results'][row['task']]['seconds']:.1f} s",
-        )
-    out.print(table)
-    core, centred = core_score(results["results"])
-    out.print(
-        f"CORE {core:.4f} (accuracy centred on chance, mean over {', '.join(centred)})",
-        highlight=False,
-        soft_wrap=True,
-    )
-    out.print(f"results: {output}", highlight=False, soft_wrap=True)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _tool(name: str) -> str:
-    """The console script beside this interpreter, so the printed command works as is."""
-    candidate = Path(sys.executable).parent / name
-    if not candidate.exists():
-        return name
-    try:
-        return str(candidate.relative_to(Path.cwd()))
-    except ValueError:
-        return str(candidate)
-
-
-def _print_documents_version(documents: dict[str, Any]) -> None:
-    """The version of the documents the run published, and what its refresh found."""
-    refresh = documents["refresh"]
-    removed = ", ".join(f"{k} {v}" for k, v in refresh["removed_by_reason"].items())
-    out.print(
-        f"documents v{documents['version']:04d}: {documents['kept']} documents;"
-        f" this version fetched {refresh['fetched']}, unchanged {refresh['unchanged']},"
-        f" added {refresh['added']}, removed {refresh['removed']}"
-        + (f" ({removed})" if removed else ""),
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-def _print_summary(result: dict[str, Any], workdir: Path) -> None:
-    table = Table(title="llmflow pipeline")
-    columns = ("stage", "in", "kept", "rejected", "fetch failures", "size", "time", "units run")
-    for column in columns:
-        # a narrow terminal wraps the headers, never a stage's name
-        left = column == "stage"
-        table.add_column(column, justify="left" if left else "right", no_wrap=left)
-    for s in result["stages"]:
-        table.add_row(
-            s["stage"],
-            str(s["docs_in"]),
-            str(s["kept"]),
-            str(s["rejected"]),
-            str(s["fetch_failures"]),
-            _human_bytes(s["bytes"]),
-            f"{s['seconds']:.1f} s",
-            f"{s['units'] - s['units_skipped']}/{s['units']}",
-        )
-    out.print(table)
-    for s in result["stages"]:
-        out.print(f"{s['stage']}: {s['path']}", highlight=False, soft_wrap=True)
-        if s.get("summary"):
-            out.print(f"  {s['summary']}", highlight=False, soft_wrap=True)
-        if s["rejected_by_reason"]:
-            reasons = ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
-            out.print(f"  rejected: {reasons}", highlight=False, soft_wrap=True)
-        if s["stage"] == GRAPH.document_stages[-1] and result.get("documents"):
-            _print_documents_version(result["documents"])
-    if all(s["units_skipped"] == s["units"] for s in result["stages"]):
-        out.print("Nothing to do: every unit of work was already complete.")
-    uri = result["mlflow_tracking_uri"]
-    out.print(f"MLflow run: {result['mlflow_run_id']} ({uri})", highlight=False, soft_wrap=True)
-    out.print(f"Prefect flow run: {result['prefect_flow_run_id']}", highlight=False)
-    if os.environ.get("PREFECT_API_URL"):
-        prefect_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
-        out.print(f"Prefect UI:  open {prefect_url}", highlight=False, soft_wrap=True)
-    if uri.startswith("sqlite:"):
-        mlflow_cmd = f"{_tool('mlflow')} ui --backend-store-uri {shlex.quote(uri)}"
-    else:
-        mlflow_cmd = f"open {uri}"
-    out.print(f"MLflow UI:   {mlflow_cmd}", highlight=False, soft_wrap=True)
-    # llmflow ui, not a bare `prefect server start`: it puts the API behind the workdir's auth
-    # string and limits CORS to its own UI (README, Security).
-    workdir_arg = shlex.quote(str(workdir))
-    out.print(f"Both UIs:    {_tool('llmflow')} ui --workdir {workdir_arg}", highlight=False)
-
-
-@app.command()
 def plan(
     tokens: Annotated[
         str | None,
@@ -448,7 +287,10 @@ def plan(
     ] = None,
     gpus: Annotated[int, typer.Option(help="How many of them (one machine).")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="Plan for this CPU (the default).")] = False,
-    hours: Annotated[float | None, typer.Option(help="Wall-clock budget. [default: 1.0]")] = None,
+    # typer would read "[default: …]" in a help text as rich markup and drop it: show_default
+    hours: Annotated[
+        float | None, typer.Option(help="Wall-clock budget.", show_default="1.0")
+    ] = None,
     budget_usd: Annotated[
         float | None, typer.Option(help="Budget in dollars instead of --hours.")
     ] = None,
@@ -463,27 +305,24 @@ def plan(
     ] = 4.0,
     vocab_size: Annotated[
         int | None,
-        typer.Option(help="Vocabulary size. [default: the manifest's, else 32768]"),
+        typer.Option(help="Vocabulary size.", show_default="the manifest's, else 32768"),
     ] = None,
     depth: Annotated[
         int | None, typer.Option(help="Fix the depth (layers); the planner sizes the rest.")
     ] = None,
     seq_len: Annotated[int | None, typer.Option(help="Fix the sequence length.")] = None,
     mfu: Annotated[
-        float | None, typer.Option(help="Assumed MFU on the GPU. [default: 0.40]")
+        float | None, typer.Option(help="Assumed MFU on the GPU.", show_default="0.40")
     ] = None,
     memory_gb: Annotated[
         float | None, typer.Option(help="Memory per device in GiB (default: the GPU's; CPU 16).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Size the model, batch and steps to the data, the hardware and a budget; print the plan and
-    why (times and MFU are predictions)."""
-    from llmflow.tasks.train.planner import PlanError, hardware, plan_run
+    """Size a pretraining run to the data, the hardware and a budget.
 
-    def fail(message: str) -> typer.Exit:
-        err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
-        return typer.Exit(code=2)
+    Prints the model, batch and steps, and why (times and MFU are predictions)."""
+    from llmflow.tasks.train.planner import PlanError, hardware, plan_run
 
     if (tokens is None) == (workdir is None):
         raise fail("give one of --tokens N and --workdir DIR (the tokenized data to plan for)")
@@ -527,6 +366,7 @@ def plan(
 
 app.command()(ui)
 app.command()(ablate)
+app.command()(evaluate)
 
 if __name__ == "__main__":
     app()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmflow.tasks.core.document_versions import DOCUMENTS, version_name, working_version
 from llmflow.tasks.curate.decontaminate import DecontaminateConfig
@@ -29,7 +31,7 @@ from llmflow.tasks.ingest.crawl_config import CrawlConfig
 from llmflow.tasks.registry import GRAPH
 from llmflow.tasks.train.bpe_tokenizer import TokenizerConfig
 from llmflow.tasks.train.tokenize import TokenizeConfig
-from llmflow.tasks.train.train_config import PretrainConfig, SftConfig
+from llmflow.tasks.train.train_config import PretrainConfig, SftConfig, sft_batch_problem
 
 # The pipeline's stages, in order, as the registry declares them (llmflow.tasks.registry).
 STAGES: tuple[str, ...] = GRAPH.names
@@ -107,6 +109,15 @@ class PipelineConfig(BaseModel):
     sft: SftConfig = Field(default_factory=SftConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
+    @model_validator(mode="after")
+    def _sft_batch_fits(self) -> PipelineConfig:
+        """SFT's sequences default to the pretrained model's context, which only the whole
+        config knows; a batch the trainer cannot split is refused here, before any stage runs."""
+        problem = sft_batch_problem(self.pretrain, self.sft)
+        if problem:
+            raise ValueError(f"sft.batch_tokens: {problem}")
+        return self
+
     def dataset_root(self) -> str:
         return self.data_root or str(Path(self.workdir).absolute() / "data")
 
@@ -170,32 +181,61 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _check_key(path: list[str]) -> None:
-    """Fail on a key the config does not have, suggesting the nearest one."""
-    model: type[BaseModel] = PipelineConfig
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds (``Model``, ``Model | None``, ``list[Model]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_free_form(annotation: Any) -> bool:
+    """A dict field (``pretrain.model``): its keys are the field's own validator's to check."""
+    return typing.get_origin(annotation) is dict or any(
+        typing.get_origin(arg) is dict for arg in typing.get_args(annotation)
+    )
+
+
+def unknown_key(
+    shown: Sequence[str], root: type[BaseModel] = PipelineConfig, what: str = "the pipeline config"
+) -> str | None:
+    """Why the key path ``shown`` names no field of ``root``, with the nearest field as a hint;
+    None if it names one. Its parts may carry list indexes (``variants[0]``); ``what`` names
+    ``root`` in the message."""
+    path = [re.sub(r"(\[\d+\])+$", "", part) for part in shown]
+    key = ".".join(shown)
+    model = root
     for depth, part in enumerate(path):
         fields = model.model_fields
         if part not in fields:
-            where = ".".join(path[:depth]) or "the pipeline config"
             near = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f" (did you mean {'.'.join([*path[:depth], near[0]])!r}?)" if near else ""
-            raise ConfigError(
-                f"unknown key {'.'.join(path)!r}: {where} has no field {part!r}{hint}"
-            )
+            if near:
+                hint = f"did you mean {'.'.join([*shown[:depth], near[0]])!r}?"
+            elif depth:
+                hint = f"{'.'.join(shown[:depth])!r} has no field {part!r}"
+            else:
+                hint = f"{what} has no field {part!r}"
+            return f"{key}: unknown key ({hint})"
         annotation = fields[part].annotation
-        if typing.get_origin(annotation) is dict:
-            return  # free-form keys (pretrain.model): the model's own validator checks them
-        nested = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
-        if depth < len(path) - 1 and nested is None:
-            raise ConfigError(
-                f"unknown key {'.'.join(path)!r}: {'.'.join(path[: depth + 1])!r} has no fields"
-            )
-        if nested is not None:
-            model = nested
+        if _is_free_form(annotation):
+            return None
+        nested = _model_of(annotation)
+        if nested is None:
+            if depth < len(path) - 1:
+                return f"{key}: unknown key ({'.'.join(shown[: depth + 1])!r} has no fields)"
+            return None
+        model = nested
+    return None
+
+
+def _check_key(path: list[str]) -> None:
+    """Fail on a key the config does not have, suggesting the nearest one."""
+    problem = unknown_key(path)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -207,15 +247,81 @@ def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    lines = []
+def _key_path(
+    loc: Sequence[str | int], root: type[BaseModel]
+) -> tuple[list[str], type[BaseModel] | None]:
+    """The user's key path of an error's location (``pretrain.sample_prompts[0]``), without the
+    union members' tags pydantic puts in it, and the config class at that path (None past one)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = root
+    free = False
+    for part in loc:
+        if isinstance(part, int):
+            if parts:
+                parts[-1] += f"[{part}]"
+            continue
+        if free:
+            parts.append(part)
+        elif model is not None and part in model.model_fields:
+            parts.append(part)
+            annotation = model.model_fields[part].annotation
+            free, model = _is_free_form(annotation), _model_of(annotation)
+        # anything else is a tag: which member of a union failed
+    return parts, model
+
+
+def _got(value: Any) -> str:
+    """The offending value, short; never a whole section of the config (a model's input)."""
+    if isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+
+
+def _validator_message(key: str, model: type[BaseModel] | None, message: str) -> str:
+    """A validator's own message under its key path: ``batch_tokens: …`` raised by the pretrain
+    section's validator reads ``pretrain.batch_tokens: …``; a message that names its key in full
+    already is kept as it is."""
+    named = re.match(r"([A-Za-z_]\w*(?:\.\w+)*): (.*)", message, re.S)
+    if named and model is not None and named[1].split(".")[0] in model.model_fields:
+        return f"{'.'.join(filter(None, [key, named[1]]))}: {named[2]}"
+    if not key or message.startswith((f"{key}:", f"{key}.")):
+        return message
+    return f"{key}: {message}"
+
+
+def describe_validation_error(
+    error: ValidationError,
+    root: type[BaseModel] = PipelineConfig,
+    what: str = "the pipeline config",
+) -> str:
+    """One line per problem, each ``<key path>: <what is wrong>``: a misspelt key gets the
+    nearest real one, a validator's message loses pydantic's "Value error, " prefix, and the
+    input is shown only when it is one value (not a whole section of the config)."""
+    problems: dict[str, list[str]] = {}
+    inputs: dict[str, Any] = {}
+    lines: list[str] = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
+        parts, model = _key_path(item["loc"], root)
+        key = ".".join(parts)
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}")
+            # the unknown key itself is no field, so it is not in the walked path
+            shown = [*_key_path(item["loc"][:-1], root)[0], str(item["loc"][-1])]
+            lines.append(unknown_key(shown, root, what) or f"{'.'.join(shown)}: unknown key")
+        elif item["type"] in ("value_error", "assertion_error"):
+            cause = (item.get("ctx") or {}).get("error")
+            message = str(cause) if cause is not None else item["msg"]
+            lines.append(_validator_message(key, model, message))
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid config: " + "; ".join(lines)
+            # a union's members each fail: one line for the key, their messages joined
+            if key not in problems:
+                problems[key], inputs[key] = [], item.get("input")
+                lines.append(key)
+            problems[key].append(item["msg"])
+    return "\n".join(
+        f"{line}: {' or '.join(problems[line])}{_got(inputs[line])}" if line in problems else line
+        for line in lines
+    )
 
 
 def with_overrides(config: PipelineConfig, overrides: list[str], what: str) -> PipelineConfig:
@@ -229,9 +335,13 @@ def with_overrides(config: PipelineConfig, overrides: list[str], what: str) -> P
             _set(tree, path, value)
         return PipelineConfig.model_validate(tree)
     except ConfigError as error:
-        raise ConfigError(f"{what}: {error}") from error
+        raise ConfigError(_each_line(what, str(error))) from error
     except ValidationError as error:
-        raise ConfigError(f"{what}: {describe_validation_error(error)}") from error
+        raise ConfigError(_each_line(what, describe_validation_error(error))) from error
+
+
+def _each_line(what: str, message: str) -> str:
+    return "\n".join(f"{what}: {line}" for line in message.splitlines())
 
 
 def load_config(

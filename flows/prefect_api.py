@@ -47,6 +47,19 @@ TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 RETRIES_VARIABLE = "PREFECT_CLIENT_MAX_RETRIES"
 CLIENT_MAX_RETRIES = 8
 
+# The API URLs this process's temporary servers answer at: no UI, and gone when the run ends.
+_TEMPORARY: set[str] = set()
+
+
+def is_temporary(api_url: str | None = None) -> bool:
+    """Whether ``api_url`` (default: the API this process talks to) is a temporary server of
+    ours, so that no link to its pages outlives the run."""
+    if api_url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value()
+    return bool(api_url) and str(api_url).rstrip("/") in _TEMPORARY
+
 
 def client_environment() -> dict[str, str]:
     """What our temporary server's clients (this process, and the process pool's or local Dask
@@ -92,8 +105,10 @@ def temporary_api(workdir: Path, say: Callable[[str], None] = print) -> Iterator
         say(f"Prefect API ready after {time.monotonic() - started:.0f} s")
         os.environ.update(clients)
         refresh_global_settings_context()
+        _TEMPORARY.add(clients["PREFECT_API_URL"])
         yield os.environ["PREFECT_API_URL"]
     finally:
+        _TEMPORARY.discard(clients["PREFECT_API_URL"])
         _flush_to_api()
         for name, value in previous.items():
             if value is None:

@@ -20,13 +20,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from llmflow.flows import reporting
 from llmflow.flows.config import DataLayout, PipelineConfig, StageLayout
-from llmflow.flows.tracking import PipelineTracker, StageRun
+from llmflow.flows.tracking import UNITS_SKIPPED, PipelineTracker, StageRun
 from llmflow.flows.unit_batches import map_units, units_per_batch
 from llmflow.tasks.core import document_versions, shards
 from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import Stage, StageContext
 from llmflow.tasks.core.manifests import finalize_stage
-from llmflow.tasks.core.progress import StepProgress, artifact_key
+from llmflow.tasks.core.progress import StepProgress, stage_key
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.stage import UnitRecord, WorkUnit
 from llmflow.tasks.registry import GRAPH
@@ -141,7 +141,7 @@ def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.St
     ) -> list[Any]:
         size = ctx.config.units_per_task or units_per_batch(len(items), ctx.config.max_workers)
         results: list[Any] = []
-        with StepProgress(artifact_key(label), label, len(items)) as progress:
+        with StepProgress(stage_key(label, name), label, len(items)) as progress:
             for done in map_units(task, items, settings, stage_dir, size):
                 results.extend(done)
                 progress.advance(len(done))
@@ -150,16 +150,26 @@ def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.St
         return results
 
     params = settings.model_dump(mode="json")
+    funnel = reporting.StageFunnel(name)
     with ctx.start_run(params, {"llmflow.dataset": stage_dir}) as run:
-        last_live = [0.0]
+        last_live = [time.monotonic()]  # a stage done within the interval draws no curve
+        live_steps = [0]
 
         def live(records: list[UnitRecord]) -> None:
-            """Every counter in MLflow and Prefect while the stage runs, every few seconds."""
-            if len(records) < len(units) and time.monotonic() - last_live[0] >= _LIVE_INTERVAL_S:
-                last_live[0] = time.monotonic()
-                metrics = reporting.unit_counts(records)
-                run.log(metrics=metrics, step=len(records))
-                reporting.counts_table(name, metrics, run.run_id, len(units))
+            """Every counter in MLflow and Prefect while the stage runs, every few seconds, once
+            a unit did work (units found done are counted, but open no run on their own)."""
+            if len(records) == len(units) or time.monotonic() - last_live[0] < _LIVE_INTERVAL_S:
+                return
+            if all(r.skipped for r in records):
+                return
+            last_live[0] = time.monotonic()
+            run.log(metrics=reporting.unit_counts(records), step=len(records))
+            live_steps[0] = len(records)
+            skipped = sum(r.skipped for r in records)
+            link = reporting.run_link(run.run_id, run.tracking_uri, run.experiment_id)
+            counts = reporting.live_counts(records)
+            units_now = (len(records), skipped, len(units))
+            funnel.publish(reporting.funnel_markdown(name, counts, units_now, link, done=False))
 
         if stage.prepare is not None:
             stage.prepare(units, settings, stage_dir, map_task)
@@ -169,17 +179,23 @@ def _run_mapped(stage: Stage, ctx: StageContext, started: float) -> reporting.St
         else:
             manifest = finalize_stage(stage_dir, stage.spec, settings, records, input_digest)
         seconds = time.perf_counter() - started
-        metrics = reporting.stage_metrics(manifest, records, seconds)
+        final, summary = reporting.stage_metrics(manifest, records, seconds)
+        # the curve's last point where there is a curve; else values logged once (a bar)
+        step = len(records) if live_steps[0] else 0
         run.log(
-            metrics=metrics,
+            metrics=final,
             tags={"llmflow.manifest_sha256": manifest_sha256(stage_dir)},
-            step=len(records),
+            step=step,
         )
+        run.log(metrics=summary)
         run.log_dict(manifest, "manifest.json")
         if stage.report is not None:
             stage.report(run, units, settings, stage_dir)
         run.log_dict(reporting.rejected_sample(stage_dir, manifest), "rejected_sample.json")
-    reporting.counts_table(name, metrics, run.run_id, len(units))
+    link = reporting.run_link(run.run_id, run.tracking_uri, run.experiment_id)
+    skipped = int(summary[UNITS_SKIPPED])
+    units_done = (len(records), skipped, len(units))
+    funnel.publish(reporting.funnel_markdown(name, manifest["counts"], units_done, link, done=True))
     return reporting.shard_stage_report(name, stage_dir, manifest, records, seconds, run.run_id)
 
 

@@ -7,11 +7,12 @@ run silently comes out top-level (../shared/STACK.md).
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 
 from llmflow.tasks.core import progress
 from llmflow.tasks.ingest.crawl_config import redact_url
@@ -27,6 +29,28 @@ from llmflow.tasks.ingest.crawl_config import redact_url
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 _BATCH = 100
 DATA_ROOT_TAG = "llmflow.data_root"
+# MLflow 3's UI opens an experiment by its kind: without this tag (or with "genai_development")
+# on the GenAI overview (Traces, "No data available"), the runs behind a toggle; with it, on
+# the runs table (the tag's key and values are the UI's own: mlflow/server/js, experimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+# MLflow 3.18's UI goes further: it opens every experiment by a workflow type of its own
+# ("GenAI" unless the address says otherwise or the user picked "Model training" in that
+# browser), whatever the tag says; so every MLflow address llmflow gives carries this.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# Every stage run logs how many units of work it had and how many it found already done: a run
+# whose every unit was skipped repeats an earlier one and is not recorded again (StageRun).
+UNITS, UNITS_SKIPPED = "units", "units_skipped"
+# A stage run's MLflow run opens when the stage first needs its id, or once it has worked this
+# long (a stage that only finds its work done takes less), so that a long one shows as running.
+OPEN_AFTER_S = 30.0
+
+
+def mlflow_page(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The address of an experiment's page (its runs table), or of a run's, in the MLflow UI at
+    ``base_url``, in MLflow's model-training view (:data:`MODEL_TRAINING_VIEW`)."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
 
 
 def default_tracking_uri(workdir: str) -> str:
@@ -71,6 +95,10 @@ class PipelineTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before llmflow set it, or by hand
+                self.client.set_experiment_tag(
+                    self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+                )
         else:
             # With the default SQLite store, artifacts sit beside it in the workdir rather than
             # in ./mlruns of whatever directory the command was started from.
@@ -78,7 +106,9 @@ class PipelineTracker:
             if tracking_uri == default_tracking_uri(workdir):
                 location = (Path(workdir).absolute() / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location
+                experiment,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
             )
         self.parent_run_id: str | None = None
 
@@ -120,17 +150,50 @@ class PipelineTracker:
         self.log(self.parent_run_id, params=params)
         return self.parent_run_id
 
-    def start_child(self, stage: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    def child_tags(self, stage: str, tags: dict[str, str]) -> dict[str, str]:
+        """The tags a stage's run is created with: its own, the data root, parent and stage."""
         assert self.parent_run_id is not None, "start the parent run first"
+        return (
+            tags
+            | self.root_tag
+            | {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "llmflow.stage": stage}
+        )
+
+    def start_child(
+        self,
+        stage: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        start_time: int | None = None,
+    ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=stage,
-            tags=tags
-            | self.root_tag
-            | {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "llmflow.stage": stage},
+            start_time=start_time,
+            tags=self.child_tags(stage, tags),
         )
         self.log(run.info.run_id, params=params)
         return run.info.run_id
+
+    def find_repeat(
+        self, stage: str, params: dict[str, str], tags: dict[str, str], but: str | None = None
+    ) -> str | None:
+        """The newest finished run of ``stage`` on this data root with these params and (at
+        least) these tags, other than ``but``: the run that recorded what a stage that found
+        all its work done would record again. None when there is none."""
+        own = {k: v for k, v in self.child_tags(stage, tags).items() if not k.startswith("mlflow.")}
+        query = f"tags.`llmflow.stage` = '{stage}' and attributes.status = 'FINISHED'"
+        root = self.root_tag.get(DATA_ROOT_TAG)
+        if root and "'" not in root:  # a quote would end MLflow's string; compared below anyway
+            query += f" and tags.`{DATA_ROOT_TAG}` = '{root}'"
+        candidates = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=200
+        )
+        for run in candidates:
+            same_tags = all(run.data.tags.get(k) == v for k, v in own.items())
+            if run.info.run_id != but and same_tags and run.data.params == params:
+                return run.info.run_id
+        return None
 
     def log(
         self,
@@ -139,9 +202,15 @@ class PipelineTracker:
         metrics: dict[str, float] | None = None,
         tags: dict[str, str] | None = None,
         step: int = 0,
+        timestamp: int | None = None,
     ) -> None:
-        """Log in batches; ``step`` orders repeated values of a metric (live counts per unit)."""
-        now = int(time.time() * 1000)
+        """Log in batches; ``step`` orders repeated values of a metric (live counts per unit).
+
+        MLflow draws a metric whose last value has step 0 as a bar (one per run) and one with a
+        step of 1 or more as a line: a value logged once belongs at step 0, a line of one point
+        is what a summary at another step looks like.
+        """
+        now = timestamp or int(time.time() * 1000)
         param_list = [Param(k, v) for k, v in (params or {}).items()]
         metric_list = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
         tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
@@ -226,7 +295,7 @@ class PipelineTracker:
         """The run's page when MLflow is a server (``http(s)://`` tracking URI), else None."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return mlflow_page(self.tracking_uri, self.experiment_id, run_id)
 
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
@@ -235,29 +304,110 @@ class PipelineTracker:
     def stage_run(
         self, stage: str, params: dict[str, Any], tags: dict[str, str]
     ) -> Iterator[StageRun]:
-        """A stage's child run, the skeleton every stage shares: started with its config as
-        params (flattened, URLs redacted), marked FAILED if the block raises (Ctrl-C included)
-        and FINISHED when it ends."""
-        run = StageRun(self, self.start_child(stage, flatten(params), tags))
+        """A stage's child run, the skeleton every stage shares: its config as params
+        (flattened, URLs redacted), FAILED if the block raises (Ctrl-C included), FINISHED when
+        it ends; opened lazily, and not at all for a stage that found every unit done when an
+        earlier run recorded the same (:class:`StageRun`)."""
+        run = StageRun(self, stage, flatten(params), tags)
         try:
             yield run
         except BaseException:
-            self.finish(run.run_id, ok=False)
+            run.close(ok=False)
             raise
-        self.finish(run.run_id, ok=True)
+        run.close(ok=True)
 
 
-@dataclass
 class StageRun:
-    """One stage's MLflow run: the tracker's logging calls bound to the run's id (what
-    :class:`~llmflow.tasks.core.graph.RunRecorder` asks of it)."""
+    """One stage's MLflow run, bound to its id (what
+    :class:`~llmflow.tasks.core.graph.RunRecorder` asks of it), and opened only when needed.
 
-    tracker: PipelineTracker
-    run_id: str
+    A re-run whose every unit is skipped would otherwise add a run per stage each time (twelve
+    for a pipeline that had nothing to do). So what the stage logs waits here until the stage
+    first asks for the run's id, has worked for :data:`OPEN_AFTER_S`, raises, or ends having
+    done work; then the run is created (with the stage's start time) and the waiting calls are
+    replayed in order. A stage that ends with ``units_skipped == units`` (both metrics are
+    logged by every stage) logs nothing new: when an earlier finished run of the stage has the
+    same params and tags, that run stands for it (:attr:`run_id` names it, :attr:`repeats` is
+    true); otherwise this one is recorded, once.
+    """
+
+    def __init__(
+        self, tracker: PipelineTracker, stage: str, params: dict[str, str], tags: dict[str, str]
+    ) -> None:
+        self.tracker = tracker
+        self.stage = stage
+        self.params = params
+        self.tags = dict(tags)  # creation tags, then every tag logged: what a repeat must match
+        self.repeats = False
+        self._started = int(time.time() * 1000)
+        self._id: str | None = None
+        self._waiting: list[Callable[[str], None]] = []
+        self._figures: list[Any] = []
+        self._units: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._timer = threading.Timer(OPEN_AFTER_S, self._open)
+        self._timer.daemon = True
+        self._timer.start()
 
     @property
     def tracking_uri(self) -> str:
         return self.tracker.tracking_uri
+
+    @property
+    def experiment_id(self) -> str:
+        return self.tracker.experiment_id
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, creating the run if it is not yet (after :meth:`close`, the id of the
+        run that stands for this one)."""
+        return self._open()
+
+    @property
+    def opened(self) -> bool:
+        return self._id is not None
+
+    def _open(self) -> str:
+        with self._lock:
+            if self._id is None:
+                self._id = self.tracker.start_child(
+                    self.stage, self.params, self.tags, start_time=self._started
+                )
+                for call in self._waiting:
+                    call(self._id)
+                self._waiting.clear()
+                self._figures.clear()
+            return self._id
+
+    def _record(self, call: Callable[[str], None]) -> None:
+        with self._lock:
+            if self._id is None:
+                self._waiting.append(call)
+                return
+            run_id = self._id
+        call(run_id)
+
+    def close(self, ok: bool) -> None:
+        """End the run: FAILED or FINISHED, or, for a stage that found all its work done,
+        replaced by the earlier run that recorded the same."""
+        self._timer.cancel()
+        with self._lock:
+            units = self._units.get(UNITS, 0)
+            all_skipped = ok and units > 0 and self._units.get(UNITS_SKIPPED) == units
+            if all_skipped:
+                earlier = self.tracker.find_repeat(self.stage, self.params, self.tags, self._id)
+                if earlier is not None:
+                    if self._id is not None:  # opened by the timer: a slow skip
+                        self.tracker.client.delete_run(self._id)
+                    from llmflow.tasks.core.run_charts import close as close_figure
+
+                    for figure in self._figures:
+                        close_figure(figure)
+                    self._id, self.repeats = earlier, True
+                    self._waiting.clear()
+                    return
+            run_id = self._open()
+        self.tracker.finish(run_id, ok)
 
     def log(
         self,
@@ -265,32 +415,69 @@ class StageRun:
         tags: dict[str, str] | None = None,
         step: int = 0,
     ) -> None:
-        self.tracker.log(self.run_id, metrics=metrics, tags=tags, step=step)
+        now = int(time.time() * 1000)
+        metrics, tags = dict(metrics or {}), dict(tags or {})  # as they are now, if they wait
+        with self._lock:
+            self._units |= {k: v for k, v in metrics.items() if k in (UNITS, UNITS_SKIPPED)}
+            self.tags |= tags
+        self._record(
+            lambda run_id: self.tracker.log(
+                run_id, metrics=metrics, tags=tags, step=step, timestamp=now
+            )
+        )
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self.tracker.log_dict(self.run_id, data, artifact_file)
+        data = copy.deepcopy(data) if not self.opened else data  # as it is now, when it waits
+        self._record(lambda run_id: self.tracker.log_dict(run_id, data, artifact_file))
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
-        self.tracker.log_table(self.run_id, rows, artifact_file)
+        rows = copy.deepcopy(rows) if not self.opened else rows
+        self._record(lambda run_id: self.tracker.log_table(run_id, rows, artifact_file))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.tracker.log_figure(self.run_id, figure, artifact_file)
+        with self._lock:
+            if self._id is None:
+                self._figures.append(figure)
+        self._record(lambda run_id: self.tracker.log_figure(run_id, figure, artifact_file))
 
     def log_artifacts(self, local_path: str | Path, artifact_path: str) -> None:
-        self.tracker.log_artifacts(self.run_id, local_path, artifact_path)
+        self._record(lambda run_id: self.tracker.log_artifacts(run_id, local_path, artifact_path))
 
     def log_input(self, name: str, uri: str, digest: str, context: str) -> None:
-        self.tracker.log_input(self.run_id, name, uri, digest, context)
+        self._record(lambda run_id: self.tracker.log_input(run_id, name, uri, digest, context))
 
     def register_model(
         self, name: str, source_run_id: str, artifact_path: str, tags: dict[str, str], key: str
     ) -> str:
+        # another run's model: nothing of this run's is needed, and the caller wants the version
         return self.tracker.register_model(name, source_run_id, artifact_path, tags, key)
+
+
+def flow_run_tags() -> dict[str, str]:
+    """The MLflow parent run's tags naming the Prefect flow run it records, with the run's page
+    in the Prefect UI only where there is a UI to open: Prefect's own ``ui_url`` reads
+    ``None/flow-runs/...`` when no UI URL is known (an API of Prefect's own, temporary), and the
+    API ``llmflow run`` starts for itself has no UI and is gone when the run ends."""
+    from llmflow.flows.prefect_api import is_temporary
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    base = PREFECT_UI_URL.value()
+    if isinstance(base, str) and base.startswith(("http://", "https://")) and not is_temporary():
+        tags["prefect.flow_run_url"] = f"{base.rstrip('/')}/runs/flow-run/{flow_run.id}"
+    return tags
+
+
+def flow_run_tag(run_id: str) -> str:
+    """The Prefect tag naming a flow run's MLflow run: Prefect 3's UI shows a flow run's tags
+    at the top of its page (its labels, ``mlflow.run_id`` among them, nowhere)."""
+    return f"mlflow-run:{run_id}"
 
 
 def link_flow_run(tracker: PipelineTracker, run_id: str, attempts: int = 4) -> bool:
     """Labels on the Prefect flow run naming its MLflow parent run (and the run's page when
-    MLflow is a server): the other half of the MLflow run's ``prefect.flow_run_*`` tags.
+    MLflow is a server), and a tag that shows it on the flow run's page: the other half of the
+    MLflow run's ``prefect.flow_run_*`` tags. (A flow run has no description in Prefect 3.8, and
+    its name is the MLflow run's name.)
 
     A convenience, so it never ends a run: a busy API (a 503 past the client's own retries, a
     dropped connection) is tried again a few times, then given up with a warning; the MLflow run
@@ -309,6 +496,9 @@ def link_flow_run(tracker: PipelineTracker, run_id: str, attempts: int = 4) -> b
         try:
             with get_client(sync_client=True) as client:
                 client.update_flow_run_labels(flow_run.id, labels)
+                tags = client.read_flow_run(flow_run.id).tags
+                if flow_run_tag(run_id) not in tags:  # a retry after a dropped answer
+                    client.update_flow_run(flow_run.id, tags=[*tags, flow_run_tag(run_id)])
             return True
         except (httpx.HTTPError, OSError) as error:
             if attempt == attempts:

@@ -41,11 +41,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Annotated
 
-import httpx
 import typer
 
 HOST = "127.0.0.1"
 DEFAULT_WORKDIR = Path("llmflow-work")
+# Every command's --workdir default as its help shows it: relative to where the command runs.
+WORKDIR_DEFAULT = f"./{DEFAULT_WORKDIR}"
 # Prefect's server needs 15-30 s on a small shared machine (../shared/STACK.md); leave room.
 STARTUP_TIMEOUT_S = 180.0
 STOP_GRACE_S = 15.0
@@ -100,6 +101,29 @@ def _tool(name: str) -> str:
 def prefect_home(workdir: Path) -> Path:
     """The Prefect home ``llmflow run`` uses: $PREFECT_HOME if set, else ``<workdir>/prefect``."""
     return Path(os.environ.get("PREFECT_HOME") or workdir / "prefect").absolute()
+
+
+def experiment_pages(store: str, mlflow_url: str) -> list[str]:
+    """``<name>: <address>`` of each experiment in a SQLite store, in MLflow's model-training
+    view: MLflow 3's UI opens an experiment on its GenAI overview unless the address asks for
+    runs (:func:`~llmflow.flows.tracking.mlflow_page`). Read with sqlite3, read-only, beside
+    the server that has it open."""
+    import sqlite3
+
+    from llmflow.flows.tracking import mlflow_page
+
+    path = store.removeprefix("sqlite:///")
+    if not store.startswith("sqlite:///") or not Path(path).exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT experiment_id, name FROM experiments"
+                " WHERE lifecycle_stage = 'active' ORDER BY experiment_id"
+            ).fetchall()
+    except sqlite3.Error:
+        return []
+    return [f"{name}: {mlflow_page(mlflow_url, str(i))}" for i, name in rows if name != "Default"]
 
 
 def mlflow_backend_store(workdir: Path) -> str:
@@ -263,6 +287,9 @@ def start(server: Server, die_with_parent: bool = False) -> None:
 
 
 def _answers(url: str) -> bool:
+    # imported here: `llmflow --help` imports this module for its `ui` command
+    import httpx
+
     try:
         with httpx.Client(trust_env=False, timeout=2) as client:
             return client.get(url).status_code == 200
@@ -422,6 +449,11 @@ def serve_ui(
             assert server.process is not None
             label = f"{server.name} UI:"
             _say(f"{label:<12} {server.url}  (server pid {server.process.pid})")
+        experiments = experiment_pages(store, servers[1].url)
+        if experiments:
+            _say("MLflow experiments (their runs tables):")
+            for line in experiments:
+                _say(f"  {line}")
         _say(login_help(servers[0].url, auth_path))
         _say("Press Ctrl-C to stop both servers.")
         while not stop.wait(_POLL_S):
@@ -442,9 +474,9 @@ def serve_ui(
 
 def ui(
     workdir: Annotated[
-        Path,
+        str,
         typer.Option(help="The workdir of `llmflow run`: its Prefect database and MLflow store."),
-    ] = DEFAULT_WORKDIR,
+    ] = WORKDIR_DEFAULT,
     prefect_port: Annotated[
         int | None,
         typer.Option(min=1, max=65535, help="Port of the Prefect UI (default: a free one)."),
@@ -455,7 +487,7 @@ def ui(
     ] = None,
 ) -> None:
     """Start the Prefect and MLflow UIs on the workdir's stores; Ctrl-C stops both."""
-    code = serve_ui(workdir, prefect_port, mlflow_port)
+    code = serve_ui(Path(workdir), prefect_port, mlflow_port)
     if code:
         raise typer.Exit(code=code)
 

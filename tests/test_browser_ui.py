@@ -16,8 +16,11 @@ screenshot of it (to $LLMFLOW_SCREENSHOTS if set, else the test's temporary fold
   the toast's "View run": the new flow run's id is read from the address the UI goes to, and the
   run is waited to completion through the API;
 - Prefect's page of that flow run: Completed, its task runs by name, all completed;
-- MLflow's runs table of the ``llmflow`` experiment: the run's parent run with one nested child
-  run per stage, shown only once the parent row is expanded (so they really are nested).
+- Prefect's page of that flow run also names its MLflow run (a tag in its header);
+- MLflow's page of the ``llmflow`` experiment, at the address llmflow gives for it: the runs
+  table (in MLflow's model-training view, not the GenAI overview MLflow 3 opens otherwise),
+  the run's parent run with one nested child run per stage, shown only once the parent row is
+  expanded (so they really are nested).
 
 tests/test_deployments.py triggers the same deployment through the REST API instead, without a
 browser. The servers here are ``llmflow ui``'s, not the session's ``prefect_api`` fixture: the
@@ -47,6 +50,7 @@ from test_deployments import post_retrying, served_deployments, start_serve, wai
 from test_ui_servers import _gone, _kill_leftovers, _launch, _reader, read_urls
 
 from llmflow.deployments.pipeline_deployments import DATA_STAGES, PRESETS
+from llmflow.flows.tracking import flow_run_tag, mlflow_page
 
 CHROMIUM = find_chromium()
 # The Prefect task of each data stage, by the name its @task gives it (tasks/*.py): the UI lists
@@ -251,10 +255,14 @@ def _check_flows(page: Page, prefect_url: str, shots: Path) -> Path:
     return page.screenshot(shots / "prefect-flows.png")
 
 
-def _check_flow_run(page: Page, prefect_url: str, run: dict, task_runs: int, shots: Path) -> Path:
+def _check_flow_run(
+    page: Page, prefect_url: str, run: dict, task_runs: int, mlflow_run: str, shots: Path
+) -> Path:
     page.goto(f"{prefect_url}/runs/flow-run/{run['id']}")
-    # The run's header, above its tabs; its parts arrive from separate API calls.
+    # The run's header, above its tabs; its parts arrive from separate API calls. The tag
+    # naming its MLflow run is there too (its labels are shown nowhere in Prefect 3.8's UI).
     in_header = [run["name"], "Completed", "data-refresh", f"{task_runs} Task runs"]
+    in_header.append(flow_run_tag(mlflow_run))
 
     def header_missing() -> list[str]:
         text = page.text()
@@ -301,8 +309,14 @@ def _check_mlflow(
         """The run names in the table's run-name column, as links to the runs."""
         return set(page.evaluate(f"{links}.map(a => a.textContent.trim())") or [])
 
-    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/runs")
+    # The experiment's own page, at the address llmflow gives for it: the runs table, not the
+    # GenAI overview ("Traces", "Send your first trace") that MLflow 3.18 opens an experiment on
+    # unless the address asks for its model-training view (it ignores the experiment's kind
+    # tag, which llmflow sets as well: tests/test_run_records.py).
+    page.goto(mlflow_page(mlflow_url, experiment_id))
     page.wait_for(lambda: [] if parent in shown() else [parent])
+    assert page.evaluate("location.hash").startswith(f"#/experiments/{experiment_id}/runs")
+    assert "Send your first trace" not in page.text()
     # Collapsed: the stage runs are children of the parent, not runs of their own.
     assert shown() == {parent}, shown()
     # The expander in the parent's run-name cell.
@@ -369,7 +383,9 @@ def test_a_run_started_from_the_prefect_ui_shows_in_both_uis(tmp_path: Path) -> 
                 assert parent.data.tags["prefect.flow_run_id"] == run_id
 
                 taken += [
-                    _check_flow_run(page, urls["Prefect"], run, task_runs, shots),
+                    _check_flow_run(
+                        page, urls["Prefect"], run, task_runs, parent.info.run_id, shots
+                    ),
                     _check_flows(page, urls["Prefect"], shots),
                     _check_mlflow(
                         page, urls["MLflow"], experiment.experiment_id, parent.info.run_name, shots

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,18 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "crawl.max_page=5"], "unknown key 'crawl.max_page'"),
-        (["--set", "crawl.max_page=5"], "did you mean 'crawl.max_pages'"),
-        (["--set", "nosuchstage.x=1"], "unknown key 'nosuchstage.x'"),
-        (["--set", "crawl.max_pages.x=1"], "'crawl.max_pages' has no fields"),
+        (
+            ["--set", "crawl.max_page=5"],
+            "Error: crawl.max_page: unknown key (did you mean 'crawl.max_pages'?)",
+        ),
+        (
+            ["--set", "nosuchstage.x=1"],
+            "nosuchstage.x: unknown key (the pipeline config has no field 'nosuchstage')",
+        ),
+        (
+            ["--set", "crawl.max_pages.x=1"],
+            "crawl.max_pages.x: unknown key ('crawl.max_pages' has no fields)",
+        ),
         (["--set", "crawl.max_pages=many"], "crawl.max_pages: Input should be a valid integer"),
         (
             ["--set", "crawl.max_pages=0"],
@@ -58,7 +67,41 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["--stages", "normalize"], "reads the 'crawl' output"),
         (["--stages", "tokenize"], "reads the 'documents' output"),
         (["--stages", "pretrain"], "'pretrain' reads the 'tokenize' output"),
-        (["--set", "pretrain.model.hidden_sise=64"], "hidden_sise"),
+        (
+            ["--set", "pretrain.model.hidden_sise=64"],
+            "pretrain.model.hidden_sise: unknown key (did you mean 'pretrain.model.hidden_size'?)",
+        ),
+        # a batch the trainer cannot split into micro-batches: refused before the crawl starts
+        (
+            ["--set", "pretrain.batch_tokens=5000"],
+            "Error: pretrain.batch_tokens: 5000 is not a multiple of micro_batch_size × seq_len"
+            " × processes = 16 × 256 × 1 = 4096; nearest valid values: 4096 and 8192",
+        ),
+        (
+            ["--set", "sft.batch_tokens=5000"],
+            "Error: sft.batch_tokens: 5000 is not a multiple of micro_batch_size × seq_len"
+            " × processes = 16 × 256 × 1 = 4096; nearest valid values: 4096 and 8192",
+        ),
+        (
+            ["--set", "pretrain.nproc_per_node=2"],
+            "pretrain.batch_tokens: 4096 is not a multiple of micro_batch_size × seq_len"
+            " × processes = 16 × 256 × 2 = 8192; nearest valid value: 8192",
+        ),
+        (
+            ["--set", "pretrain.seq_len=128", "--set", "pretrain.batch_tokens=3000"],
+            "pretrain.batch_tokens: 3000 is not a multiple of micro_batch_size × seq_len"
+            " × processes = 16 × 128 × 1 = 2048; nearest valid values: 2048 and 4096",
+        ),
+        (
+            ["--set", 'pretrain.model={"max_seq_len": 64}', "--set", "pretrain.batch_tokens=100"],
+            "pretrain.batch_tokens: 100 is not a multiple of micro_batch_size × seq_len"
+            " × processes = 16 × 64 × 1 = 1024; nearest valid value: 1024",
+        ),
+        (
+            ["--set", "pretrain.preset=huge"],
+            "pretrain.preset: Input should be 'tiny', 'gpt2-small', 'llama-1b' or 'auto'"
+            " (got 'huge')",
+        ),
         (["--set", "tokenizer.vocab_size=100"], "tokenizer.vocab_size"),
         # JSON's Infinity and NaN parse to floats: refused, not trained with
         (["--set", "pretrain.lr=Infinity"], "pretrain.lr: Input should be a finite number"),
@@ -77,6 +120,8 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not workdir.exists()
+    for leak in ("Value error", "input_value", "{'"):
+        assert leak not in result.output
 
 
 def test_invalid_yaml_and_unknown_yaml_key(tmp_path: Path) -> None:
@@ -88,7 +133,7 @@ def test_invalid_yaml_and_unknown_yaml_key(tmp_path: Path) -> None:
 
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("crawl:\n  max_pagez: 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'crawl.max_pagez'"):
+    with pytest.raises(ConfigError, match=r"crawl.max_pagez: unknown key \(did you mean"):
         load_config(unknown)
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "cannot read it" in result.output
@@ -113,3 +158,86 @@ def test_help_reads_well() -> None:
     assert result.exit_code == 0
     for option in ("--config", "--set", "--stages", "--workdir"):
         assert option in result.output
+
+
+# A config file's mistakes read as --set's do: `<key path>: <what is wrong>`, with a suggestion
+# for a misspelt key, and never pydantic's "Value error, " nor the raw input it was given.
+BAD_FILES = {
+    "crawl:\n  max_pagez: 3\n": "crawl.max_pagez: unknown key (did you mean 'crawl.max_pages'?)",
+    "crawl:\n  seeds: []\n  max_pagez: 3\n": "crawl.max_pagez: unknown key (did you mean",
+    "pretrain:\n  model:\n    hidden_sise: 64\n": (
+        "pretrain.model.hidden_sise: unknown key (did you mean 'pretrain.model.hidden_size'?)"
+    ),
+    "pretrain:\n  model:\n    num_heads: 3\n": (
+        "pretrain.model: hidden_size=128 is not divisible by num_heads=3"
+    ),
+    "pretrain:\n  model:\n    vocab_size: 64\n": (
+        "pretrain.model.vocab_size: set the tokenizer's vocab_size instead"
+    ),
+    "pretrain:\n  batch_tokens: 5000\n": (
+        "pretrain.batch_tokens: 5000 is not a multiple of micro_batch_size × seq_len × processes"
+    ),
+    "pretrain:\n  sample_prompts: [1]\n": (
+        "pretrain.sample_prompts[0]: Input should be a valid string (got 1)"
+    ),
+    "dedup:\n  exact: false\n  near: false\n": "dedup: exact and near are both off",
+    "toxicity:\n  thresholds: {nope: 0.5}\n": "toxicity.thresholds: labels ['nope'] do not exist",
+    "tokenizer:\n  vocab_size: 100\n": "tokenizer.vocab_size: vocab_size 100 leaves no room",
+    "crawl: 5\n": "crawl: Input should be a valid dictionary or instance of CrawlConfig (got 5)",
+    "crawl:\n  max_pages: many\npretrain: 5\n": (
+        "Error: crawl.max_pages: Input should be a valid integer, unable to parse string as an"
+        " integer (got 'many') Error: pretrain: Input should be a valid dictionary"
+    ),
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_FILES))
+def test_config_file_errors_name_the_key_path(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    workdir = tmp_path / "work"
+    result = runner.invoke(app, ["run", "--config", str(path), "--workdir", str(workdir)])
+    assert result.exit_code == 2, result.output
+    assert BAD_FILES[text] in " ".join(result.output.split())
+    for leak in ("Value error", "input_value", "input_type", "{'"):
+        assert leak not in result.output
+    # every line is `Error: <key path>: <what is wrong>`
+    for line in result.output.strip().splitlines():
+        assert re.match(r"Error: [a-z_]+(\.[a-z_]+|\[\d+\])*: \S", line), line
+    assert not workdir.exists()
+
+
+def test_batch_rule_follows_the_model_and_skips_what_the_planner_decides() -> None:
+    # preset auto: the planner sets seq_len, micro_batch_size and batch_tokens together
+    assert load_config(overrides=["pretrain.preset=auto", "pretrain.batch_tokens=5000"])
+    # a valid batch for 2 processes, and SFT under the pretrained model's 64-token context
+    config = load_config(
+        overrides=[
+            "pretrain.nproc_per_node=2",
+            "pretrain.batch_tokens=8192",
+            'pretrain.model={"max_seq_len": 64}',
+            "sft.micro_batch_size=2",
+            "sft.batch_tokens=384",
+        ]
+    )
+    assert (config.pretrain.batch_tokens, config.sft.batch_tokens) == (8192, 384)
+    with pytest.raises(ConfigError, match=r"^sft.batch_tokens: 100 is not a multiple of .* = 128"):
+        load_config(
+            overrides=[
+                'pretrain.model={"max_seq_len": 64}',
+                "sft.micro_batch_size=2",
+                "sft.batch_tokens=100",
+            ]
+        )
+
+
+def test_a_config_files_workdir_wins_over_the_shown_default(tmp_path: Path) -> None:
+    """--workdir's help shows ./llmflow-work, but only a given --workdir overrides the file's."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"workdir: {tmp_path / 'from-file'}\n")
+    result = runner.invoke(app, ["run", "--config", str(path), "--stages", "normalize"])
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "from-file" / "data") in " ".join(result.output.split()).replace(" ", "")
+    given = ["run", "-c", str(path), "--stages", "normalize", "--workdir", str(tmp_path / "cli")]
+    result = runner.invoke(app, given)
+    assert str(tmp_path / "cli" / "data") in " ".join(result.output.split()).replace(" ", "")

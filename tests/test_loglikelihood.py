@@ -242,3 +242,17 @@ def test_a_context_that_encodes_to_nothing_is_an_error(model_and_tokenizer) -> N
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="context '  ' encodes to no tokens"):
         LoglikelihoodScorer(model, tokenizer).score(["  "], ["the cat"])
+
+
+def test_each_forward_pass_reports_the_requests_it_finished(model_and_tokenizer) -> None:
+    """Progress comes per forward pass: every request is reported once, by the pass (packed
+    rows, or a too-long request alone) that scored it, and the scores are unchanged."""
+    model, tokenizer = model_and_tokenizer
+    contexts = ["the cat sat on", "the cat sat on", "seven dogs ran", " ".join(WORDS * 2)]
+    continuations = [" a mat", " noon", " across", " the cat"]
+    scorer = LoglikelihoodScorer(model, tokenizer, max_length=16, batch_size=1, row_tokens=8)
+    reports: list[list[int]] = []
+    scores = scorer.score(contexts, continuations, reports.append)
+    assert len(reports) > 1
+    assert sorted(i for report in reports for i in report) == [0, 1, 2, 3]
+    assert scores == scorer.score(contexts, continuations)

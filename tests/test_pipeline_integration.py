@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmflow.flows.config import STAGES, DataLayout, PipelineConfig
 from llmflow.tasks.core import shards
-from llmflow.tasks.core.progress import artifact_key
+from llmflow.tasks.core.progress import stage_key
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.registry import GRAPH
 
@@ -216,8 +216,8 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         manifest = shards.read_manifest(stage_dir)
         child = children[stage]
         assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
-        assert child.data.metrics["docs_kept"] == manifest["counts"]["kept"]
-        assert child.data.metrics["docs_in"] == manifest["counts"]["docs_in"]
+        assert child.data.metrics["counts/docs_kept"] == manifest["counts"]["kept"]
+        assert child.data.metrics["counts/docs_in"] == manifest["counts"]["docs_in"]
         assert child.data.metrics["units_skipped"] == 0
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"manifest.json", "rejected_sample.json"} <= artifacts
@@ -353,10 +353,11 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
         timeout=10,
     ).json()
     keys = {a["key"] for a in found}
-    assert {"pii-counts", "tokenizer-summary", "pretrain-summary", "pretrain-steps"} <= keys
-    assert {"sft-summary", "sft-steps", "evaluate-results"} <= keys
-    assert {artifact_key(f"{s}-funnel") for s in STAGES if GRAPH[s].step is None} <= keys
-    funnel = next(a for a in found if a["key"] == "toxicity-funnel")["data"]
+    # one artifact per purpose, keyed in stage order
+    assert {"07-pii-funnel", "09-tokenizer-summary", "11-pretrain-summary"} <= keys
+    assert {"11-pretrain-steps", "12-sft-summary", "12-sft-steps", "13-evaluate-results"} <= keys
+    assert {stage_key(f"{s}-funnel", s) for s in STAGES if GRAPH[s].step is None} <= keys
+    funnel = next(a for a in found if a["key"] == "06-toxicity-funnel")["data"]
     assert "| removed: toxic_profanity | 1 |" in funnel
 
     # Second run: nothing to do, identical manifests, shards untouched.
@@ -370,9 +371,9 @@ def test_pipeline_runs_through_prefect_and_mlflow_then_skips_finished_work(
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     newest_parent = next(r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags)
     assert newest_parent.info.run_id != parent.info.run_id
-    for child in (
-        r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == newest_parent.info.run_id
-    ):
-        assert child.data.metrics["units_skipped"] == child.data.metrics["units"]
+    # a run with nothing to do is one MLflow run, the parent, naming the stages it skipped
+    newest = newest_parent.info.run_id
+    assert not [r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == newest]
+    assert newest_parent.data.tags["llmflow.stages_skipped"] == ",".join(STAGES)
     # the same model evaluated again is the same registered version, not a new one
     assert len(client.search_model_versions("name = 'llmflow-sft'")) == 1

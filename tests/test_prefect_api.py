@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import LLMFLOW
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 pytestmark = pytest.mark.server  # a Prefect server and `llmflow run`
 
@@ -67,6 +69,17 @@ def test_a_server_slower_than_prefects_20_s_default_is_waited_for(tmp_path: Path
     assert "crawl: " in result.stdout
     assert (tmp_path / "work" / "prefect" / "prefect.db").exists()  # the workdir's database
     assert "Error logging to API" not in result.stderr  # logs were sent before it stopped
+    # The MLflow run names the flow run, but links no page of a server that has no UI and is
+    # gone now (Prefect's own ui_url would name it).
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmflow")
+    (parent,) = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if MLFLOW_PARENT_RUN_ID not in r.data.tags
+    ]
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert "prefect.flow_run_url" not in parent.data.tags, parent.data.tags
 
 
 def _alive(pid: int) -> bool:

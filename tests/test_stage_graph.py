@@ -132,6 +132,6 @@ def test_a_new_stage_is_a_module_and_a_line_in_the_registry(
     client = MlflowClient(tracking_uri=result["mlflow_tracking_uri"])
     run = client.get_run(reports["words"]["mlflow_run_id"])
     assert run.data.tags["llmflow.stage"] == "words"
-    assert run.data.metrics["docs_kept"] == 4
+    assert run.data.metrics["counts/docs_kept"] == 4
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["decontaminate"]
     assert run.data.params["min_words"] == "3"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -428,11 +429,28 @@ def test_robots_crawl_delay_wins_when_longer(site: Site, extractor: BoundedExtra
 
 
 def test_robots_txt_5xx_disallows_the_whole_host(site: Site, extractor: BoundedExtractor):
+    """RFC 9309 §2.3.1.3: a robots.txt that answers 5xx disallows everything; the failure says
+    the file was unreachable (robots_unreachable, with its URL and status), not that it forbids
+    the page (robots_disallowed): the fix is on the server, not in the seeds."""
     cfg = config("down")
     outcomes = crawl([site.url("/", "down")], cfg, extractor)
     assert len(outcomes) == 1
-    assert isinstance(outcomes[0], FetchFailure) and outcomes[0].reason == "robots_disallowed"
+    failure = outcomes[0]
+    assert isinstance(failure, FetchFailure) and failure.reason == "robots_unreachable"
+    assert f"robots.txt at {site.url('/robots.txt', 'down')} answered 503" in failure.detail
     assert paths(site.log(cfg.user_agent)) == ["/robots.txt", "/robots.txt"]  # one retry
+
+
+def test_robots_txt_unreachable_host_is_its_own_reason(extractor: BoundedExtractor):
+    """A host that refuses the connection: robots_unreachable, naming the connection error."""
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+        outcomes = crawl([url], config("refused", retries=0), extractor)
+    assert len(outcomes) == 1
+    failure = outcomes[0]
+    assert isinstance(failure, FetchFailure) and failure.reason == "robots_unreachable"
+    assert f"robots.txt at {url}robots.txt unreachable (connection_error:" in failure.detail
 
 
 def test_robots_txt_4xx_allows_everything(site: Site, extractor: BoundedExtractor):
@@ -492,3 +510,51 @@ def test_a_crawl_in_batches_tries_what_one_batch_does(
     assert [(o.url, type(o), getattr(o, "text", None)) for o in batched] == [
         (o.url, type(o), getattr(o, "text", None)) for o in whole
     ]
+
+
+def test_a_refresh_keeps_pages_whose_robots_txt_is_unreachable(tmp_path: Path):
+    """An unreachable robots.txt says the server is down today, not that the pages are gone: a
+    refresh keeps their documents (a robots.txt that now forbids them withdraws them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmflow.tasks.ingest.web_unit import STATE_SCHEMA, account_refresh
+
+    rows = [
+        {"url": url, "etag": None, "last_modified": None, "doc_id": url.upper(), "links": []}
+        for url in ("down", "forbidden")
+    ]
+    previous = tmp_path / "previous.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=STATE_SCHEMA), previous)
+    current = tmp_path / "current.parquet"
+    pq.write_table(STATE_SCHEMA.empty_table(), current)
+    failures = [
+        {"url": "down", "reason": "robots_unreachable"},
+        {"url": "forbidden", "reason": "robots_disallowed"},
+    ]
+    withdrawn, stats, carried = account_refresh([str(previous)], [str(current)], failures)
+    assert withdrawn == [
+        {"id": "FORBIDDEN", "url": "forbidden", "reason": "gone_robots_disallowed"}
+    ]
+    assert stats == {"kept_after_fetch_failure": 1}
+    assert carried.column("url").to_pylist() == ["down"]
+
+
+def test_a_web_crawl_that_got_nothing_but_outages_is_tried_again(site: Site, tmp_path: Path):
+    """A run whose crawl fetched nothing stops there (the version stays unpublished); once the
+    server is back, running again must crawl again, not find the unit done and stop again. A
+    crawl that got pages, or failed for good, stays done."""
+    from llmflow.tasks.ingest.crawl import crawl_unit, plan_crawl_units
+
+    def crawl_twice(name: str, seed: str) -> int:
+        cfg = config(name, seeds=[seed], extract_workers=1)
+        (unit,) = plan_crawl_units(cfg)
+        stage_dir = str(tmp_path / name)
+        first = crawl_unit.fn(unit, cfg, stage_dir)
+        second = crawl_unit.fn(unit, cfg, stage_dir)
+        assert not first.skipped and first.failures == second.failures
+        return len(paths(site.log(cfg.user_agent)))
+
+    assert crawl_twice("redo-down", site.url("/", "down")) == 4  # robots.txt, retried, twice
+    assert crawl_twice("redo-other", site.url("/page", "other")) == 2  # robots.txt and the page
+    assert crawl_twice("redo-gone", site.url("/missing")) == 2  # 404: robots.txt and the page

@@ -42,6 +42,9 @@ class RunRecorder(Protocol):
     @property
     def tracking_uri(self) -> str: ...
 
+    @property
+    def experiment_id(self) -> str: ...
+
     def log(
         self,
         metrics: dict[str, float] | None = None,
@@ -67,7 +70,9 @@ class RunRecorder(Protocol):
 # Opens a stage's MLflow run: ``start_run(params, tags, log_inputs=True)``, with its params (a
 # nested dict, flattened and with URLs redacted by the flow) and tags; logs the datasets the stage
 # reads unless ``log_inputs`` is false; on leaving, marks the run FINISHED, or FAILED when the
-# block raised.
+# block raised. The run is created lazily: a stage that logs ``units_skipped == units`` (every
+# stage logs both) and whose params and tags an earlier finished run has adds no run, and its
+# ``run_id`` names that earlier run (flows/tracking.py, StageRun).
 StartRun = Callable[..., AbstractContextManager[RunRecorder, bool | None]]
 
 

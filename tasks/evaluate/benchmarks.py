@@ -79,7 +79,28 @@ METRICS: dict[str, tuple[str, ...]] = {
     "lambada": ("perplexity", "acc"),
 }
 
+# What each task asks, in a few words (``llmflow evaluate --tasks list``).
+DESCRIPTIONS: dict[str, str] = {
+    "hellaswag": "everyday scenes: the likely continuation (4 endings)",
+    "arc_easy": "grade-school science questions, easy set",
+    "arc_challenge": "grade-school science questions, hard set",
+    "piqa": "physical commonsense: the better of two solutions",
+    "winogrande": "commonsense: which of two names fills a blank",
+    "boolq": "yes/no questions about a Wikipedia passage",
+    "openbookqa": "elementary science with an open book of facts",
+    "copa": "the more plausible cause or effect of a premise",
+    "mmlu": "exam questions in 57 subjects (letters A-D)",
+    "lambada": "the last word of a passage, from its context",
+}
+
 MMLU_DEFAULT_SHOTS = 5
+
+
+def default_shots(task: str) -> int:
+    """lm-eval's shot count for ``task`` when none is asked for: 5 for MMLU, else 0."""
+    return MMLU_DEFAULT_SHOTS if task == "mmlu" else 0
+
+
 MMLU_LETTERS = ("A", "B", "C", "D")
 _WARN_PER_REASON = 3
 

@@ -13,13 +13,17 @@ from pydantic import Field, field_validator
 
 from llmflow.tasks.core.stage import StageConfig
 from llmflow.tasks.evaluate.benchmarks import TASKS
+from llmflow.tasks.evaluate.model_loading import DEVICE_PATTERN
 from llmflow.tasks.ingest.embedded_data import EMBEDDED_TASKS
 
 
 class EvaluateConfig(StageConfig):
     """Benchmarks, held-out bits per byte and chat samples for the pipeline's final model."""
 
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "registered_model"})
+    # where and how fast the model runs changes no score (beyond float rounding): not in the key
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "device", "registered_model"}
+    )
 
     model: str | None = Field(
         None,
@@ -44,6 +48,14 @@ class EvaluateConfig(StageConfig):
         None, ge=0, description="Solved examples before each item. None: the task's (MMLU 5)."
     )
     batch_size: int = Field(8, ge=1, description="Contexts scored together.")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description=(
+            "torch device the model runs on: auto (CUDA when the machine has it, else the CPU),"
+            " cpu, cuda, cuda:N or mps."
+        ),
+    )
     heldout_windows: int = Field(
         64,
         ge=0,

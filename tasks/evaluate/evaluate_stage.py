@@ -1,6 +1,7 @@
 """The evaluate stage: which model it scores, when it can skip, what it records.
 
-The scoring itself is :func:`~llmflow.tasks.evaluate.evaluation.run_evaluation`; this module is
+The scoring itself is :func:`~llmflow.tasks.evaluate.evaluation.run_evaluation`, run as the
+Prefect task ``evaluate`` (:func:`evaluate_task`, a node of the flow-run graph); this module is
 the stage around it: it finds the SFT model (or the user's own ``evaluate.model``), keys the
 evaluation on the model and the held-out tokens, skips when the stored results carry the same
 key, logs the scores to the stage's MLflow run and registers the evaluated SFT model.
@@ -9,18 +10,23 @@ key, logs the scores to the stage's MLflow run and registers the evaluated SFT m
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from prefect import task as prefect_task
+from prefect.cache_policies import NO_CACHE
 
 from llmflow.tasks.core import shards
 from llmflow.tasks.core.document_versions import DOCUMENTS
 from llmflow.tasks.core.graph import RunRecorder, StageContext, StepReport
-from llmflow.tasks.core.progress import progress_per_task
+from llmflow.tasks.core.progress import progress_per_task, run_logger
 from llmflow.tasks.core.shards import manifest_sha256
 from llmflow.tasks.core.steps import run_step, step_key
 from llmflow.tasks.curate.decontaminate import Contamination, training_contamination
 from llmflow.tasks.evaluate import evaluation
 from llmflow.tasks.evaluate.evaluate_config import EvaluateConfig
+from llmflow.tasks.evaluate.evaluation import METRIC_PREFIX
 from llmflow.tasks.evaluate.summary_scores import clean_result, core_score
 from llmflow.tasks.train import pretrain, tokenize
 
@@ -89,11 +95,29 @@ def _register_sft_model(
     source_run = trained.get("mlflow_run_id")
     if not name or not source_run:
         return None
-    tags = {k: f"{v:.6g}" for k, v in metrics.items() if not k.endswith("_stderr")}
+    tags = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(f"{METRIC_PREFIX}/")}
     tags |= {"llmflow.sft_key": trained["key"], "llmflow.eval_tasks": ",".join(outcome["results"])}
     tags["llmflow.core_tasks"] = ",".join(outcome.get("core", {}).get("tasks", {}))
     version = run.register_model(name, source_run, "hf_model", tags, outcome["key"])
     return f"{name}/{version}"
+
+
+@prefect_task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_task(
+    settings: EvaluateConfig, model_path: str, tokenizer_dir: str | None, val_shards: list[str]
+) -> dict[str, Any]:
+    """The scoring as a Prefect task, as training is one: the flow-run graph shows it where it
+    would otherwise show a gap, with its state and duration; its progress bar and Prefect
+    progress artifact count each benchmark's items as they are scored."""
+    logger = run_logger()
+
+    with progress_per_task("evaluate") as bar_for:
+
+        def on_task(task_name: str, items: int) -> Callable[[], None]:
+            logger.info("evaluate: scoring %s (%d items)", task_name, items)
+            return bar_for(task_name, items)
+
+        return evaluation.run_evaluation(settings, model_path, tokenizer_dir, val_shards, on_task)
 
 
 def _score(ctx: StageContext, key: str, inputs: tuple[str, str | None, list[str]]) -> tuple:
@@ -101,8 +125,7 @@ def _score(ctx: StageContext, key: str, inputs: tuple[str, str | None, list[str]
     last); returns (outcome, skipped)."""
 
     def evaluate() -> tuple[list[str], dict[str, Any]]:
-        with progress_per_task("evaluate") as on_task:
-            return [], evaluation.run_evaluation(ctx.settings, *inputs, on_task)
+        return [], evaluate_task(ctx.settings, *inputs)
 
     return run_step(ctx.dir, STAGE, key, evaluate)
 
@@ -122,12 +145,7 @@ def evaluate_step(ctx: StageContext) -> StepReport:
             outcome, model_contamination(ctx)
         )
         rows = evaluation.results_rows(outcome)
-        metrics: dict[str, float] = {"eval/core": core, **contamination_found}
-        for row in rows:
-            metric_name = f"eval/{row['task']}/{row['metric']}"
-            metrics[metric_name] = row["value"]
-            if row["stderr"] is not None:
-                metrics[f"{metric_name}_stderr"] = row["stderr"]
+        metrics = evaluation.results_metrics(outcome) | contamination_found
         heldout = outcome.get("heldout")
         if heldout:
             metrics |= {"eval/heldout/bpb": heldout["bpb"], "eval/heldout/loss": heldout["loss"]}

@@ -28,7 +28,7 @@ from llmflow.tasks.evaluate.loglikelihood import (
     choice_metrics,
     mean_and_stderr,
 )
-from llmflow.tasks.evaluate.model_loading import load_causal_lm
+from llmflow.tasks.evaluate.model_loading import load_causal_lm, resolve_device
 from llmflow.tasks.ingest.embedded_data import BENCHMARKS_DIR
 
 # Where each task's file is looked for under a benchmarks folder, first match wins: the published
@@ -93,13 +93,31 @@ _ITEMS_PER_CALL = 256
 
 
 def _scored(
-    scorer: LoglikelihoodScorer, items: list[ChoiceItem]
+    scorer: LoglikelihoodScorer,
+    items: list[ChoiceItem],
+    on_item: Callable[[], None] | None = None,
 ) -> Iterator[tuple[ChoiceItem, list[Score]]]:
-    """Each item with its scores, the requests of several items scored in one call."""
+    """Each item with its scores, the requests of several items scored in one call.
+
+    ``on_item`` is called once per item as soon as the forward pass that scores its last
+    request ends: a chunk is every item of a shipped subset, so counting items only when the
+    chunk returns would hold a progress bar at 0 until the task is over.
+    """
     for start in range(0, len(items), _ITEMS_PER_CALL):
         chunk = items[start : start + _ITEMS_PER_CALL]
         requests = [r for item in chunk for r in item.requests()]
-        scores = scorer.score([c for c, _ in requests], [c for _, c in requests])
+        owner = [k for k, item in enumerate(chunk) for _ in range(item.num_options)]
+        pending = [item.num_options for item in chunk]
+
+        def scored(
+            finished: list[int], owner: list[int] = owner, pending: list[int] = pending
+        ) -> None:
+            for request in finished:
+                pending[owner[request]] -= 1
+                if pending[owner[request]] == 0 and on_item is not None:
+                    on_item()
+
+        scores = scorer.score([c for c, _ in requests], [c for _, c in requests], scored)
         offset = 0
         for item in chunk:
             yield item, scores[offset : offset + item.num_options]
@@ -111,11 +129,11 @@ def evaluate_task(
     data: TaskData,
     on_item: Callable[[], None] | None = None,
 ) -> TaskResult:
-    """Score every item of ``data``; ``on_item`` is called after each (progress)."""
+    """Score every item of ``data``; ``on_item`` is called as each is scored (progress)."""
     started = time.perf_counter()
     per_item: dict[str, list[float]] = {m: [] for m in data.metrics if m != "perplexity"}
     lambada_ll: list[float] = []
-    for item, scores in _scored(scorer, data.items):
+    for item, scores in _scored(scorer, data.items, on_item):
         if data.output_type == "loglikelihood":
             lambada_ll.append(scores[0].loglikelihood)
             per_item["acc"].append(float(scores[0].is_greedy))
@@ -127,8 +145,6 @@ def evaluate_task(
             values = choice_metrics([s.loglikelihood for s in scores], texts, item.gold)
             for metric in per_item:
                 per_item[metric].append(values[metric])
-        if on_item is not None:
-            on_item()
     result = TaskResult(
         task=data.task,
         items=len(data.items),
@@ -215,11 +231,12 @@ def heldout_bits_per_byte(
     if not rows:
         return None
     lengths = token_byte_lengths(load_tokenizer(tokenizer_dir))
-    token_bytes = torch.zeros(int(model.config.vocab_size), dtype=torch.int64)
+    device = next(model.parameters()).device  # validation_loss works where token_bytes is
+    token_bytes = torch.zeros(int(model.config.vocab_size), dtype=torch.int64, device=device)
     token_bytes[: len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
     batches = []
     for row in rows:
-        ids = torch.from_numpy(row.astype("int64"))[None]
+        ids = torch.from_numpy(row.astype("int64"))[None].to(device)
         batches.append(Batch(ids[:, :-1], ids[:, 1:]))
     loss, bpb = validation_loss(_HFLogits(model), batches, token_bytes, Distributed(0, 0, 1))
     return {"loss": loss, "bpb": bpb, "windows": len(rows), "seq_len": seq_len}
@@ -242,7 +259,7 @@ def chat_samples(
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
-        )["input_ids"]
+        )["input_ids"].to(model.device)
         room = int(model.config.max_position_embeddings) - ids.shape[1]
         if room <= 0:
             samples.append({"prompt": prompt, "reply": "", "note": "prompt fills the context"})
@@ -269,7 +286,8 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Benchmarks, held-out bits per byte (when the model shares our tokenizer) and chat
     samples for one model: the document the stage records."""
-    model, tokenizer = load_causal_lm(model_path)
+    device = resolve_device(config.device)
+    model, tokenizer = load_causal_lm(model_path, device)
     data_dir = config.data_dir or str(BENCHMARKS_DIR)
     outcome = evaluate_model(
         model,
@@ -282,6 +300,7 @@ def run_evaluation(
         batch_size=config.batch_size,
     )
     outcome["config"]["model"] = model_path
+    outcome["config"]["device"] = device
     if tokenizer_dir is not None and config.heldout_windows:
         outcome["heldout"] = heldout_bits_per_byte(
             model, tokenizer_dir, val_shards, config.heldout_windows
@@ -308,6 +327,27 @@ def results_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+# MLflow draws one chart section per metric-name prefix (up to the first "/"): the standard
+# errors get a section of their own instead of a chart each between the scores.
+METRIC_PREFIX = "eval"
+STDERR_PREFIX = "eval_stderr"
+
+
+def results_metrics(outcome: dict[str, Any]) -> dict[str, float]:
+    """The scores as MLflow metrics, named alike by the evaluate stage and ``llmflow evaluate``:
+    ``eval/<task>/<metric>``, its standard error as ``eval_stderr/<task>/<metric>``, and
+    ``eval/core`` when the outcome has CORE."""
+    metrics: dict[str, float] = {}
+    if outcome.get("core"):
+        metrics[f"{METRIC_PREFIX}/core"] = outcome["core"]["value"]
+    for row in results_rows(outcome):
+        name = f"{row['task']}/{row['metric']}"
+        metrics[f"{METRIC_PREFIX}/{name}"] = row["value"]
+        if row["stderr"] is not None:
+            metrics[f"{STDERR_PREFIX}/{name}"] = row["stderr"]
+    return metrics
 
 
 def results_markdown(outcome: dict[str, Any], run_id: str) -> str:

@@ -27,7 +27,7 @@ are scored one request at a time, as lm-eval does.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,13 +135,26 @@ class LoglikelihoodScorer:
         return pairs
 
     @torch.inference_mode()
-    def score(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
+    def score(
+        self,
+        contexts: Sequence[str],
+        continuations: Sequence[str],
+        on_scored: Callable[[list[int]], None] | None = None,
+    ) -> list[Score]:
         """One score per (context, continuation), in order. Requests too long for the model are
-        scored alone on their last ``max_length`` tokens, as lm-eval scores every request."""
-        return self.score_ids(self._pairs(contexts, continuations))
+        scored alone on their last ``max_length`` tokens, as lm-eval scores every request.
+
+        ``on_scored`` is called after each forward pass with the indices of the requests it
+        finished: progress that moves while a long call runs, not only when it returns.
+        """
+        return self.score_ids(self._pairs(contexts, continuations), on_scored)
 
     @torch.inference_mode()
-    def score_ids(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
+    def score_ids(
+        self,
+        pairs: Sequence[tuple[list[int], list[int]]],
+        on_scored: Callable[[list[int]], None] | None = None,
+    ) -> list[Score]:
         """:meth:`score` on requests already encoded: (context ids, continuation ids), each
         non-empty."""
         scores: list[Score | None] = [None] * len(pairs)
@@ -151,6 +164,8 @@ class LoglikelihoodScorer:
                 packed.append(i)
             else:
                 scores[i] = self._alone(context_ids, continuation_ids)
+                if on_scored is not None:
+                    on_scored([i])
         rows, placed = _pack([pairs[i] for i in packed], self.row_tokens)
         members: list[list[int]] = [[] for _ in rows]
         for k, (row, _) in enumerate(placed):
@@ -165,12 +180,15 @@ class LoglikelihoodScorer:
                 for k in members[r]
                 for nodes in [placed[k][1]]
             ]
+            finished = [i for *_, i in requests]
             for i, score in zip(
-                (i for *_, i in requests),
+                finished,
                 self._forward([rows[r] for r in batch], [q[:3] for q in requests]),
                 strict=True,
             ):
                 scores[i] = score
+            if on_scored is not None:
+                on_scored(finished)
         return [s for s in scores if s is not None]
 
     def _forward(

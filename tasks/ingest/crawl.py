@@ -8,13 +8,13 @@ resumes file by file. Every document read is
 accounted for: kept, rejected with a reason, or listed as a fetch failure in the manifest.
 
 In a refresh (a version after the first, :mod:`llmflow.tasks.core.document_versions`) the crawl
-reads
-only what may have changed: the web is re-crawled with conditional requests against the last
+reads only what may have changed: the web is re-crawled with conditional requests against the last
 crawl's page states, a file whose size and time (or ETag) are unchanged is not read again, and a
 changed file is read whole. The documents that leave the dataset are written down with a reason:
 ``changed`` (the page's text is not what it was), ``gone_<why>`` (the page now fails: 404,
-robots.txt, out of scope), ``source_changed`` (no longer in its changed file) and
-``source_removed`` (its file left the seeds). Transient failures (timeouts, 5xx) withdraw nothing.
+robots.txt forbids it, out of scope), ``source_changed`` (no longer in its changed file) and
+``source_removed`` (its file left the seeds). Transient failures (timeouts, 5xx, an unreachable
+robots.txt) withdraw nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from llmflow.tasks.core.stage import (
     StageSpec,
     UnitRecord,
     WorkUnit,
+    completed_record,
+    marker_path,
     run_unit,
     unit_key,
 )
@@ -59,6 +61,7 @@ from llmflow.tasks.ingest.installed_docs import (
 from llmflow.tasks.ingest.pydoc_site import PYDOC_SEED, pydoc_site
 from llmflow.tasks.ingest.web_scope import host_partition, normalize_url
 from llmflow.tasks.ingest.web_unit import (
+    TRANSIENT_FAILURES,
     checkpoint_dir,
     crawl_web_unit,
     respell,
@@ -386,8 +389,23 @@ def finish(
     return manifest
 
 
+def _forget_outage(unit: WorkUnit, stage_dir: str) -> None:
+    """A finished web crawl that read nothing at all, every URL failing for a reason that
+    passes (robots.txt unreachable, 5xx, timeout, lost connection), is not kept as done: that
+    run stopped after the crawl, and the next one should try the server again, not report the
+    same outage from the record."""
+    if unit.source["kind"] != "web":
+        return
+    done = completed_record(stage_dir, unit)
+    if done is None or done.docs_in or not done.failures:
+        return
+    if all(f["reason"] in TRANSIENT_FAILURES for f in done.failures):
+        shards.remove(marker_path(stage_dir, unit.name))
+
+
 @task(name="crawl-unit", cache_policy=NO_CACHE, persist_result=False)
 def crawl_unit(unit: WorkUnit, config: CrawlConfig, stage_dir: str) -> UnitRecord:
+    _forget_outage(unit, stage_dir)
     total = config.max_pages if unit.source["kind"] == "web" else None
     label = "pages" if unit.source["kind"] == "web" else "records"
     with StepProgress(f"crawl-{unit.name}", f"crawl {unit.name} ({label})", total) as progress:

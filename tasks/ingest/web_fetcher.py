@@ -52,8 +52,10 @@ class Robots:
     allow_all: bool
     detail: str = ""
     crawl_delay: float = 0.0
-    # Why a page it refuses fails: robots_disallowed, or address_refused when the host itself
-    # may not be connected to (the page would be refused for that anyway; say so).
+    # Why a page it refuses fails: robots_disallowed (the file forbids it), robots_unreachable
+    # (the file could not be fetched: 5xx, timeout, lost connection; RFC 9309 then says disallow
+    # all, but the fix is on the server, so the reason says so), or address_refused when the
+    # host itself may not be connected to (the page would be refused for that anyway; say so).
     reason: str = "robots_disallowed"
 
     def allows(self, url: str, user_agent: str) -> bool:
@@ -230,8 +232,13 @@ class Fetcher:
             if isinstance(response, Failed):
                 if response.reason == "address_refused":
                     return Robots(None, False, response.detail, reason=response.reason)
-                detail = f"robots.txt unreachable ({response.reason}: {response.detail})"
-                return Robots(None, False, detail)
+                if response.status is not None:  # 5xx after the retries
+                    detail = f"robots.txt at {target} answered {response.status} {response.detail}"
+                else:
+                    detail = (
+                        f"robots.txt at {target} unreachable ({response.reason}: {response.detail})"
+                    )
+                return Robots(None, False, detail, reason="robots_unreachable")
             location = response.headers.get("location")
             if 300 <= response.status < 400 and location:
                 try:

@@ -59,7 +59,7 @@ WARC_DIR = "warc"
 STATE_DIR = "_state"
 WARC_SUFFIX = ".warc.gz"
 # Failures that say nothing about the page (it may be back tomorrow): its document stays.
-TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx"})
+TRANSIENT_FAILURES = frozenset({"timeout", "connection_error", "http_5xx", "robots_unreachable"})
 STATE_SCHEMA = pa.schema(
     [
         pa.field("url", pa.string(), nullable=False),
