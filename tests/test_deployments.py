@@ -91,7 +91,10 @@ def served_deployments(api: httpx.Client, server: subprocess.Popen, log: Path) -
     def deployments() -> dict[str, dict]:
         assert server.poll() is None, log.read_text()[-3000:]
         found = post_retrying(api, "/deployments/filter", {}).json()
-        return {d["name"]: d for d in found if "llmflow" in d.get("tags", [])}
+        # serve's names only: the session's server may also hold prefect.yaml's `<name>-worker`
+        return {
+            d["name"]: d for d in found if "llmflow" in d.get("tags", []) and d["name"] in PRESETS
+        }
 
     return _wait(lambda: len(deployments()) == len(PRESETS) and deployments(), 120, "deployments")
 
@@ -297,6 +300,10 @@ def test_prefect_yaml_deploys_and_a_worker_runs_its_deployment(
     finally:
         if worker is not None:
             stop_process(worker)
+        # the session's server is shared: leave it with serve's deployments only
+        for deployment in post_retrying(api, "/deployments/filter", {}).json():
+            if deployment["name"].endswith("-worker"):
+                api.delete(f"/deployments/{deployment['id']}")
         api.close()
     # the run wrote where it was deployed from: ./llmflow-work of the project folder
     assert (project / "llmflow-work" / "data" / "documents" / "manifest.json").exists()

@@ -64,7 +64,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else_once(
     assert undecayed and all(name.endswith("norm.weight") for name in undecayed)
     assert any(".self_attn.q_norm." in name for name in undecayed) == bool(shape.get("qk_norm"))
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]
-    assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["lr"] == 3e-3
+    assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["lr"] == PretrainConfig().lr
     assert split_parameters(model)[0] == muon.param_groups[0]["params"]
 
     model(torch.randint(0, 64, (2, 16))).sum().backward()

@@ -165,7 +165,7 @@ def commands(text: str) -> list[str]:
     lines = text.splitlines()
     found = []
     for i, line in enumerate(lines):
-        for label in ("MLflow UI:", "Both UIs:", "Prefect UI:"):
+        for label in ("MLflow UI:", "Run page:", "Both UIs:", "Prefect UI:"):
             if line.startswith(label):
                 rest = line.removeprefix(label).strip()
                 found.append(rest or lines[i + 1])
@@ -178,7 +178,10 @@ def test_the_summary_fits_the_terminal_and_cuts_nothing(width: int) -> None:
     assert code == 0
     lines = text.splitlines()
     cmds = commands(text)
-    assert [c.split(" ui ")[0].rsplit("/", 1)[-1] for c in cmds] == ["mlflow", "llmflow"]
+    assert [c.split(" ui ")[0].rsplit("/", 1)[-1] for c in cmds if " ui " in c] == [
+        "mlflow",
+        "llmflow",
+    ]
     long = [line for line in lines if cell_len(line) > width and line not in cmds]
     assert not long, "\n".join(long)
     rows = [line for line in lines if line.startswith("│") or re.match(r"^ ?\w+ +\d", line)]
@@ -196,7 +199,11 @@ def test_commands_are_whole_lines_that_paste() -> None:
     assert cell_len(mlflow_ui) > 80
     assert mlflow_ui in lines  # too long for its label's line: a line of its own
     assert f"Both UIs:    {both}" in lines
-    assert commands(text) == [mlflow_ui, both]
+    # the run's page where that command serves it, in MLflow's model-training view
+    page = "http://127.0.0.1:5000/#/experiments/0/runs/"
+    page += f"{result_of(ROWS)['mlflow_run_id']}?workflowType=machine_learning"
+    assert page in lines
+    assert commands(text) == [mlflow_ui, page, both]
 
 
 def test_rejected_reasons_by_count_wrapped_between_reasons() -> None:

@@ -139,6 +139,13 @@ def evaluate_step(ctx: StageContext) -> StepReport:
     tags = {"llmflow.code_version": STAGE.code_version(), "llmflow.model": model_path}
     with ctx.start_run(params, tags, log_inputs=settings.model is None) as run:
         outcome, skipped = _score(ctx, key, (model_path, tokenizer_dir, val_shards))
+        # in the configured order, also when read back from the manifest (whose keys are
+        # sorted): the summary, and the tags a skipped re-run is matched on, do not change
+        results = outcome["results"]
+        order = [t for t in settings.tasks if t in results] + sorted(
+            set(results) - set(settings.tasks)
+        )
+        outcome["results"] = {task: results[task] for task in order}
         core, centred = core_score(outcome["results"])
         outcome["core"] = {"value": core, "tasks": centred}
         contamination_found, outcome["clean"] = contamination_metrics(
