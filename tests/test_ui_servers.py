@@ -27,6 +27,7 @@ from llmflow.flows.ui_servers import (
     SERVER_AUTH_ENV,
     UIServerError,
     api_auth_string,
+    experiment_pages,
     mlflow_server,
     prefect_server,
 )
@@ -311,3 +312,19 @@ def test_the_api_secret_is_made_once_private_and_reused(
     monkeypatch.setenv(SERVER_AUTH_ENV, "me:my-own-secret")
     assert api_auth_string(tmp_path / "other") == ("me:my-own-secret", None)
     assert not (tmp_path / "other").exists()
+
+
+def test_experiment_pages_open_the_runs_table_of_each_experiment(tmp_path: Path) -> None:
+    """`llmflow ui` prints each experiment's page in MLflow's model-training view: MLflow 3
+    opens an experiment on its GenAI overview unless the address asks for the runs."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert experiment_pages(store, "http://127.0.0.1:5001") == []  # no store yet: nothing
+    client = MlflowClient(tracking_uri=store)
+    ours = client.create_experiment("llmflow")
+    gone = client.create_experiment("old")
+    client.delete_experiment(gone)
+    assert experiment_pages(store, "http://127.0.0.1:5001/") == [
+        f"llmflow: http://127.0.0.1:5001/#/experiments/{ours}?workflowType=machine_learning"
+    ]
