@@ -167,6 +167,12 @@ def test_a_muon_run_learns_and_resumes_exactly_from_a_checkpoint(
 
     trained = [loss for _, loss, *_ in losses(whole.run_dir)]
     assert trained[-1] < trained[0] - 0.1  # it learns (6.24 to 6.05 in these 8 steps)
+    # both learning rates are logged, on the one schedule
+    config = whole.config
+    rows = [r for r in read_metrics(whole.run_dir) if "loss" in r]
+    assert rows and all(
+        r["muon_lr"] == pytest.approx(r["lr"] / config.lr * config.muon_lr) for r in rows
+    )
 
 
 def test_a_muon_run_sharded_by_fsdp_matches_the_plain_one_and_resumes_across(

@@ -188,7 +188,8 @@ class Trainer:
         self.sink: MetricsSink | None = None
         self.entropy = math.nan
         self.last: dict[str, float] = {}  # the last step's metrics
-        self.lr = self.config.lr
+        # the learning rates of the last step: AdamW's, and Muon's where it has the matrices
+        self.lrs: dict[str, float] = {"lr": self.config.lr}
         # (step, loss, grad norm) of the steps since the host last looked, on the device
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._stopwatch = Stopwatch(self.device)
@@ -405,7 +406,10 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = self._clip_gradients()
         self._pending.append((self.step + 1, parallel.all_sum(loss_sum) / step_targets, grad_norm))
-        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.lrs = {"lr": self.optimizer.param_groups[0]["lr"]}
+        muon = getattr(self.optimizer, "parts", {}).get("muon")
+        if muon is not None:
+            self.lrs["muon_lr"] = muon.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -465,7 +469,7 @@ class Trainer:
         flops_per_token = self.model.flops_per_token(self.seq_len)
         metrics = {
             "loss": loss,
-            "lr": self.lr,
+            **self.lrs,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "tokens_seen": self.step * self.config.batch_tokens,
