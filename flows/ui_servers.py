@@ -44,9 +44,8 @@ from typing import IO, Annotated
 import typer
 
 HOST = "127.0.0.1"
-DEFAULT_WORKDIR = Path("llmflow-work")
 # Every command's --workdir default as its help shows it: relative to where the command runs.
-WORKDIR_DEFAULT = f"./{DEFAULT_WORKDIR}"
+WORKDIR_DEFAULT = "./llmflow-work"
 # Prefect's server needs 15-30 s on a small shared machine (../shared/STACK.md); leave room.
 STARTUP_TIMEOUT_S = 180.0
 STOP_GRACE_S = 15.0

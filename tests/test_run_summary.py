@@ -16,6 +16,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from llmflow.flows.run_summary import empty_stage_cause, print_summary, stop_message, tool
+from llmflow.tasks.stage_names import DOCUMENT_STAGE_NAMES
 
 WORK = "/home/me/llmflow/llmflow-work"
 QUALITY_REASONS = {
@@ -100,21 +101,11 @@ ROWS: list[tuple[str, int, int, int, int, float, int, str, dict[str, int]]] = [
         {},
     ),
 ]
-DOCUMENT_STAGES = {
-    "crawl",
-    "normalize",
-    "quality",
-    "dedup",
-    "quality_model",
-    "toxicity",
-    "pii",
-    "decontaminate",
-}
 
 
 def stage(row: tuple[str, int, int, int, int, float, int, str, dict[str, int]]) -> dict[str, Any]:
     name, docs_in, kept, rejected, size, seconds, units, summary, reasons = row
-    folder = f"documents/v0001/{name}" if name in DOCUMENT_STAGES else name
+    folder = f"documents/v0001/{name}" if name in DOCUMENT_STAGE_NAMES else name
     return {
         "stage": name,
         "docs_in": docs_in,
